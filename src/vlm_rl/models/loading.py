@@ -1,0 +1,162 @@
+"""Load any VLM that `AutoModelForImageTextToText` + `AutoProcessor` load, and wrap it with LoRA."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
+
+from vlm_rl.models.families import FamilyFacts, family_of
+from vlm_rl.models.tiny import ensure_tiny, resolve_tiny_name
+
+logger = logging.getLogger(__name__)
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor without its video sub-processor.
+
+    The stock processor builds a video processor that needs torchvision; where torchvision is not
+    installed this image-only variant handles images identically. Used only when AutoProcessor fails
+    for that reason (see `load_processor`).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
+        self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        # ProcessorMixin.__init__ checks every declared attribute; declare only these two.
+        self.get_attributes = lambda: ["image_processor", "tokenizer"]
+        super(Qwen2_5_VLProcessor, self).__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def to_dict(self) -> dict:
+        # Saved as the stock class, so machines with torchvision load the stock processor.
+        return {**super().to_dict(), "processor_class": "Qwen2_5_VLProcessor"}
+
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    """A hub id or local folder as given; a tiny default name ("tiny-llava") -> its cached folder."""
+    tiny = resolve_tiny_name(model_name_or_path)
+    return str(ensure_tiny(*tiny)) if tiny else model_name_or_path
+
+
+def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False) -> ProcessorMixin:
+    path = resolve_model_path(model_name_or_path)
+    processor_kwargs = dict(trust_remote_code=trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(path, **processor_kwargs)
+    except (ImportError, ValueError, OSError) as error:
+        family = family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type)
+        if not (family and family.image_only_processor and re.search("torchvision|video", repr(error), re.I)):
+            raise
+        logger.info("video sub-processor unavailable (%s); using an image-only %s processor", error, family.model_type)
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        processor = ImageOnlyQwen2_5_VLProcessor(
+            image_processor=AutoImageProcessor.from_pretrained(path, backend="pil"),
+            tokenizer=AutoTokenizer.from_pretrained(path),
+        )
+        processor.chat_template = processor.tokenizer.chat_template
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def load_model(
+    model_name_or_path: str,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Load a VLM and its processor: a hub id, a local folder, or a tiny default name.
+
+    Args:
+        model_name_or_path: e.g. "Qwen/Qwen2.5-VL-3B-Instruct", "./my-model" or "tiny-llava".
+        dtype: torch dtype or "auto" (the checkpoint's); tiny models are float32.
+        device: where to put the model; None leaves it on CPU (accelerate moves it later).
+        trust_remote_code: only for checkpoints that need custom code; off by default.
+    """
+    path = resolve_model_path(model_name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+    )
+    if device is not None:
+        model.to(device)
+    processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def family_facts(model: PreTrainedModel) -> FamilyFacts | None:
+    return family_of(model.config.model_type)
+
+
+def _vision_and_projector_prefixes(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Module-name prefixes of the vision tower and of the projector, found from the model itself."""
+    family = family_of(getattr(model.config, "model_type", ""))
+    vision_keys = family.vision_modules if family else ("vision_tower", "vision_model", "visual")
+    projector_keys = family.projector_modules if family else ("multi_modal_projector", "connector", "merger")
+    vision, projector = [], []
+    for name, _ in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if any(name.endswith(k) or leaf == k for k in projector_keys):
+            projector.append(name)
+        elif any(name.endswith(k) or leaf == k for k in vision_keys):
+            vision.append(name)
+    return vision, projector
+
+
+def language_model_linear_names(model: nn.Module) -> list[str]:
+    """Full names of the nn.Linear layers of the language model (not vision, projector or lm_head)."""
+    vision, projector = _vision_and_projector_prefixes(model)
+    excluded = tuple(p + "." for p in vision + projector)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name.startswith(excluded) or name.endswith("lm_head"):
+            continue
+        if "." + name in ("." + p for p in vision + projector):
+            continue
+        names.append(name)
+    return names
+
+
+def wrap_with_lora(
+    model: PreTrainedModel,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    train_projector: bool = False,
+    adapter_name: str = "default",
+):
+    """Wrap `model` with a LoRA adapter on the language model's linear layers (peft).
+
+    The vision tower and projector stay frozen; `train_projector=True` trains the projector fully
+    (peft `modules_to_save`). Targets come from the model's structure, not a per-checkpoint list.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = language_model_linear_names(model)
+    if not targets:
+        raise ValueError(f"no linear layers found in the language model of {type(model).__name__}")
+    _, projector = _vision_and_projector_prefixes(model)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="^(" + "|".join(re.escape(t) for t in targets) + ")$",
+        modules_to_save=[p.rsplit(".", 1)[-1] for p in projector] if train_projector else None,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    logger.info("LoRA r=%d on %d language-model layers: %d trainable of %d parameters (%.2f%%)",
+                r, len(targets), trainable, total, 100 * trainable / total)
+    return peft_model

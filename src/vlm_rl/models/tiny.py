@@ -1,0 +1,249 @@
+"""The embedded default: tiny VLMs built offline from configs.
+
+Each tiny model is a real transformers VLM (LLaVA, Qwen2.5-VL or Idefics3 architecture) with random
+weights, a word-level tokenizer whose vocabulary covers the default easy-vqa tasks, and the
+family's real chat template. It is built once (deterministically from a seed), saved to a cache
+folder, and from then on loaded by `vlm_rl.models.load_model` exactly like a hub checkpoint:
+`--model_name_or_path tiny-llava`.
+
+Sizes were chosen so the default tasks learn on 2 CPU cores in minutes: images are 32x32 (the
+easy-vqa loader crops each image around its shape first), a 2-layer vision tower and a 2-layer,
+128-wide language model (~0.5 M parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from vlm_rl.models.families import FAMILIES, FamilyFacts, chat_template
+
+logger = logging.getLogger(__name__)
+
+TINY_MODELS: dict[str, str] = {
+    "tiny-llava": "llava",
+    "tiny-qwen2.5-vl": "qwen2_5_vl",
+    "tiny-idefics3": "idefics3",
+}
+"""Names accepted as `model_name_or_path` for the embedded default, mapped to their family."""
+
+IMAGE_SIZE = 32
+TINY_FORMAT_VERSION = 1  # bump when the recipe below changes, so stale caches are rebuilt
+
+# Words of the default tasks beyond easy-vqa's own questions and answers (task prompts, chat roles).
+TASK_WORDS = (
+    "describe the shape . what color and shape is it ? answer with one word . "
+    "this is a red green blue black gray teal yellow brown circle rectangle triangle yes no"
+)
+
+_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+def cache_dir() -> Path:
+    """Where tiny models are written: $VLM_RL_CACHE, else ~/.cache/vlm_rl."""
+    return Path(os.environ.get("VLM_RL_CACHE", Path.home() / ".cache" / "vlm_rl"))
+
+
+def _word_corpus() -> list[str]:
+    import easy_vqa
+
+    texts = [TASK_WORDS]
+    for questions, answers, _ in (easy_vqa.get_train_questions(), easy_vqa.get_test_questions()):
+        texts.extend(questions)
+        texts.extend(answers)
+    return texts
+
+
+def build_tokenizer(family: FamilyFacts) -> PreTrainedTokenizerFast:
+    """A lowercase word-level tokenizer: the family's special tokens, then every word of the corpus.
+
+    One token per word keeps the default tasks short ("red circle" is two tokens) so a tiny model
+    learns them in minutes; special tokens are matched before splitting, so chat templates render
+    exactly as they do for the real family.
+    """
+    split = pre_tokenizers.Whitespace()
+    words: set[str] = set(family.extra_vocab)
+    for text in _word_corpus():
+        words.update(piece for piece, _ in split.pre_tokenize_str(text.lower()))
+    vocab = {token: i for i, token in enumerate(family.special_tokens)}
+    for word in sorted(words):
+        vocab.setdefault(word, len(vocab))
+    unk = "<unk>"
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = split
+    pad = "<pad>" if "<pad>" in vocab else "<|endoftext|>"
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=unk,
+        pad_token=pad,
+        eos_token=family.eos_token,
+        additional_special_tokens=[t for t in family.special_tokens if t not in (unk, pad, family.eos_token)],
+        padding_side="left",
+    )
+    tokenizer.chat_template = chat_template(family.chat_template)
+    return tokenizer
+
+
+def _build_llava(family: FamilyFacts, tokenizer):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava import LlavaImageProcessorPil, LlavaProcessor
+
+    patch = 8
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**_VISION, image_size=IMAGE_SIZE, patch_size=patch),
+        text_config=LlamaConfig(**_TEXT, num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512),
+        image_token_index=tokenizer.convert_tokens_to_ids(family.image_token),
+        image_seq_length=(IMAGE_SIZE // patch) ** 2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=tokenizer.chat_template,
+    )
+    return model, processor
+
+
+def _build_qwen2_5_vl(family: FamilyFacts, tokenizer):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vlm_rl.models.loading import ImageOnlyQwen2_5_VLProcessor
+
+    patch, merge = 4, 2
+    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            patch_size=patch,
+            spatial_merge_size=merge,
+            temporal_patch_size=2,
+            window_size=IMAGE_SIZE,
+            out_hidden_size=_TEXT["hidden_size"],
+            fullatt_block_indexes=[1],
+        ),
+        text_config=dict(
+            **_TEXT,
+            num_key_value_heads=4,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2]},
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(family.image_token),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch, merge_size=merge, temporal_patch_size=2, size={"shortest_edge": pixels, "longest_edge": pixels}
+    )
+    processor = ImageOnlyQwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
+    return model, processor
+
+
+def _build_idefics3(family: FamilyFacts, tokenizer):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil, Idefics3Processor
+
+    patch, scale = 8, 1
+    config = Idefics3Config(
+        vision_config=dict(**_VISION, image_size=IMAGE_SIZE, patch_size=patch),
+        text_config=LlamaConfig(
+            **_TEXT, num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        scale_factor=scale,
+        image_token_id=tokenizer.convert_tokens_to_ids(family.image_token),
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": IMAGE_SIZE},
+        max_image_size={"longest_edge": IMAGE_SIZE},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=(IMAGE_SIZE // patch) ** 2 // scale**2,
+        chat_template=tokenizer.chat_template,
+    )
+    return model, processor
+
+
+_BUILDERS = {"llava": _build_llava, "qwen2_5_vl": _build_qwen2_5_vl, "idefics3": _build_idefics3}
+
+
+def build_tiny(name: str, seed: int = 0):
+    """Build the tiny model `name` (a key of TINY_MODELS) in memory: (model, processor)."""
+    family = FAMILIES[TINY_MODELS[name]]
+    tokenizer = build_tokenizer(family)
+    torch.manual_seed(seed)
+    model, processor = _BUILDERS[family.model_type](family, tokenizer)
+    for config in (model.generation_config, model.config.get_text_config()):
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = None
+    return model.eval(), processor
+
+
+def ensure_tiny(name: str, seed: int = 0) -> Path:
+    """Path of the cached tiny model `name`, building and saving it first if needed.
+
+    The folder is written to a temporary name and renamed, so an interrupted build never leaves a
+    half-written model behind.
+    """
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
+    path = cache_dir() / f"{name}-seed{seed}-v{TINY_FORMAT_VERSION}"
+    if (path / "config.json").exists():
+        return path
+    logger.info("building tiny model %s (seed %d) into %s", name, seed, path)
+    model, processor = build_tiny(name, seed)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "vlm_rl_tiny.json").write_text(json.dumps({"name": name, "seed": seed, "version": TINY_FORMAT_VERSION}))
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished the same build first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve_tiny_name(model_name_or_path: str) -> tuple[str, int] | None:
+    """("tiny-llava", seed) for "tiny-llava" or "tiny-llava@seed3"; None for any other name."""
+    match = re.fullmatch(r"(tiny-[\w.\-]+?)(?:@seed(\d+))?", model_name_or_path)
+    if match and match.group(1) in TINY_MODELS:
+        return match.group(1), int(match.group(2) or 0)
+    return None
+
+
+__all__ = ["TINY_MODELS", "IMAGE_SIZE", "build_tiny", "ensure_tiny", "cache_dir", "resolve_tiny_name"]
