@@ -3,10 +3,12 @@
 from vlm_rl.models.families import FAMILIES, FamilyFacts, family_of
 from vlm_rl.models.loading import (
     ImageOnlyQwen2_5_VLProcessor,
+    hidden_size,
     language_model_linear_names,
     load_model,
     load_processor,
     resolve_model_path,
+    vlm_trunk,
     wrap_with_lora,
 )
 from vlm_rl.models.tiny import TINY_MODELS, build_tiny, ensure_tiny
@@ -19,9 +21,11 @@ __all__ = [
     "build_tiny",
     "ensure_tiny",
     "family_of",
+    "hidden_size",
     "language_model_linear_names",
     "load_model",
     "load_processor",
     "resolve_model_path",
+    "vlm_trunk",
     "wrap_with_lora",
 ]

@@ -160,3 +160,20 @@ def wrap_with_lora(
     logger.info("LoRA r=%d on %d language-model layers: %d trainable of %d parameters (%.2f%%)",
                 r, len(targets), trainable, total, 100 * trainable / total)
     return peft_model
+
+
+def vlm_trunk(model: nn.Module) -> nn.Module:
+    """The part of a (possibly LoRA-wrapped) VLM that returns hidden states: everything but the LM head.
+
+    Calling it instead of the full model skips the vocabulary projection, which dominates the cost
+    of a small model's forward pass and is not needed by reward and value heads.
+    """
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.model
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = model.config
+    return config.get_text_config().hidden_size

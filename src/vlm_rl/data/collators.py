@@ -1,0 +1,132 @@
+"""Collators built on the processor: prompts (left-padded, for generation) and preference pairs.
+
+Both render conversational prompts with the processor's chat template and let the processor expand
+image placeholders, so every family (and every processor quirk: `image_grid_thw`,
+`pixel_attention_mask`, `mm_token_type_ids`, ...) is handled by transformers itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import BatchFeature, ProcessorMixin
+
+from vlm_rl.data.loaders import materialize_images
+from vlm_rl.data.validation import completion_text
+
+_STANDARD_COLUMNS = ("prompt", "images", "image", "chosen", "rejected", "margin")
+
+
+def render_prompt(processor: ProcessorMixin, prompt: str | list[dict]) -> str:
+    """Prompt text ending where the assistant's answer starts (a plain string is used as is)."""
+    if isinstance(prompt, str):
+        return prompt
+    return processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def encode(
+    processor: ProcessorMixin,
+    texts: list[str],
+    images: list[list[Image.Image]],
+    *,
+    padding_side: str = "left",
+) -> BatchFeature:
+    """Tokenise texts with their images through the processor, padded on `padding_side`."""
+    tokenizer = processor.tokenizer
+    previous, tokenizer.padding_side = tokenizer.padding_side, padding_side
+    try:
+        kwargs: dict[str, Any] = {"images": images} if any(images) else {}
+        return processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+    finally:
+        tokenizer.padding_side = previous
+
+
+def _images_of(example: dict, root: Path | None) -> list[Image.Image]:
+    refs = example.get("images")
+    if refs is None and example.get("image") is not None:
+        refs = [example["image"]]
+    return materialize_images(refs or [], root=root)
+
+
+@dataclass
+class PromptBatch:
+    """A batch of prompts ready for generation, with the raw columns the reward functions need."""
+
+    inputs: BatchFeature
+    """input_ids/attention_mask (left-padded) plus the processor's vision inputs."""
+    prompts: list[Any]
+    """The prompts as given in the dataset (conversational or text)."""
+    images: list[list[Image.Image]]
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    """Every other dataset column (e.g. `answer`), one value per prompt."""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class PromptCollator:
+    processor: ProcessorMixin
+    root: Path | None = None
+
+    def __call__(self, examples: list[dict]) -> PromptBatch:
+        images = [_images_of(ex, self.root) for ex in examples]
+        texts = [render_prompt(self.processor, ex["prompt"]) for ex in examples]
+        extra = [k for k in examples[0] if k not in _STANDARD_COLUMNS]
+        return PromptBatch(
+            inputs=encode(self.processor, texts, images),
+            prompts=[ex["prompt"] for ex in examples],
+            images=images,
+            columns={k: [ex[k] for ex in examples] for k in extra},
+        )
+
+
+def prompt_completion_texts(
+    processor: ProcessorMixin, prompts: list[Any], completions: list[Any]
+) -> list[str]:
+    """The text a reward model scores: the rendered prompt followed by the completion's text."""
+    return [
+        render_prompt(processor, p) + completion_text(c) for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
+@dataclass
+class PreferenceBatch:
+    """Chosen and rejected sequences in one padded batch: rows [0, n) chosen, rows [n, 2n) rejected,
+    so a reward model scores both in a single forward pass."""
+
+    inputs: BatchFeature
+    num_pairs: int
+    margin: torch.Tensor | None = None
+    """Per-pair margin (float, shape (num_pairs,)) when the dataset has a `margin` column."""
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PreferenceBatch:
+        margin = None if self.margin is None else self.margin.to(device, non_blocking=non_blocking)
+        return PreferenceBatch(self.inputs.to(device), self.num_pairs, margin)
+
+
+@dataclass
+class PreferenceCollator:
+    """(prompt, chosen, rejected, images) -> one left-padded batch, so the last position of every
+    row is its final token (where a reward model reads its score)."""
+
+    processor: ProcessorMixin
+    root: Path | None = None
+
+    def __call__(self, examples: list[dict]) -> PreferenceBatch:
+        images = [_images_of(ex, self.root) for ex in examples]
+        prompts = [ex["prompt"] for ex in examples]
+        chosen = prompt_completion_texts(self.processor, prompts, [ex["chosen"] for ex in examples])
+        rejected = prompt_completion_texts(self.processor, prompts, [ex["rejected"] for ex in examples])
+        margin = None
+        if "margin" in examples[0]:
+            margin = torch.tensor([float(ex["margin"]) for ex in examples], dtype=torch.float32)
+        inputs = encode(self.processor, chosen + rejected, images + images)
+        return PreferenceBatch(inputs=inputs, num_pairs=len(examples), margin=margin)

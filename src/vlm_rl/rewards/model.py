@@ -1,0 +1,183 @@
+"""A multimodal reward model: a VLM backbone (LoRA) + a scalar head on the last token's hidden state."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import ProcessorMixin
+
+from vlm_rl.data.collators import encode, prompt_completion_texts
+from vlm_rl.data.loaders import materialize_images
+from vlm_rl.models import hidden_size, load_model, vlm_trunk, wrap_with_lora
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "reward_config.json"
+HEAD_NAME = "reward_head.safetensors"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last non-padding token, for left or right padding.
+
+    attention_mask: (batch, seq) of 0/1 -> (batch,) long.
+    """
+    seq_len = attention_mask.shape[1]
+    return seq_len - 1 - attention_mask.flip(1).long().argmax(dim=1)
+
+
+class RewardScorer(nn.Module):
+    """backbone (a LoRA-wrapped VLM) + head: processor inputs -> one scalar reward per row."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        hidden = vlm_trunk(self.backbone)(**inputs).last_hidden_state  # (batch, seq, hidden)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, last_token_index(inputs["attention_mask"])]  # (batch, hidden)
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1)
+
+
+class RewardModel:
+    """Scores (image, prompt, completion) triples; also a TRL-style reward function.
+
+    >>> rm = RewardModel.from_pretrained("reward_models/caption_preference")  # doctest: +SKIP
+    >>> rm.score(images=[[img]], prompts=[prompt], completions=["red circle"])  # doctest: +SKIP
+    [2.31]
+
+    Called as `rm(prompts=..., completions=..., images=...)` it follows TRL's `reward_funcs`
+    keyword signature, so it plugs into GRPOTrainer and vlm_rl's own RL loop unchanged.
+    """
+
+    __name__ = "reward_model"
+
+    def __init__(self, scorer: RewardScorer, processor: ProcessorMixin, config: dict[str, Any]):
+        self.scorer = scorer
+        self.processor = processor
+        self.config = config
+        self.batch_size = 32
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_base(
+        cls,
+        model_name_or_path: str,
+        *,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        train_projector: bool = True,
+        dtype: torch.dtype | str = "auto",
+        seed: int = 0,
+    ) -> RewardModel:
+        """A fresh (untrained) reward model on top of a base VLM."""
+        model, processor = load_model(model_name_or_path, dtype=dtype)
+        backbone = wrap_with_lora(model, r=lora_r, alpha=lora_alpha, train_projector=train_projector)
+        generator = torch.Generator().manual_seed(seed)
+        head = nn.Linear(hidden_size(model), 1)
+        with torch.no_grad():
+            head.weight.normal_(0.0, 1.0 / (hidden_size(model) + 1) ** 0.5, generator=generator)
+            head.bias.zero_()
+        config = {
+            "base_model": model_name_or_path,
+            "lora_r": lora_r,
+            "lora_alpha": lora_alpha,
+            "train_projector": train_projector,
+            "hidden_size": hidden_size(model),
+        }
+        return cls(RewardScorer(backbone, head), processor, config)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | Path, *, revision: str | None = None) -> RewardModel:
+        """Load a saved reward model from a folder or a hub repo id."""
+        from peft import PeftModel
+
+        path = Path(path_or_repo)
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(path_or_repo), revision=revision))
+        config_file = path / CONFIG_NAME
+        if not config_file.exists():
+            raise FileNotFoundError(
+                f"{path} is not a vlm_rl reward model (no {CONFIG_NAME}); train one with "
+                "`accelerate launch recipes/train_reward_model.py --output_dir <dir>`"
+            )
+        config = json.loads(config_file.read_text())
+        model, _ = load_model(config["base_model"])
+        backbone = PeftModel.from_pretrained(model, str(path))
+        head = nn.Linear(config["hidden_size"], 1)
+        head.load_state_dict(load_file(str(path / HEAD_NAME)))
+        from vlm_rl.models import load_processor
+
+        processor = load_processor(str(path)) if (path / "processor_config.json").exists() else load_processor(
+            config["base_model"]
+        )
+        rm = cls(RewardScorer(backbone, head), processor, config)
+        rm.scorer.eval()
+        return rm
+
+    def save_pretrained(self, path: str | Path, scorer: RewardScorer | None = None) -> None:
+        """Write adapter, head, config and processor files into `path` (an existing folder).
+
+        `scorer` lets a trainer pass its unwrapped module (same weights as `self.scorer`).
+        """
+        scorer = scorer or self.scorer
+        path = Path(path)
+        scorer.backbone.save_pretrained(str(path))
+        save_file({k: v.detach().cpu().contiguous() for k, v in scorer.head.state_dict().items()}, str(path / HEAD_NAME))
+        (path / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+        self.processor.save_pretrained(str(path))
+
+    # -- scoring ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.scorer.head.weight.device
+
+    @torch.no_grad()
+    def score(
+        self,
+        images: Sequence[Sequence[Image.Image | str] | Image.Image | None],
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        batch_size: int | None = None,
+    ) -> list[float]:
+        """One reward per (images, prompt, completion), scored in batches of `batch_size`."""
+        if not (len(images) == len(prompts) == len(completions)):
+            raise ValueError(
+                f"score() needs as many images, prompts and completions; got {len(images)}, {len(prompts)}, "
+                f"{len(completions)}"
+            )
+        batch_size = batch_size or self.batch_size
+        was_training = self.scorer.training
+        self.scorer.eval()
+        texts = prompt_completion_texts(self.processor, list(prompts), list(completions))
+        image_lists = [
+            [] if im is None else materialize_images(im if isinstance(im, (list, tuple)) else [im]) for im in images
+        ]
+        rewards: list[float] = []
+        for start in range(0, len(texts), batch_size):
+            inputs = encode(self.processor, texts[start : start + batch_size], image_lists[start : start + batch_size])
+            rewards.extend(self.scorer(**inputs.to(self.device)).float().cpu().tolist())
+        self.scorer.train(was_training)
+        return rewards
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
+        """TRL reward-function signature: images come from the `images` (or `image`) column."""
+        images = columns.get("images")
+        if images is None:
+            images = columns.get("image")
+        if images is None:
+            raise ValueError(
+                "the reward model needs the images: pass an `images` (or `image`) column with the prompts"
+            )
+        return self.score(images, prompts, completions)

@@ -1,0 +1,228 @@
+"""Train a multimodal reward model from preference pairs with the Bradley-Terry loss.
+
+loss = -log sigmoid(r_chosen - r_rejected - margin)          (Ouyang et al. 2022, eq. 1;
+                                                               margin as in Llama 2, Touvron et al. 2023)
+       + center_coef * mean((r_chosen + r_rejected)^2)        (reward centering, Eisenstein et al. 2023)
+
+Runs under accelerate (one process or many), with gradient accumulation, a learning-rate
+schedule, evaluation on held-out pairs every `eval_steps` (pairwise accuracy, mean margin),
+metrics.jsonl + tensorboard, a progress bar, and the final and best models saved atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from vlm_rl.data.collators import PreferenceBatch, PreferenceCollator
+from vlm_rl.rewards.model import RewardModel, RewardScorer
+from vlm_rl.runlog import MetricsLogger, atomic_dir, save_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardTrainingConfig:
+    """Settings of a reward-model training run (every field is a command-line flag)."""
+
+    model_name_or_path: str = field(default="tiny-llava", metadata={"help": "Backbone VLM: hub id, folder or tiny default."})
+    dataset: str = field(
+        default="easy-vqa:caption_preference",
+        metadata={"help": "Preference data: 'easy-vqa:caption_preference', a JSONL file, a saved dataset folder or a hub name."},
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "Held-out pairs; default: the dataset's test split (easy-vqa: unseen images)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    max_eval_samples: int | None = field(default=400, metadata={"help": "Evaluate on at most this many held-out pairs."})
+    output_dir: str = field(default="reward_models/caption_preference", metadata={"help": "Where the run and the model go."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank on the language model's linear layers."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    train_projector: bool = field(default=True, metadata={"help": "Train the vision-to-text projector fully."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name: cosine, linear, constant, ..."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps spent warming up the learning rate."})
+    num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs (max_steps wins if set)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps to run (overrides num_epochs)."})
+    per_device_batch_size: int = field(default=16, metadata={"help": "Pairs per device per micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    center_rewards_coefficient: float = field(default=0.0, metadata={"help": "Weight of the reward-centering term (0 = off)."})
+    eval_steps: int = field(default=50, metadata={"help": "Evaluate every this many optimizer steps."})
+    logging_steps: int = field(default=10, metadata={"help": "Log training metrics every this many optimizer steps."})
+    seed: int = field(default=0, metadata={"help": "Random seed (data order, head init, sampling of pairs)."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    report_to_tensorboard: bool = field(default=True, metadata={"help": "Mirror metrics to tensorboard."})
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float = 0.0,
+) -> torch.Tensor:
+    """-log sigmoid(r_c - r_r - margin), averaged over pairs, plus optional reward centering.
+
+    chosen_rewards, rejected_rewards, margin: (num_pairs,) -> scalar.
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    return loss
+
+
+def score_pairs(scorer: RewardScorer, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    rewards = scorer(**batch.inputs)
+    return rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+
+
+def load_preference_data(name: str, split: str, *, max_samples: int | None, seed: int) -> datasets.Dataset:
+    if name.startswith("easy-vqa:"):
+        from vlm_rl.data.easy_vqa import load_easy_vqa
+
+        return load_easy_vqa(name.split(":", 1)[1], split, num_samples=max_samples, seed=seed)
+    from vlm_rl.data.loaders import load_prompt_dataset
+
+    dataset = load_prompt_dataset(name, split=split, kind="preference")
+    if max_samples is not None and len(dataset) > max_samples:
+        dataset = dataset.shuffle(seed=seed).select(range(max_samples))
+    return dataset
+
+
+@torch.no_grad()
+def evaluate(scorer: RewardScorer, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+    """Pairwise accuracy (r_chosen > r_rejected) and mean margin over held-out pairs."""
+    scorer.eval()
+    margins = []
+    for batch in loader:
+        chosen, rejected = score_pairs(scorer, batch)
+        margins.append(accelerator.gather_for_metrics(chosen - rejected))
+    scorer.train()
+    margin = torch.cat(margins).float()
+    return {"eval/accuracy": (margin > 0).float().mean().item(), "eval/margin": margin.mean().item(), "eval/pairs": len(margin)}
+
+
+def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
+    """Train, evaluate and save a reward model; returns the final evaluation metrics."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    set_seed(config.seed)
+    output_dir = Path(config.output_dir)
+
+    # Data (validated before any training starts)
+    train_data = load_preference_data(config.dataset, "train", max_samples=config.max_train_samples, seed=config.seed)
+    eval_name = config.eval_dataset or config.dataset
+    eval_data = load_preference_data(eval_name, "test", max_samples=config.max_eval_samples, seed=config.seed)
+    if len(train_data) == 0:
+        raise ValueError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
+
+    # Model
+    reward_model = RewardModel.from_base(
+        config.model_name_or_path,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        train_projector=config.train_projector,
+        seed=config.seed,
+    )
+    reward_model.config["dataset"] = config.dataset
+    collator = PreferenceCollator(reward_model.processor)
+    train_loader = DataLoader(train_data, batch_size=config.per_device_batch_size, shuffle=True, collate_fn=collator)
+    eval_loader = DataLoader(eval_data, batch_size=config.per_device_batch_size, collate_fn=collator)
+
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / config.gradient_accumulation_steps)
+    max_steps = config.max_steps or max(1, int(config.num_epochs * steps_per_epoch))
+    params = [p for p in reward_model.scorer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * max_steps),
+        num_training_steps=max_steps,
+    )
+    scorer, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        reward_model.scorer, optimizer, train_loader, eval_loader, scheduler
+    )
+
+    metrics_log = None
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "run_config.json")
+        metrics_log = MetricsLogger(output_dir / "run", tensorboard=config.report_to_tensorboard)
+
+    def save(name: str) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with atomic_dir(output_dir / name) as tmp:
+                reward_model.save_pretrained(tmp, scorer=accelerator.unwrap_model(scorer))
+
+    initial = evaluate(scorer, eval_loader, accelerator)
+    logger.info("held-out pairwise accuracy before training: %.3f", initial["eval/accuracy"])
+    if metrics_log:
+        metrics_log.log(initial, step=0)
+    best_accuracy, final = -1.0, initial
+    progress = tqdm(total=max_steps, desc="reward model", disable=not accelerator.is_local_main_process)
+    step, running, start = 0, [], time.perf_counter()
+    scorer.train()
+    while step < max_steps:
+        for batch in train_loader:
+            with accelerator.accumulate(scorer):
+                chosen, rejected = score_pairs(scorer, batch)
+                loss = bradley_terry_loss(chosen, rejected, batch.margin, config.center_rewards_coefficient)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running.append(torch.stack([loss.detach(), (chosen > rejected).float().mean(), (chosen - rejected).mean().detach()]))
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            if step % config.logging_steps == 0 or step == max_steps:
+                mean = accelerator.reduce(torch.stack(running).mean(0), reduction="mean").tolist()
+                running = []
+                train_metrics = {
+                    "train/loss": mean[0],
+                    "train/accuracy": mean[1],
+                    "train/margin": mean[2],
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "time/elapsed_s": time.perf_counter() - start,
+                }
+                progress.set_postfix(loss=f"{mean[0]:.3f}", acc=f"{mean[1]:.2f}")
+                if metrics_log:
+                    metrics_log.log(train_metrics, step=step)
+            if step % config.eval_steps == 0 or step == max_steps:
+                final = evaluate(scorer, eval_loader, accelerator)
+                if metrics_log:
+                    metrics_log.log(final, step=step)
+                if final["eval/accuracy"] > best_accuracy:
+                    best_accuracy = final["eval/accuracy"]
+                    reward_model.config["eval_accuracy"] = best_accuracy
+                    save("best")
+            if step >= max_steps:
+                break
+    progress.close()
+    reward_model.config["eval_accuracy"] = final["eval/accuracy"]
+    save("final")
+    if metrics_log:
+        metrics_log.close()
+    final = {**final, "eval/accuracy_before": initial["eval/accuracy"], "train/steps": step}
+    return final
