@@ -1,0 +1,254 @@
+"""Load prompt/preference datasets from a JSONL file, a ``save_to_disk`` folder or the hub.
+
+Every loader validates the whole dataset (images decoded once) before returning it, so a bad
+row fails here with its index and field rather than in the middle of training. Images stay
+lazy: a JSONL dataset's ``images`` column holds absolute path strings, and `materialize_images`
+turns a row's references into RGB PIL images when a batch is built.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+from PIL import Image
+
+from vlm_rl.data.images import (
+    DEFAULT_MAX_PIXELS,
+    DataError,
+    ImageRef,
+    is_url,
+    load_image,
+    resolve_image_path,
+)
+from vlm_rl.data.validation import DatasetKind, validate_dataset
+
+__all__ = ["load_jsonl", "load_prompt_dataset", "materialize_images"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_jsonl(path: str | os.PathLike, *, kind: DatasetKind, allow_remote: bool = False) -> datasets.Dataset:
+    """Load and validate a local JSONL dataset: one JSON object per line, blank lines skipped.
+
+    Image paths are relative to the file's folder and must stay inside it. The returned
+    dataset's ``images`` column holds absolute path strings (URLs are kept as they are); a
+    single-image ``image`` field becomes ``images=[image]``. Row indices in errors count the JSON
+    objects from 0, blank lines excluded.
+
+    Raises:
+        DataError: the file is missing or not UTF-8, a line is not a JSON object (naming the
+            line), or a row fails `validate_dataset`.
+    """
+    file = Path(path)
+    name = str(path)
+    if not file.is_file():
+        raise DataError(f"dataset '{name}': file not found; check the path (resolved: {file.resolve()})")
+    root = file.resolve().parent
+    rows: list[dict[str, Any]] = []
+    try:
+        with file.open(encoding="utf-8") as lines:
+            for line_number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f"dataset '{name}', line {line_number}: invalid JSON ({err.msg} at column "
+                        f"{err.colno}); each line must hold one complete JSON object"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise DataError(
+                        f"dataset '{name}', line {line_number}: expected a JSON object {{...}}, got "
+                        f"{type(record).__name__}; each line must hold one row as an object"
+                    )
+                rows.append(_images_as_list(record))
+    except UnicodeDecodeError as err:
+        raise DataError(f"dataset '{name}': not valid UTF-8 ({err}); save the file as UTF-8") from err
+
+    validate_dataset(rows, kind=kind, name=name, root=root, allow_remote=allow_remote)
+    for row in rows:
+        if "images" in row:
+            row["images"] = [_absolute_ref(ref, root) for ref in row["images"]]
+    dataset = _rows_to_dataset(rows, name)
+    logger.info("loaded %d %s rows from %s", len(dataset), kind, file)
+    return dataset
+
+
+def load_prompt_dataset(
+    name_or_path: str | os.PathLike,
+    *,
+    split: str = "train",
+    kind: DatasetKind = "prompt",
+    allow_remote: bool = False,
+) -> datasets.Dataset:
+    """Load, normalise (``image`` -> ``images``) and validate a prompt or preference dataset.
+
+    Dispatch on ``name_or_path``:
+
+    - an existing ``.jsonl`` file: `load_jsonl`;
+    - a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``:
+      ``datasets.load_from_disk`` (``split`` picks from a DatasetDict);
+    - anything else (a hub id, a local folder of data files): ``datasets.load_dataset(name_or_path,
+      split=split)``; relative image paths in a local folder resolve against (and stay inside) it.
+
+    Raises:
+        DataError: naming the source, for a missing file, an unknown split, an unsupported file
+            type, or any row that fails `validate_dataset`.
+    """
+    path = Path(name_or_path)
+    name = str(name_or_path)
+    if path.suffix == ".jsonl" or path.is_file():
+        if path.suffix != ".jsonl":
+            raise DataError(
+                f"dataset '{name}': unsupported file type {path.suffix!r}; give a .jsonl file, a "
+                "folder written by save_to_disk, or a hub dataset id"
+            )
+        return load_jsonl(path, kind=kind, allow_remote=allow_remote)
+
+    root: Path | None = None
+    if path.is_dir() and _is_saved_dataset(path):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(
+                    f"dataset '{name}': no split {split!r}; the available splits are {sorted(loaded)}"
+                )
+            loaded = loaded[split]
+            name = f"{name}[{split}]"
+        dataset = loaded
+    else:
+        if path.is_dir():
+            root = path.resolve()
+        try:
+            dataset = datasets.load_dataset(name, split=split)
+        except FileNotFoundError as err:
+            raise DataError(
+                f"dataset '{name}': not a local .jsonl file or save_to_disk folder, and not found as "
+                f"a dataset ({err}); check the path or hub id"
+            ) from err
+        name = f"{name}[{split}]"
+
+    dataset = _normalise_image_column(dataset, name)
+    validate_dataset(dataset, kind=kind, name=name, root=root, allow_remote=allow_remote)
+    logger.info("loaded %d %s rows from %s", len(dataset), kind, name)
+    return dataset
+
+
+def materialize_images(
+    example_images: Sequence[ImageRef] | None,
+    root: Path | None = None,
+    *,
+    allow_remote: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[Image.Image]:
+    """Load one example's ``images`` (PIL images, paths, URLs or ``{"path", "bytes"}`` dicts) as RGB.
+
+    ``None`` (an example without images) gives ``[]``. ``root`` is as in `load_image`; paths from
+    `load_jsonl` are already absolute.
+    """
+    if example_images is None:
+        return []
+    if not isinstance(example_images, list | tuple):
+        raise DataError(
+            f"field 'images': expected a list of images, got {type(example_images).__name__}; wrap a "
+            "single image as [image]"
+        )
+    return [
+        load_image(
+            ref,
+            root=root,
+            allow_remote=allow_remote,
+            max_pixels=max_pixels,
+            where=f"field 'images[{position}]'",
+        )
+        for position, ref in enumerate(example_images)
+    ]
+
+
+def _images_as_list(row: dict[str, Any]) -> dict[str, Any]:
+    """Rename a single-image ``image`` field to ``images=[image]`` (``None`` -> ``[]``)."""
+    if "image" not in row or "images" in row or isinstance(row["image"], list):
+        return row  # left for validate_dataset to report
+    row = dict(row)
+    image = row.pop("image")
+    row["images"] = [] if image is None else [image]
+    return row
+
+
+def _absolute_ref(ref: Any, root: Path) -> Any:
+    """An already validated JSONL image reference as an absolute path string (URLs unchanged)."""
+    if isinstance(ref, Mapping):
+        ref = ref["path"]
+    if is_url(ref):
+        return ref
+    return str(resolve_image_path(ref, root=root))
+
+
+def _rows_to_dataset(rows: list[dict[str, Any]], name: str) -> datasets.Dataset:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = {column: [row.get(column) for row in rows] for column in columns}
+    try:
+        dataset = datasets.Dataset.from_dict(table)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise DataError(
+            f"dataset '{name}', field '{_mixed_column(table)}': values have different shapes across "
+            f"rows or messages ({err}); use one form everywhere (e.g. every content a list of items, "
+            "every prompt a list of messages)"
+        ) from err
+    if "images" in columns and dataset.features["images"] != datasets.List(datasets.Value("string")):
+        dataset = dataset.cast_column("images", datasets.List(datasets.Value("string")))
+    return dataset
+
+
+def _mixed_column(table: dict[str, list[Any]]) -> str:
+    for column, values in table.items():
+        try:
+            pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return column
+    return "?"
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _normalise_image_column(dataset: datasets.Dataset, name: str) -> datasets.Dataset:
+    """Turn a single-image ``image`` column into ``images`` (one-element lists, [] for None)."""
+    columns = dataset.column_names
+    if "image" not in columns:
+        return dataset
+    if "images" in columns:
+        raise DataError(
+            f"dataset '{name}', field 'image': both 'image' and 'images' columns; keep one ('images' "
+            "holds a list per row)"
+        )
+    feature = dataset.features["image"]
+    if isinstance(feature, datasets.List | datasets.LargeList | list):
+        raise DataError(
+            f"dataset '{name}', field 'image': the 'image' column holds lists of images; rename it "
+            "to 'images'"
+        )
+    if isinstance(feature, datasets.Image):
+        # Move the stored bytes/paths without decoding and re-encoding every image.
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    features = datasets.Features(
+        {column: dataset.features[column] for column in columns if column != "image"}
+        | {"images": datasets.List(feature)}
+    )
+    return dataset.map(
+        lambda batch: {"images": [[] if ref is None else [ref] for ref in batch["image"]]},
+        batched=True,
+        remove_columns=["image"],
+        features=features,
+        keep_in_memory=True,
+        desc="image -> images",
+    )
