@@ -1,0 +1,493 @@
+"""The RL loop for PPO, GRPO and RLOO on one engine.
+
+One step reads as its stages, each timed:
+    prompts -> rollout (sample G completions per prompt) -> rewards (components, penalties)
+    -> scoring (old log-probs + values; reference log-probs if the KL term is on)
+    -> advantages (GAE | group-normalised | leave-one-out) -> update (epochs x minibatches).
+
+Memory: one base model. The policy is base + LoRA; the reference is the same base with the
+adapter disabled; the PPO critic is a value head on the policy's trunk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import ProcessorMixin, get_scheduler
+
+from vlm_rl.data.collators import PromptBatch, PromptCollator
+from vlm_rl.rewards.compose import CombinedReward, NonFiniteRewardError
+from vlm_rl.rl import core
+from vlm_rl.rl.config import RLConfig
+from vlm_rl.rl.rollout import PolicyWithValue, Rollout, generate
+from vlm_rl.runlog import MetricsLogger, atomic_dir, save_config
+
+logger = logging.getLogger(__name__)
+
+EvalMetric = Callable[[list[str], dict[str, list[Any]]], dict[str, float]]
+"""(completions, columns) -> task metrics, e.g. caption accuracy judged by rule."""
+
+VALUE_HEAD_NAME = "value_head.safetensors"
+
+
+@dataclass
+class KLController:
+    """Fixed or adaptive KL coefficient (Ziegler et al. 2019, sec. 2.2): the coefficient moves so
+    that the observed per-sequence KL approaches `target`."""
+
+    coef: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, observed_kl: float, num_samples: int) -> None:
+        if self.target is None:
+            return
+        error = float(np.clip(observed_kl / self.target - 1, -0.2, 0.2))
+        self.coef *= 1 + error * num_samples / self.horizon
+
+
+def _as_conversation(completion: str, prompt: Any) -> Any:
+    """TRL's convention: a conversational prompt gets a conversational completion."""
+    if isinstance(prompt, list):
+        return [{"role": "assistant", "content": completion}]
+    return completion
+
+
+class RLTrainer:
+    """PPO / GRPO / RLOO for VLMs. Components come in built; the trainer owns only the loop."""
+
+    def __init__(
+        self,
+        config: RLConfig,
+        policy,
+        processor: ProcessorMixin,
+        reward: CombinedReward,
+        train_dataset: datasets.Dataset,
+        eval_dataset: datasets.Dataset | None = None,
+        eval_metric: EvalMetric | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        if len(train_dataset) == 0:
+            raise ValueError("the training prompt dataset is empty; check --dataset and its split")
+        self.config = config
+        self.accelerator = accelerator or Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+        self.processor = processor
+        self.reward = reward
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.eval_metric = eval_metric
+        self.collator = PromptCollator(processor)
+        self.output_dir = Path(config.output_dir)
+        self.is_ppo = config.algorithm == "ppo"
+        world = self.accelerator.num_processes
+        if config.prompts_per_step % world:
+            raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by the {world} processes")
+
+        value_head = None
+        if self.is_ppo:
+            hidden = policy.config.get_text_config().hidden_size
+            value_head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.zeros_(value_head.weight)
+            torch.nn.init.zeros_(value_head.bias)
+        module = PolicyWithValue(policy, value_head)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.lr_decay_steps or config.total_steps,
+        )
+        self.module, self.optimizer, self.scheduler = self.accelerator.prepare(module, self.optimizer, self.scheduler)
+        self.params = params
+        self.kl = KLController(config.kl_coef, config.target_kl if config.adaptive_kl else None, config.kl_horizon)
+        self.step = 0
+        self.skipped_steps = 0
+        self.metrics_log: MetricsLogger | None = None
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> PolicyWithValue:
+        return self.accelerator.unwrap_model(self.module)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def _prompt_indices(self, step: int) -> list[int]:
+        """This process's prompts for `step`: a deterministic function of (seed, step), so a resumed
+        run sees exactly the prompts an uninterrupted one would."""
+        per_step, n = self.config.prompts_per_step, len(self.train_dataset)
+        start = step * per_step
+        indices = []
+        for position in range(start, start + per_step):
+            epoch, offset = divmod(position, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 100003 + epoch))
+            indices.append(int(order[offset]))
+        return indices[self.accelerator.process_index :: self.accelerator.num_processes]
+
+    def _batch(self, dataset: datasets.Dataset, indices: list[int]) -> PromptBatch:
+        return self.collator([dataset[i] for i in indices])
+
+    @contextmanager
+    def _reference(self):
+        """The reference policy: the same base with the LoRA adapter disabled."""
+        with self.unwrapped.policy.disable_adapter():
+            yield
+
+    def _forward(self, rollout: Rollout, rows: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+        inputs = rollout.model_inputs(rows).to(self.device)
+        completion_ids = rollout.completion_ids[rows].to(self.device)
+        return self.module(inputs, completion_ids, temperature=self.config.temperature, **kwargs)
+
+    def _minibatches(self, n: int, shuffle: bool) -> Iterator[torch.Tensor]:
+        order = torch.randperm(n) if shuffle else torch.arange(n)
+        for start in range(0, n, self.config.minibatch_size):
+            yield order[start : start + self.config.minibatch_size]
+
+    # -- stages ---------------------------------------------------------------------------------
+    def rollout(self, batch: PromptBatch, greedy: bool = False, samples: int | None = None) -> Rollout:
+        from trl.models.utils import unwrap_model_for_generation  # gathers ZeRO-3 shards for generation
+
+        with unwrap_model_for_generation(self.module, self.accelerator) as unwrapped:
+            unwrapped.policy.eval()
+            return generate(
+                unwrapped.policy,
+                self.processor,
+                batch.inputs,
+                torch.tensor([len(images) for images in batch.images]),
+                samples_per_prompt=samples or self.config.samples_per_prompt,
+                max_new_tokens=self.config.max_new_tokens,
+                temperature=self.config.temperature,
+                top_p=self.config.top_p,
+                greedy=greedy,
+            )
+
+    def rewards(self, rollout: Rollout, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sequence rewards (N,) from the reward components, minus the missing-EOS penalty."""
+        index = rollout.prompt_index.tolist()
+        prompts = [batch.prompts[i] for i in index]
+        columns = {key: [values[i] for i in index] for key, values in batch.columns.items()}
+        columns["images"] = [batch.images[i] for i in index]
+        completions = [_as_conversation(text, prompt) for text, prompt in zip(rollout.completions, prompts, strict=True)]
+        result = self.reward(prompts=prompts, completions=completions, **columns)
+        scores = result.total.clone()
+        scores -= self.config.missing_eos_penalty * (~rollout.ended).float()
+        return scores, result.metrics()
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> None:
+        """Old log-probs and values (policy), and reference log-probs when the KL term is on."""
+        self.module.eval()
+        old, values, ref = [], [], []
+        for rows in self._minibatches(len(rollout), shuffle=False):
+            out = self._forward(rollout, rows, with_values=self.is_ppo)
+            old.append(out["logprobs"])
+            if self.is_ppo:
+                values.append(out["values"])
+            if self.kl.coef > 0 or self.config.adaptive_kl:
+                with self._reference():
+                    ref.append(self._forward(rollout, rows)["logprobs"])
+        rollout.old_logprobs = torch.cat(old).cpu()
+        rollout.values = torch.cat(values).cpu() if values else None
+        rollout.ref_logprobs = torch.cat(ref).cpu() if ref else None
+
+    def advantages(self, rollout: Rollout) -> dict[str, float]:
+        config, mask = self.config, rollout.completion_mask.float()
+        stats: dict[str, float] = {}
+        kl = None
+        if rollout.ref_logprobs is not None:
+            kl = core.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, config.kl_estimator)
+            stats["objective/kl"] = core.masked_sum(kl, mask, dim=1).mean().item()
+        rollout.sample_mask = torch.ones(len(rollout))
+        if self.is_ppo:
+            token_kl = kl if kl is not None else torch.zeros_like(mask)
+            rewards = core.token_rewards(rollout.scores, token_kl, mask, self.kl.coef)
+            advantages, returns = core.gae(rewards, rollout.values, mask, config.gamma, config.lam)
+            if config.whiten_advantages:
+                advantages = core.masked_whiten(advantages, mask)
+            rollout.advantages, rollout.returns = advantages, returns
+            stats["objective/explained_variance"] = core.explained_variance(rollout.values, returns, mask).item()
+            stats["objective/value_mean"] = core.masked_mean(rollout.values, mask).item()
+        else:
+            G = config.samples_per_prompt
+            if config.algorithm == "grpo":
+                rollout.advantages = core.group_advantages(rollout.scores, G, config.scale_rewards)
+            else:
+                rollout.advantages = core.rloo_advantages(rollout.scores, G)
+            signal = core.groups_with_signal(rollout.scores, G)
+            stats["objective/groups_with_signal"] = signal.float().mean().item()
+            if config.dynamic_sampling:
+                rollout.sample_mask = signal.float()
+        return stats
+
+    def update(self, rollout: Rollout) -> dict[str, float] | None:
+        """PPO epochs over shuffled minibatches. Returns None if a non-finite loss skipped the step."""
+        config = self.config
+        self.module.train()
+        sums: dict[str, list[float]] = defaultdict(list)
+        snapshot = {id(p): p.detach().clone() for p in self.params}
+        rows_all = torch.nonzero(rollout.sample_mask > 0).flatten()
+        if len(rows_all) == 0:
+            return {}
+        for _ in range(config.ppo_epochs):
+            for picked in self._minibatches(len(rows_all), shuffle=True):
+                rows = rows_all[picked]
+                with self.accelerator.accumulate(self.module):
+                    out = self._forward(rollout, rows, with_entropy=True, with_values=self.is_ppo)
+                    mask = rollout.completion_mask[rows].to(self.device).float()
+                    advantages = rollout.advantages[rows].to(self.device)
+                    old = rollout.old_logprobs[rows].to(self.device)
+                    policy_loss, stats = core.clipped_policy_loss(
+                        out["logprobs"], old, advantages, mask, config.clip_range, config.clip_range_high,
+                        config.loss_aggregation, config.max_new_tokens,
+                    )
+                    entropy = core.masked_mean(out["entropy"], mask)
+                    loss = policy_loss - config.entropy_coef * entropy
+                    if self.is_ppo:
+                        value_loss, value_clip = core.clipped_value_loss(
+                            out["values"], rollout.values[rows].to(self.device), rollout.returns[rows].to(self.device),
+                            mask, config.value_clip_range,
+                        )
+                        loss = loss + config.value_coef * value_loss
+                        sums["loss/value"].append(value_loss.item())
+                        sums["loss/value_clip_fraction"].append(value_clip.item())
+                    elif self.kl.coef > 0 and rollout.ref_logprobs is not None:
+                        kl = core.kl_penalty(out["logprobs"], rollout.ref_logprobs[rows].to(self.device), config.kl_estimator)
+                        kl_loss = core.aggregate(kl, mask, config.loss_aggregation, config.max_new_tokens)
+                        loss = loss + self.kl.coef * kl_loss
+                        sums["loss/kl"].append(kl_loss.item())
+                    if not torch.isfinite(loss):
+                        self._restore(snapshot)
+                        return None
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients:
+                        grad_norm = self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+                        if not torch.isfinite(grad_norm):
+                            self._restore(snapshot)
+                            return None
+                        sums["loss/grad_norm"].append(float(grad_norm))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                sums["loss/policy"].append(policy_loss.item())
+                sums["loss/total"].append(loss.item())
+                sums["policy/entropy"].append(entropy.item())
+                sums["policy/clip_fraction"].append(stats["clip_fraction"].item())
+                sums["policy/approx_kl"].append(stats["approx_kl"].item())
+        self.scheduler.step()
+        return {k: float(np.mean(v)) for k, v in sums.items()}
+
+    def _restore(self, snapshot: dict[int, torch.Tensor]) -> None:
+        """Put the weights back as they were before this step (a non-finite loss or gradient)."""
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(snapshot[id(p)])
+        self.optimizer.zero_grad()
+
+    # -- one step -----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        timings: dict[str, float] = {}
+
+        @contextmanager
+        def timed(name: str):
+            start = time.perf_counter()
+            yield
+            timings[f"time/{name}_s"] = time.perf_counter() - start
+
+        step_start = time.perf_counter()
+        batch = self._batch(self.train_dataset, self._prompt_indices(self.step))
+        with timed("rollout"):
+            rollout = self.rollout(batch)
+        with timed("reward"):
+            try:
+                rollout.scores, reward_metrics = self.rewards(rollout, batch)
+            except NonFiniteRewardError as error:
+                logger.warning("step %d skipped: %s", self.step, error)
+                self.skipped_steps += 1
+                return {"train/skipped_steps": self.skipped_steps}
+        with timed("score"):
+            self.score(rollout)
+        with timed("advantages"):
+            objective = self.advantages(rollout)
+        with timed("update"):
+            update = self.update(rollout)
+        if update is None:
+            logger.warning("step %d skipped: non-finite loss or gradient (weights left untouched)", self.step)
+            self.skipped_steps += 1
+        if "objective/kl" in objective:
+            self.kl.update(objective["objective/kl"], len(rollout) * self.accelerator.num_processes)
+        lengths = rollout.completion_mask.sum(1).float()
+        elapsed = time.perf_counter() - step_start
+        metrics = {
+            "reward/mean": rollout.scores.mean().item(),
+            "reward/std": rollout.scores.std().item() if len(rollout) > 1 else 0.0,
+            **{k.replace("rewards/", "reward/"): v for k, v in reward_metrics.items()},
+            "completions/mean_length": lengths.mean().item(),
+            "completions/ended_fraction": rollout.ended.float().mean().item(),
+            **objective,
+            **(update or {}),
+            "objective/kl_coef": self.kl.coef,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/skipped_steps": self.skipped_steps,
+            **timings,
+            "time/step_s": elapsed,
+            "throughput/tokens_per_s": lengths.sum().item() / elapsed,
+        }
+        if self.accelerator.is_main_process and self.config.sample_log_steps and self.step % self.config.sample_log_steps == 0:
+            self._write_samples(rollout, batch)
+        return self._gather_mean(metrics)
+
+    def _gather_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist(), strict=True))
+
+    def _write_samples(self, rollout: Rollout, batch: PromptBatch) -> None:
+        path = self.output_dir / "samples.jsonl"
+        with path.open("a") as f:
+            for i in range(len(rollout)):
+                p = int(rollout.prompt_index[i])
+                record = {
+                    "step": self.step,
+                    "image_id": batch.columns.get("image_id", [None] * len(batch))[p],
+                    "prompt": batch.prompts[p],
+                    "completion": rollout.completions[i],
+                    "reward": float(rollout.scores[i]),
+                }
+                f.write(json.dumps(record, default=str) + "\n")
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, dataset: datasets.Dataset | None = None, batch_size: int = 64) -> dict[str, float]:
+        """Greedy completions on held-out prompts: mean reward and the task metric, over all processes."""
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if dataset is None or len(dataset) == 0:
+            return {}
+        indices = list(range(len(dataset)))[self.accelerator.process_index :: self.accelerator.num_processes]
+        totals: dict[str, float] = defaultdict(float)
+        count = 0
+        for start in range(0, len(indices), batch_size):
+            batch = self._batch(dataset, indices[start : start + batch_size])
+            rollout = self.rollout(batch, greedy=True, samples=1)
+            scores, _ = self.rewards(rollout, batch)
+            n = len(rollout)
+            totals["eval/reward"] += scores.sum().item()
+            if self.eval_metric is not None:
+                for key, value in self.eval_metric(rollout.completions, batch.columns).items():
+                    totals[f"eval/{key}"] += value * n
+            count += n
+        keys = sorted(totals)
+        values = torch.tensor([totals[k] for k in keys] + [count], dtype=torch.float64, device=self.device)
+        values = self.accelerator.reduce(values, reduction="sum")
+        return {k: v / values[-1].item() for k, v in zip(keys, values[:-1].tolist(), strict=True)}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """accelerate state (weights, optimizer, scheduler, RNG) + trainer state, written atomically."""
+        path = self.output_dir / "checkpoints" / f"step-{self.step:06d}"
+        self.accelerator.wait_for_everyone()
+        tmp = path.with_name(f".{path.name}.tmp")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            state = {"step": self.step, "kl_coef": self.kl.coef, "skipped_steps": self.skipped_steps}
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            self._save_adapter(tmp / "adapter")
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            checkpoints = sorted((self.output_dir / "checkpoints").glob("step-*"))
+            for old in checkpoints[: max(0, len(checkpoints) - self.config.save_total_limit)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        if str(path) == "latest":
+            candidates = sorted((self.output_dir / "checkpoints").glob("step-*"))
+            if not candidates:
+                raise FileNotFoundError(f"no checkpoint to resume from in {self.output_dir / 'checkpoints'}")
+            path = candidates[-1]
+        if not (path / "trainer_state.json").exists():
+            raise FileNotFoundError(f"{path} is not a vlm_rl checkpoint (no trainer_state.json)")
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.kl.coef, self.skipped_steps = state["step"], state["kl_coef"], state["skipped_steps"]
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _save_adapter(self, path: Path) -> None:
+        """Policy adapter (+ processor files, + value head for PPO) into `path`."""
+        from safetensors.torch import save_file
+
+        unwrapped = self.unwrapped
+        unwrapped.policy.save_pretrained(str(path))
+        self.processor.save_pretrained(str(path))
+        if unwrapped.value_head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()}, str(path / VALUE_HEAD_NAME))
+
+    def save_final(self, metrics: dict[str, float] | None = None) -> Path:
+        path = self.output_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with atomic_dir(path) as tmp:
+                self._save_adapter(tmp)
+                info = {"algorithm": self.config.algorithm, "step": self.step, "base_model": self.config.model_name_or_path,
+                        "metrics": metrics or {}}
+                (tmp / "vlm_rl_run.json").write_text(json.dumps(info, indent=2, default=str))
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict[str, dict[str, float]]:
+        """Run to `total_steps`; returns {"before": eval metrics, "after": eval metrics}."""
+        config = self.config
+        if config.resume_from_checkpoint:
+            self.load_checkpoint(config.resume_from_checkpoint)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "run_config.json")
+            self.metrics_log = MetricsLogger(self.output_dir, tensorboard=config.report_to_tensorboard)
+        before = self.evaluate()
+        self._log(before)
+        progress = tqdm(total=config.total_steps, initial=self.step, desc=config.algorithm,
+                        disable=not self.accelerator.is_local_main_process)
+        while self.step < config.total_steps:
+            metrics = self.train_step()
+            self.step += 1
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}")
+            if self.step % config.logging_steps == 0:
+                self._log(metrics)
+            if config.eval_steps and self.step % config.eval_steps == 0 and self.step < config.total_steps:
+                self._log(self.evaluate())
+            if config.save_steps and self.step % config.save_steps == 0:
+                self.save_checkpoint()
+        progress.close()
+        after = self.evaluate()
+        self._log(after)
+        if self.metrics_log:
+            self.metrics_log.close()
+        return {"before": before, "after": after}
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.metrics_log and metrics:
+            self.metrics_log.log(metrics, step=self.step)
