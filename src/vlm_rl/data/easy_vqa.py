@@ -8,7 +8,7 @@ own train and test images (so no image is in both):
   (wrong colour, wrong shape, or both).
 
 easy-vqa has no caption field: an image's colour and shape come from its question/answer pairs
-(about 82% of images get both; the others are left out of the caption tasks).
+(about 86% of images get both; the others are left out of the caption tasks).
 By default each image is cropped around its shape and resized to 32x32 (`crop=True`): the shape
 then fills the frame, which makes the tasks learnable by the tiny default models in minutes.
 """
@@ -199,6 +199,9 @@ def vqa_dataset(
     question_types: tuple[str, ...] = ("color", "shape"),
 ) -> datasets.Dataset:
     """Question -> one-word answer. `question_types` picks among "color", "shape" and "yes_no"."""
+    unknown = set(question_types) - {"color", "shape", "yes_no"}
+    if unknown:
+        raise ValueError(f"unknown question_types {sorted(unknown)}; choose from ['color', 'shape', 'yes_no']")
     (questions, answers, image_ids), paths = _questions(split)
 
     def kind(answer: str) -> str:

@@ -104,10 +104,9 @@ def _vision_and_projector_prefixes(model: nn.Module) -> tuple[list[str], list[st
     projector_keys = family.projector_modules if family else ("multi_modal_projector", "connector", "merger")
     vision, projector = [], []
     for name, _ in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if any(name.endswith(k) or leaf == k for k in projector_keys):
+        if any(name == k or name.endswith("." + k) for k in projector_keys):
             projector.append(name)
-        elif any(name.endswith(k) or leaf == k for k in vision_keys):
+        elif any(name == k or name.endswith("." + k) for k in vision_keys):
             vision.append(name)
     return vision, projector
 

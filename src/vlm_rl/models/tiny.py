@@ -203,8 +203,9 @@ def build_tiny(name: str, seed: int = 0):
     """Build the tiny model `name` (a key of TINY_MODELS) in memory: (model, processor)."""
     family = FAMILIES[TINY_MODELS[name]]
     tokenizer = build_tokenizer(family)
-    torch.manual_seed(seed)
-    model, processor = _BUILDERS[family.model_type](family, tokenizer)
+    with torch.random.fork_rng():  # leave the caller's random state untouched
+        torch.manual_seed(seed)
+        model, processor = _BUILDERS[family.model_type](family, tokenizer)
     for config in (model.generation_config, model.config.get_text_config()):
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
