@@ -116,6 +116,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     """GRPO advantages: reward minus its group's mean, divided by the group's std (Shao et al. 2024,
     eq. 3); `scale_by_std=False` gives Dr. GRPO (Liu et al. 2025). rewards: (N,) grouped contiguously
     (N = prompts x group_size) -> (N,)."""
+    if group_size < 2:
+        raise ValueError("GRPO needs at least 2 samples per prompt")
     grouped = rewards.view(-1, group_size)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_by_std:
