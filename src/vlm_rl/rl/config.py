@@ -58,6 +58,7 @@ class RLConfig:
     entropy_coef: float = _f(0.02, "Entropy bonus coefficient.")
     # Critic (PPO)
     value_coef: float = _f(0.1, "Value-loss coefficient.")
+    value_learning_rate: float | None = _f(None, "Learning rate of the value head (default: 10 x learning_rate).")
     value_clip_range: float = _f(0.2, "Value clip around the rollout-time value.")
     gamma: float = _f(1.0, "Discount factor.")
     lam: float = _f(0.95, "GAE lambda.")

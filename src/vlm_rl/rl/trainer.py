@@ -92,6 +92,8 @@ class RLTrainer:
         self.eval_metric = eval_metric
         self.collator = PromptCollator(processor)
         self.output_dir = Path(config.output_dir)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         self.is_ppo = config.algorithm == "ppo"
         world = self.accelerator.num_processes
         if config.prompts_per_step % world:
@@ -105,7 +107,13 @@ class RLTrainer:
             torch.nn.init.zeros_(value_head.bias)
         module = PolicyWithValue(policy, value_head)
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        policy_params = [p for p in policy.parameters() if p.requires_grad]
+        groups = [{"params": policy_params, "lr": config.learning_rate}]
+        if value_head is not None:
+            # A fresh head on a pretrained trunk must move its outputs to the reward's scale quickly.
+            value_lr = config.value_learning_rate or 10 * config.learning_rate
+            groups.append({"params": list(value_head.parameters()), "lr": value_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(
             config.lr_scheduler_type,
             self.optimizer,

@@ -1,0 +1,166 @@
+"""The RL loop: learning, exact resume, skipped steps, errors. Real training steps on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from vlm_rl.data.easy_vqa import caption_dataset
+from vlm_rl.models import load_model, wrap_with_lora
+from vlm_rl.rewards.compose import CombinedReward
+from vlm_rl.rewards.rules import caption_match, completion_text
+from vlm_rl.rl.config import RLConfig
+from vlm_rl.rl.rollout import completion_mask_from_ids
+from vlm_rl.rl.trainer import RLTrainer
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return caption_dataset("train", num_samples=64, seed=0)
+
+
+def make_trainer(tmp_path, prompts, reward=None, eval_dataset=None, **overrides) -> RLTrainer:
+    torch.manual_seed(0)
+    settings = dict(
+        algorithm="ppo",
+        prompts_per_step=4,
+        samples_per_prompt=4,
+        minibatch_size=8,
+        total_steps=4,
+        lr_decay_steps=4,
+        eval_steps=0,
+        save_steps=0,
+        output_dir=str(tmp_path / "run"),
+        report_to_tensorboard=False,
+        sample_log_steps=1,
+        learning_rate=1e-3,
+    )
+    settings.update(overrides)
+    config = RLConfig(**settings)
+    model, processor = load_model("tiny-llava")
+    policy = wrap_with_lora(model, r=8, alpha=16)
+    return RLTrainer(config, policy, processor, reward or CombinedReward([caption_match]), prompts, eval_dataset)
+
+
+def trainable_state(trainer: RLTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.unwrapped.named_parameters() if v.requires_grad}
+
+
+def test_says_red_is_learned_by_every_algorithm(tmp_path, prompts):
+    """A reward only for answering "red" first: each algorithm must raise the sampled reward."""
+
+    def says_red(prompts, completions, **columns):
+        return [1.0 if completion_text(c).split()[:1] == ["red"] else 0.0 for c in completions]
+
+    for algorithm in ("ppo", "grpo", "rloo"):
+        trainer = make_trainer(
+            tmp_path / algorithm, prompts, CombinedReward([says_red]), algorithm=algorithm, total_steps=12,
+            lr_decay_steps=None, lr_scheduler_type="constant", missing_eos_penalty=0.0, entropy_coef=0.0,
+            learning_rate=3e-3,
+        )
+        trainer.train()
+        rewards = [r["reward/mean"] for r in map(json.loads, (tmp_path / algorithm / "run" / "metrics.jsonl").open()) if "reward/mean" in r]
+        assert len(rewards) == 12
+        assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, (algorithm, rewards)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, prompts):
+    straight = make_trainer(tmp_path / "straight", prompts, total_steps=4, save_steps=2)
+    straight.train()
+    expected = trainable_state(straight)
+
+    first = make_trainer(tmp_path / "resumed", prompts, total_steps=2, save_steps=2)
+    first.train()
+    assert (tmp_path / "resumed" / "run" / "checkpoints" / "step-000002" / "trainer_state.json").exists()
+    torch.manual_seed(123)  # a different process state: the checkpoint must restore everything
+    second = make_trainer(tmp_path / "resumed", prompts, total_steps=4, save_steps=2, resume_from_checkpoint="latest")
+    second.train()
+    assert second.step == 4
+    resumed = trainable_state(second)
+    assert expected.keys() == resumed.keys()
+    moved = any(not torch.equal(v, trainable_state(make_trainer(tmp_path / "fresh", prompts))[k]) for k, v in expected.items())
+    assert moved, "training did not change the weights"
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_non_finite_reward_skips_the_step_and_leaves_weights_untouched(tmp_path, prompts):
+    calls = {"n": 0}
+
+    def sometimes_nan(prompts, completions, **columns):
+        calls["n"] += 1
+        return [math.nan] * len(completions) if calls["n"] == 2 else [1.0] * len(completions)
+
+    trainer = make_trainer(tmp_path, prompts, CombinedReward([sometimes_nan]), total_steps=1)
+    trainer.train_step()  # call 1: a normal step
+    trainer.step += 1
+    before = trainable_state(trainer)
+    metrics = trainer.train_step()  # call 2: NaN
+    assert metrics["train/skipped_steps"] == 1
+    for name, value in trainable_state(trainer).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_non_finite_loss_restores_the_weights(tmp_path, prompts):
+    trainer = make_trainer(tmp_path, prompts, total_steps=1)
+    batch = trainer._batch(prompts, [0, 1, 2, 3])
+    rollout = trainer.rollout(batch)
+    rollout.scores, _ = trainer.rewards(rollout, batch)
+    trainer.score(rollout)
+    trainer.advantages(rollout)
+    rollout.advantages[1:, :] = float("inf")  # poison all but the first minibatch
+    before = trainable_state(trainer)
+    assert trainer.update(rollout) is None
+    for name, value in trainable_state(trainer).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_run_folder_has_config_metrics_samples_checkpoint_and_adapter(tmp_path, prompts):
+    trainer = make_trainer(tmp_path, prompts, eval_dataset=prompts.select(range(8)), total_steps=2, save_steps=2, eval_steps=2)
+    result = trainer.train()
+    final = trainer.save_final(result["after"])
+    run = tmp_path / "run"
+    assert json.loads((run / "run_config.json").read_text())["algorithm"] == "ppo"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    step_rows = [r for r in rows if "reward/mean" in r]
+    for key in ("reward/caption_match/mean", "objective/explained_variance", "policy/entropy", "policy/clip_fraction",
+                "policy/approx_kl", "loss/value", "completions/mean_length", "time/rollout_s", "throughput/tokens_per_s"):
+        assert key in step_rows[-1], key
+    assert "eval/reward" in rows[0] and "eval/reward" in rows[-1]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").open()]
+    assert {"image_id", "prompt", "completion", "reward"} <= samples[0].keys()
+    assert (run / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors").exists()
+    assert (final / "adapter_model.safetensors").exists() and (final / "value_head.safetensors").exists()
+
+
+def test_grpo_without_kl_skips_the_reference_pass(tmp_path, prompts):
+    trainer = make_trainer(tmp_path, prompts, algorithm="grpo", kl_coef=0.0)
+    batch = trainer._batch(prompts, [0, 1])
+    rollout = trainer.rollout(batch)
+    trainer.score(rollout)
+    assert rollout.ref_logprobs is None and rollout.values is None
+    with_kl = make_trainer(tmp_path / "kl", prompts, algorithm="grpo", kl_coef=0.05)
+    rollout = with_kl.rollout(with_kl._batch(prompts, [0, 1]))
+    with_kl.score(rollout)
+    # A fresh LoRA adapter (B = 0) leaves the policy equal to the reference.
+    torch.testing.assert_close(rollout.ref_logprobs, rollout.old_logprobs)
+
+
+def test_completion_mask_stops_after_the_first_eos():
+    ids = torch.tensor([[5, 2, 7, 7], [2, 9, 9, 9], [5, 6, 7, 8]])
+    mask, ended = completion_mask_from_ids(ids, eos_token_ids=[2])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+
+
+def test_config_rejects_group_methods_with_one_sample():
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        RLConfig(algorithm="grpo", samples_per_prompt=1)
+
+
+def test_empty_dataset_is_refused(tmp_path, prompts):
+    with pytest.raises(ValueError, match="empty"):
+        make_trainer(tmp_path, prompts.select([]))
