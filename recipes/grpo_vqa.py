@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from trl import TrlParser
 
+from vlm_rl.distributed import make_accelerator
 from vlm_rl.data.easy_vqa import vqa_dataset
 from vlm_rl.models import load_model, wrap_with_lora
 from vlm_rl.rewards.build import build_reward
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = make_accelerator(config.gradient_accumulation_steps)
     torch.manual_seed(config.seed)
 
     # Reward: exact match + format (+ the learned reward model if given)
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # Model: base + LoRA (reference = adapter disabled)
-    model, processor = load_model(config.model_name_or_path)
+    with accelerator.main_process_first():  # the first build of a tiny model writes the cache
+        model, processor = load_model(config.model_name_or_path)
     policy = wrap_with_lora(model, r=config.lora_r, alpha=config.lora_alpha, train_projector=config.train_projector)
 
     # Dataset: colour and shape questions, held-out questions on unseen images
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Training: optional short supervised warm start, then RL
     trainer = RLTrainer(config, policy, processor, reward, train_dataset, eval_dataset, vqa_metrics, accelerator)
-    if warm.warm_start_steps and not config.resume_from_checkpoint:
+    base = trainer.evaluate() if warm.warm_start_steps and not config.resume_from_checkpoint else None
+    if base is not None:
         supervised_warm_start(
             trainer.unwrapped.policy, processor, train_dataset, steps=warm.warm_start_steps,
             learning_rate=warm.warm_start_learning_rate, batch_size=warm.warm_start_batch_size, seed=config.seed,
@@ -78,11 +80,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     if accelerator.is_main_process:
         before, after = result["before"], result["after"]
+        if base is not None:
+            print(f"base policy: accuracy {base['eval/accuracy']:.3f}; after the {warm.warm_start_steps}-step "
+                  f"warm start (RL starts here): {before['eval/accuracy']:.3f}")
         print(
             f"held-out ({len(eval_dataset)} questions on unseen images): accuracy {before['eval/accuracy']:.3f} -> "
             f"{after['eval/accuracy']:.3f}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; "
             f"adapter saved to {final}"
         )
+
+    if config.push_to_hub and accelerator.is_main_process:
+        from vlm_rl.hub import HubError, push_run
+
+        try:
+            print(f"pushed to {push_run(config.output_dir, config.hub_model_id, private=config.hub_private)}")
+        except HubError as error:  # training is done and final/ is safe: say how to retry
+            print(f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}")
     return result
 
 

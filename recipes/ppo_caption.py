@@ -20,12 +20,14 @@ import torch
 from accelerate import Accelerator
 from trl import TrlParser
 
+from vlm_rl.distributed import make_accelerator
 from vlm_rl.data.easy_vqa import caption_dataset
 from vlm_rl.models import load_model, wrap_with_lora
 from vlm_rl.rewards.build import build_reward
 from vlm_rl.rewards.rules import caption_accuracy
-from vlm_rl.rl.config import RLConfig
+from vlm_rl.rl.config import RLConfig, WarmStartConfig
 from vlm_rl.rl.trainer import RLTrainer
+from vlm_rl.sft import supervised_warm_start
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "recipes" / "configs" / "ppo_caption.yaml"
@@ -54,11 +56,11 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    (config,) = TrlParser((RLConfig,)).parse_args_and_config(args=argv)
+    config, warm = TrlParser((RLConfig, WarmStartConfig)).parse_args_and_config(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = make_accelerator(config.gradient_accumulation_steps)
     torch.manual_seed(config.seed)
 
     # Reward: the learned reward model (+ any rule rewards named in the config)
@@ -75,25 +77,43 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # Model: base + LoRA (reference = adapter disabled, critic = value head on the same trunk)
-    model, processor = load_model(config.model_name_or_path)
+    with accelerator.main_process_first():  # the first build of a tiny model writes the cache
+        model, processor = load_model(config.model_name_or_path)
     policy = wrap_with_lora(model, r=config.lora_r, alpha=config.lora_alpha, train_projector=config.train_projector)
 
     # Dataset: easy-vqa captioning, held-out prompts on unseen images
     train_dataset = caption_dataset("train", num_samples=config.max_train_prompts, seed=config.seed)
     eval_dataset = caption_dataset("test", num_samples=config.max_eval_prompts, seed=config.seed)
 
-    # Training
+    # Training: a short supervised warm start (the SFT stage of RLHF), then PPO
     trainer = RLTrainer(config, policy, processor, reward, train_dataset, eval_dataset, caption_metrics, accelerator)
+    base = trainer.evaluate() if warm.warm_start_steps and not config.resume_from_checkpoint else None
+    if base is not None:
+        supervised_warm_start(
+            trainer.unwrapped.policy, processor, train_dataset, steps=warm.warm_start_steps,
+            learning_rate=warm.warm_start_learning_rate, batch_size=warm.warm_start_batch_size, seed=config.seed,
+        )
     result = trainer.train()
     final = trainer.save_final(result["after"])
 
     if accelerator.is_main_process:
         before, after = result["before"], result["after"]
+        if base is not None:
+            print(f"base policy: caption accuracy {base['eval/caption_accuracy']:.3f}; after the "
+                  f"{warm.warm_start_steps}-step warm start (RL starts here): {before['eval/caption_accuracy']:.3f}")
         print(
             f"held-out ({len(eval_dataset)} unseen images): caption accuracy {before['eval/caption_accuracy']:.3f} -> "
             f"{after['eval/caption_accuracy']:.3f}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; "
             f"adapter saved to {final}"
         )
+
+    if config.push_to_hub and accelerator.is_main_process:
+        from vlm_rl.hub import HubError, push_run
+
+        try:
+            print(f"pushed to {push_run(config.output_dir, config.hub_model_id, private=config.hub_private)}")
+        except HubError as error:  # training is done and final/ is safe: say how to retry
+            print(f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}")
     return result
 
 

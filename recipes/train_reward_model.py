@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"{metrics['eval/accuracy']:.3f} after ({int(metrics['eval/pairs'])} pairs on unseen images, "
             f"{int(metrics['train/steps'])} steps); model saved to {Path(config.output_dir) / 'final'}"
         )
+        if config.push_to_hub:
+            from vlm_rl.hub import HubError, push_run
+
+            try:
+                print(f"pushed to {push_run(config.output_dir, config.hub_model_id, private=config.hub_private)}")
+            except HubError as error:  # the model is saved: say how to retry
+                print(f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}")
     return metrics
 
 

@@ -12,6 +12,7 @@ what failed, for which repo and endpoint, and what to do. The token is handed to
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -24,6 +25,8 @@ import yaml
 from huggingface_hub import HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import httpx  # httpx2 on huggingface_hub 2.x, httpx on 1.x
+
+from vlm_rl.runlog import read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -331,3 +334,206 @@ def _as_hub_error(
     if token and len(token) >= 8:  # never echo a token, even if a server message quoted it
         message = message.replace(token, "<token>")
     return HubError(message)
+
+
+# -- run folders ------------------------------------------------------------------------------
+RL_CARD_HYPERPARAMETERS = (
+    "learning_rate",
+    "prompts_per_step",
+    "samples_per_prompt",
+    "ppo_epochs",
+    "clip_range",
+    "kl_coef",
+    "total_steps",
+    "lora_r",
+    "lora_alpha",
+)
+REWARD_MODEL_CARD_HYPERPARAMETERS = (
+    "learning_rate",
+    "num_epochs",
+    "max_steps",
+    "per_device_batch_size",
+    "gradient_accumulation_steps",
+    "center_rewards_coefficient",
+    "lora_r",
+    "lora_alpha",
+)
+
+
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    checkpoint: str | None = None,
+) -> str:
+    """Push a vlm_rl run folder (an RL or a reward-model `output_dir`) with a model card; returns the commit URL.
+
+    What is pushed:
+        RL run (final/vlm_rl_run.json): final/ (adapter, processor files, value head for PPO), or
+            with checkpoint="step-000100" the adapter of checkpoints/step-000100 (final/ may then
+            be missing: a run still training).
+        Reward-model run (final/reward_config.json): final/, or best/ with checkpoint="best".
+
+    The card comes from the run's own files: run_config.json (dataset, reward components and
+    weights, key hyperparameters), final/vlm_rl_run.json or reward_config.json (algorithm, base
+    model, final metrics), metrics.jsonl (the metrics of a checkpoint). The commit message names
+    the run folder and the step: "vlm_rl ppo run 'ppo_caption' step 300". Token, endpoint,
+    private and revision behave as in `push_folder`; the run folder is never modified.
+
+    Raises:
+        FileNotFoundError: `run_dir` is not a finished run or lacks the named checkpoint (the
+            message says what exists and what to do).
+        HubError: the hub refused or could not be reached.
+    """
+    folder, card, commit_message = _run_upload(Path(run_dir), checkpoint)
+    return push_folder(
+        folder,
+        repo_id,
+        token=token,
+        endpoint=endpoint,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        card=card,
+    )
+
+
+def _run_upload(run_dir: Path, checkpoint: str | None) -> tuple[Path, dict[str, Any], str]:
+    """(folder to push, `write_model_card` arguments, commit message) of a run folder."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a folder: pass the output_dir of a vlm_rl run")
+    if checkpoint is not None and Path(checkpoint).name != checkpoint:
+        raise ValueError(f"checkpoint must be a name such as 'step-000100', not a path: {checkpoint!r}")
+    final = run_dir / "final"
+    if (final / "vlm_rl_run.json").is_file() or (checkpoint is not None and not final.exists()):
+        return _rl_run_upload(run_dir, checkpoint)
+    if (final / "reward_config.json").is_file():
+        return _reward_model_run_upload(run_dir, checkpoint)
+    checkpoints = _checkpoint_names(run_dir)
+    saved = (
+        f" Its saved checkpoints: {', '.join(checkpoints)}; push one with checkpoint='{checkpoints[-1]}'"
+        f" (vlm-rl push --checkpoint {checkpoints[-1]})."
+        if checkpoints
+        else ""
+    )
+    if final.is_dir():
+        raise FileNotFoundError(
+            f"{final} has neither vlm_rl_run.json (an RL run) nor reward_config.json (a reward-model run), "
+            f"so it was not written by vlm_rl or its save was interrupted.{saved}"
+        )
+    raise FileNotFoundError(
+        f"{run_dir} has no final/ folder: it is not a finished vlm_rl run. Pass the output_dir of a "
+        f"finished run, or let this one finish (it saves final/ at the end).{saved}"
+    )
+
+
+def _rl_run_upload(run_dir: Path, checkpoint: str | None) -> tuple[Path, dict[str, Any], str]:
+    config = _read_json(run_dir / "run_config.json")
+    if checkpoint is None:
+        folder = run_dir / "final"
+        info = _read_json(folder / "vlm_rl_run.json")
+        step, metrics = info["step"], info.get("metrics") or {}
+        algorithm = info.get("algorithm") or config["algorithm"]
+        base_model = info.get("base_model") or config["model_name_or_path"]
+    else:
+        checkpoint_dir = run_dir / "checkpoints" / checkpoint
+        folder = checkpoint_dir / "adapter"
+        if not folder.is_dir():
+            saved = ", ".join(_checkpoint_names(run_dir)) or "none"
+            raise FileNotFoundError(
+                f"{run_dir} has no checkpoint {checkpoint!r} (no {folder}); saved checkpoints: {saved}. "
+                "Checkpoints are written every save_steps and only the last save_total_limit are kept."
+            )
+        state_file = checkpoint_dir / "trainer_state.json"
+        step = _read_json(state_file)["step"] if state_file.is_file() else int(checkpoint.split("-")[-1])
+        metrics = _metrics_at_step(run_dir / "metrics.jsonl", step)
+        algorithm, base_model = config["algorithm"], config["model_name_or_path"]
+
+    components = dict(
+        zip(config.get("rule_rewards") or [], config.get("rule_reward_weights") or [], strict=True)
+    )
+    if config.get("reward_model_path"):
+        # The last two path parts: a hub id as is, a local folder without the user's directories.
+        shown = "/".join(Path(config["reward_model_path"]).parts[-2:])
+        components[f"reward_model ({shown})"] = config["reward_model_weight"]
+    hyperparameters = {key: config[key] for key in RL_CARD_HYPERPARAMETERS if key in config}
+    card = dict(
+        kind="policy",
+        base_model=base_model,
+        datasets=[config["dataset"]],
+        algorithm=algorithm,
+        hyperparameters={**hyperparameters, "steps_trained": step},
+        reward_components=components,
+        metrics=metrics,
+    )
+    return folder, card, f"vlm_rl {algorithm} run '{run_dir.resolve().name}' step {step}"
+
+
+def _reward_model_run_upload(run_dir: Path, checkpoint: str | None) -> tuple[Path, dict[str, Any], str]:
+    if checkpoint not in (None, "best"):
+        raise FileNotFoundError(
+            f"{run_dir} is a reward-model run: it has final/ (the default) and best/ (checkpoint='best'), "
+            f"no checkpoint {checkpoint!r}"
+        )
+    folder = run_dir / (checkpoint or "final")
+    reward_config = _read_json(folder / "reward_config.json")
+    config = _read_json(run_dir / "run_config.json")
+    metrics_file = run_dir / "run" / "metrics.jsonl"
+    records = read_metrics(metrics_file.parent) if metrics_file.is_file() else []
+    evals = [record for record in records if "eval/accuracy" in record]
+
+    accuracy = reward_config.get("eval_accuracy")
+    if checkpoint == "best":  # the first evaluation that reached the saved accuracy
+        matching = [record for record in evals if record["eval/accuracy"] == accuracy]
+        step = matching[0]["step"] if matching else None
+    else:
+        step = records[-1]["step"] if records else None
+    metrics: dict[str, Any] = {"eval/accuracy": accuracy} if accuracy is not None else {}
+    if evals:
+        metrics["eval/accuracy_before"] = evals[0]["eval/accuracy"]
+    hyperparameters = {key: config[key] for key in REWARD_MODEL_CARD_HYPERPARAMETERS if key in config}
+    if step is not None:
+        hyperparameters["steps_trained"] = step
+    card = dict(
+        kind="reward_model",
+        base_model=reward_config.get("base_model") or config["model_name_or_path"],
+        datasets=[reward_config.get("dataset") or config["dataset"]],
+        algorithm="bradley-terry",
+        hyperparameters=hyperparameters,
+        reward_components=None,
+        metrics=metrics,
+    )
+    message = f"vlm_rl reward model run '{run_dir.resolve().name}'"
+    message += f" step {step}" if step is not None else ""
+    message += " (best evaluation)" if checkpoint == "best" else ""
+    return folder, card, message
+
+
+def _checkpoint_names(run_dir: Path) -> list[str]:
+    return sorted(path.name for path in (run_dir / "checkpoints").glob("step-*") if path.is_dir())
+
+
+def _metrics_at_step(metrics_file: Path, step: int) -> dict[str, Any]:
+    """The latest eval/* values and reward/mean logged at or before `step` (empty without metrics.jsonl)."""
+    if not metrics_file.is_file():
+        return {}
+    metrics: dict[str, Any] = {}
+    for record in read_metrics(metrics_file.parent):
+        if record["step"] <= step:
+            metrics.update({k: v for k, v in record.items() if k.startswith("eval/") or k == "reward/mean"})
+    return metrics
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the run folder is incomplete or was not written by vlm_rl"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the run folder is damaged") from err

@@ -20,10 +20,12 @@ class MetricsLogger:
     """Appends one JSON line per logging step to `run_dir/metrics.jsonl` and mirrors scalars to
     tensorboard (`run_dir/tensorboard`). Only the main process should create one."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, fresh: bool = True):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
+        if fresh:  # a new run (not a resumed one) must not mix its rows with an earlier run's
+            self.path.unlink(missing_ok=True)
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

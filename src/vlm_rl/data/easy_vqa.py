@@ -166,6 +166,27 @@ def wrong_caption(color: str, shape: str, rng: random.Random) -> str:
     return f"{new_color} {new_shape}"
 
 
+def malformed_caption(color: str, shape: str, rng: random.Random) -> str:
+    """A caption that is not "<color> <shape>": one word missing, a word repeated or added, the
+    words swapped, or 1-4 random task words. A reward model trained only on well-formed captions
+    scores such strings arbitrarily, and an RL policy finds and exploits them."""
+    vocabulary = COLORS + SHAPES + ("the", "shape", "is", "a", "color", "image", "yes", "no", "what")
+    kind = rng.choice(("color_only", "shape_only", "repeat", "extra", "swapped", "noise"))
+    if kind == "color_only":
+        return color
+    if kind == "shape_only":
+        return shape
+    if kind == "repeat":
+        return rng.choice((f"{color} {color} {shape}", f"{color} {shape} {shape}", f"{color} {shape} {color} {shape}"))
+    if kind == "extra":
+        return f"{color} {shape} {rng.choice(vocabulary)}"
+    if kind == "swapped":
+        return f"{shape} {color}"
+    words = [rng.choice(vocabulary) for _ in range(rng.randint(1, 4))]
+    text = " ".join(words)
+    return text if text != f"{color} {shape}" else "the shape"
+
+
 def caption_preference_dataset(
     split: Split = "train",
     *,
@@ -173,8 +194,14 @@ def caption_preference_dataset(
     seed: int = 0,
     crop: bool = True,
     pairs_per_image: int = 1,
+    malformed_fraction: float = 0.0,
 ) -> datasets.Dataset:
-    """Preference pairs for captions: chosen = the true caption, rejected = a plausible wrong one."""
+    """Preference pairs for captions: chosen = the true caption, rejected = a plausible wrong one.
+
+    `malformed_fraction` of the rejected captions are malformed instead (see `malformed_caption`):
+    the default reward model trains with 0.5 so that it also ranks the odd strings an RL policy
+    samples below the true caption.
+    """
     rng = random.Random(seed + 1)
     labels = _sample([lab for lab in image_labels(split) if lab.color and lab.shape], num_samples, seed)
     rows: dict[str, list] = {k: [] for k in ("prompt", "images", "image_id", "chosen", "rejected")}
@@ -185,7 +212,10 @@ def caption_preference_dataset(
             rows["images"].append([image])
             rows["image_id"].append(lab.image_id)
             rows["chosen"].append(lab.caption)
-            rows["rejected"].append(wrong_caption(lab.color, lab.shape, rng))
+            if rng.random() < malformed_fraction:
+                rows["rejected"].append(malformed_caption(lab.color, lab.shape, rng))
+            else:
+                rows["rejected"].append(wrong_caption(lab.color, lab.shape, rng))
     string = datasets.Value("string")
     return datasets.Dataset.from_dict(rows, features=_features({"chosen": string, "rejected": string}))
 

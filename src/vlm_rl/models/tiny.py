@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -35,7 +36,7 @@ TINY_MODELS: dict[str, str] = {
 """Names accepted as `model_name_or_path` for the embedded default, mapped to their family."""
 
 IMAGE_SIZE = 32
-TINY_FORMAT_VERSION = 1  # bump when the recipe below changes, so stale caches are rebuilt
+TINY_FORMAT_VERSION = 2  # bump when the recipe below changes, so stale caches are rebuilt
 
 # Words of the default tasks beyond easy-vqa's own questions and answers (task prompts, chat roles).
 TASK_WORDS = (
@@ -43,6 +44,7 @@ TASK_WORDS = (
     "this is a red green blue black gray teal yellow brown circle rectangle triangle yes no"
 )
 
+LM_HEAD_INIT_STD = 0.1
 _TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 _VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 
@@ -206,6 +208,10 @@ def build_tiny(name: str, seed: int = 0):
     with torch.random.fork_rng():  # leave the caller's random state untouched
         torch.manual_seed(seed)
         model, processor = _BUILDERS[family.model_type](family, tokenizer)
+        # A LoRA-tuned policy cannot rescale the frozen final norm or LM head, so with the stock
+        # init (std 0.02) its logits stay within about +-2.5 and its distribution near uniform
+        # whatever it learns. A wider LM head (std 0.1: logits reach about +-13) lets it sharpen.
+        torch.nn.init.normal_(model.get_output_embeddings().weight, std=LM_HEAD_INIT_STD)
     for config in (model.generation_config, model.config.get_text_config()):
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
@@ -227,7 +233,12 @@ def ensure_tiny(name: str, seed: int = 0) -> Path:
     logger.info("building tiny model %s (seed %d) into %s", name, seed, path)
     model, processor = build_tiny(name, seed)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    # Written file by file, not with save_pretrained: inside a launched process group that writes
+    # the weights on rank 0 only, and another rank could rename an incomplete folder into place.
+    tmp.mkdir(parents=True)
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
     processor.save_pretrained(tmp)
     (tmp / "vlm_rl_tiny.json").write_text(json.dumps({"name": name, "seed": seed, "version": TINY_FORMAT_VERSION}))
     try:

@@ -133,6 +133,7 @@ class RewardModel:
         """
         scorer = scorer or self.scorer
         path = Path(path)
+        scorer.backbone.peft_config["default"].base_model_name_or_path = self.config["base_model"]
         scorer.backbone.save_pretrained(str(path))
         save_file({k: v.detach().cpu().contiguous() for k, v in scorer.head.state_dict().items()}, str(path / HEAD_NAME))
         (path / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
@@ -165,10 +166,12 @@ class RewardModel:
             [] if im is None else materialize_images(im if isinstance(im, (list, tuple)) else [im]) for im in images
         ]
         rewards: list[float] = []
-        for start in range(0, len(texts), batch_size):
-            inputs = encode(self.processor, texts[start : start + batch_size], image_lists[start : start + batch_size])
-            rewards.extend(self.scorer(**inputs.to(self.device)).float().cpu().tolist())
-        self.scorer.train(was_training)
+        try:
+            for start in range(0, len(texts), batch_size):
+                batch = encode(self.processor, texts[start : start + batch_size], image_lists[start : start + batch_size])
+                rewards.extend(self.scorer(**batch.to(self.device)).float().cpu().tolist())
+        finally:
+            self.scorer.train(was_training)
         return rewards
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from vlm_rl.data.collators import PreferenceBatch, PreferenceCollator
+from vlm_rl.distributed import make_accelerator
 from vlm_rl.rewards.model import RewardModel, RewardScorer
 from vlm_rl.runlog import MetricsLogger, atomic_dir, save_config
 
@@ -45,7 +46,11 @@ class RewardTrainingConfig:
     eval_dataset: str | None = field(
         default=None, metadata={"help": "Held-out pairs; default: the dataset's test split (easy-vqa: unseen images)."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images/pairs."})
+    pairs_per_image: int = field(default=1, metadata={"help": "easy-vqa preference tasks: pairs drawn per image."})
+    malformed_fraction: float = field(
+        default=0.0, metadata={"help": "easy-vqa preference tasks: share of rejected captions that are malformed strings."}
+    )
     max_eval_samples: int | None = field(default=400, metadata={"help": "Evaluate on at most this many held-out pairs."})
     output_dir: str = field(default="reward_models/caption_preference", metadata={"help": "Where the run and the model go."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank on the language model's linear layers."})
@@ -66,6 +71,13 @@ class RewardTrainingConfig:
     seed: int = field(default=0, metadata={"help": "Random seed (data order, head init, sampling of pairs)."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
     report_to_tensorboard: bool = field(default=True, metadata={"help": "Mirror metrics to tensorboard."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the final reward model to the hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the hub repo as private."})
+
+    def __post_init__(self):
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id")
 
 
 def bradley_terry_loss(
@@ -92,11 +104,13 @@ def score_pairs(scorer: RewardScorer, batch: PreferenceBatch) -> tuple[torch.Ten
     return rewards[: batch.num_pairs], rewards[batch.num_pairs :]
 
 
-def load_preference_data(name: str, split: str, *, max_samples: int | None, seed: int) -> datasets.Dataset:
+def load_preference_data(
+    name: str, split: str, *, max_samples: int | None, seed: int, **easy_vqa_options
+) -> datasets.Dataset:
     if name.startswith("easy-vqa:"):
         from vlm_rl.data.easy_vqa import load_easy_vqa
 
-        return load_easy_vqa(name.split(":", 1)[1], split, num_samples=max_samples, seed=seed)
+        return load_easy_vqa(name.split(":", 1)[1], split, num_samples=max_samples, seed=seed, **easy_vqa_options)
     from vlm_rl.data.loaders import load_prompt_dataset
 
     dataset = load_prompt_dataset(name, split=split, kind="preference")
@@ -122,25 +136,32 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
     """Train, evaluate and save a reward model; returns the final evaluation metrics."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = make_accelerator(config.gradient_accumulation_steps)
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
 
     # Data (validated before any training starts)
-    train_data = load_preference_data(config.dataset, "train", max_samples=config.max_train_samples, seed=config.seed)
+    options = {}
+    if config.dataset.startswith("easy-vqa:caption_preference"):
+        options = {"pairs_per_image": config.pairs_per_image, "malformed_fraction": config.malformed_fraction}
+    train_data = load_preference_data(
+        config.dataset, "train", max_samples=config.max_train_samples, seed=config.seed, **options
+    )
     eval_name = config.eval_dataset or config.dataset
-    eval_data = load_preference_data(eval_name, "test", max_samples=config.max_eval_samples, seed=config.seed)
+    eval_options = options if eval_name == config.dataset else {}
+    eval_data = load_preference_data(eval_name, "test", max_samples=config.max_eval_samples, seed=config.seed, **eval_options)
     if len(train_data) == 0:
         raise ValueError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
 
     # Model
-    reward_model = RewardModel.from_base(
-        config.model_name_or_path,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        train_projector=config.train_projector,
-        seed=config.seed,
-    )
+    with accelerator.main_process_first():  # the first build of a tiny model writes the cache
+        reward_model = RewardModel.from_base(
+            config.model_name_or_path,
+            lora_r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            train_projector=config.train_projector,
+            seed=config.seed,
+        )
     reward_model.config["dataset"] = config.dataset
     collator = PreferenceCollator(reward_model.processor)
     train_loader = DataLoader(train_data, batch_size=config.per_device_batch_size, shuffle=True, collate_fn=collator)
@@ -156,8 +177,9 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
         num_warmup_steps=int(config.warmup_ratio * max_steps),
         num_training_steps=max_steps,
     )
-    scorer, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        reward_model.scorer, optimizer, train_loader, eval_loader, scheduler
+    # The scheduler is stepped by hand once per optimizer step (a prepared one steps once per process).
+    scorer, optimizer, train_loader, eval_loader = accelerator.prepare(
+        reward_model.scorer, optimizer, train_loader, eval_loader
     )
 
     metrics_log = None
@@ -173,7 +195,8 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
                 reward_model.save_pretrained(tmp, scorer=accelerator.unwrap_model(scorer))
 
     initial = evaluate(scorer, eval_loader, accelerator)
-    logger.info("held-out pairwise accuracy before training: %.3f", initial["eval/accuracy"])
+    if accelerator.is_main_process:
+        logger.info("held-out pairwise accuracy before training: %.3f", initial["eval/accuracy"])
     if metrics_log:
         metrics_log.log(initial, step=0)
     best_accuracy, final = -1.0, initial
@@ -189,7 +212,8 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             running.append(torch.stack([loss.detach(), (chosen > rejected).float().mean(), (chosen - rejected).mean().detach()]))
             if not accelerator.sync_gradients:

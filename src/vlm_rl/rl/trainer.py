@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import ProcessorMixin, get_scheduler
 
 from vlm_rl.data.collators import PromptBatch, PromptCollator
+from vlm_rl.distributed import make_accelerator
 from vlm_rl.rewards.compose import CombinedReward, NonFiniteRewardError
 from vlm_rl.rl import core
 from vlm_rl.rl.config import RLConfig
@@ -84,7 +85,7 @@ class RLTrainer:
         if len(train_dataset) == 0:
             raise ValueError("the training prompt dataset is empty; check --dataset and its split")
         self.config = config
-        self.accelerator = accelerator or Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+        self.accelerator = accelerator or make_accelerator(config.gradient_accumulation_steps)
         self.processor = processor
         self.reward = reward
         self.train_dataset = train_dataset
@@ -120,7 +121,10 @@ class RLTrainer:
             num_warmup_steps=config.warmup_steps,
             num_training_steps=config.lr_decay_steps or config.total_steps,
         )
-        self.module, self.optimizer, self.scheduler = self.accelerator.prepare(module, self.optimizer, self.scheduler)
+        # The scheduler steps once per RL step by hand (a prepared one steps once per process);
+        # registered so checkpoints still carry it.
+        self.module, self.optimizer = self.accelerator.prepare(module, self.optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
         self.params = params
         self.kl = KLController(config.kl_coef, config.target_kl if config.adaptive_kl else None, config.kl_horizon)
         self.step = 0
@@ -447,6 +451,8 @@ class RLTrainer:
         from safetensors.torch import save_file
 
         unwrapped = self.unwrapped
+        # Name the base as the user did ("tiny-llava", a hub id), not the local cache folder.
+        unwrapped.policy.peft_config["default"].base_model_name_or_path = self.config.model_name_or_path
         unwrapped.policy.save_pretrained(str(path))
         self.processor.save_pretrained(str(path))
         if unwrapped.value_head is not None:
@@ -473,7 +479,10 @@ class RLTrainer:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "run_config.json")
-            self.metrics_log = MetricsLogger(self.output_dir, tensorboard=config.report_to_tensorboard)
+            resuming = bool(config.resume_from_checkpoint)
+            if not resuming:  # a fresh run in an existing folder starts fresh logs
+                (self.output_dir / "samples.jsonl").unlink(missing_ok=True)
+            self.metrics_log = MetricsLogger(self.output_dir, tensorboard=config.report_to_tensorboard, fresh=not resuming)
         before = self.evaluate()
         self._log(before)
         progress = tqdm(total=config.total_steps, initial=self.step, desc=config.algorithm,

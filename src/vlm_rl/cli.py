@@ -1,0 +1,212 @@
+"""The `vlm-rl` command: run a recipe, summarise a run folder, push a run to the hub.
+
+    vlm-rl ppo [--config recipes/configs/ppo_caption.yaml] [--total_steps 1000 ...]
+    vlm-rl grpo [--algorithm rloo ...]
+    vlm-rl train-reward-model [--output_dir reward_models/mine ...]
+    vlm-rl ppo --help                      # every config field of the recipe
+    vlm-rl evaluate runs/ppo_caption
+    HF_TOKEN=hf_... vlm-rl push runs/ppo_caption --repo-id me/tiny-llava-ppo [--private] [--checkpoint step-000100]
+    accelerate launch -m vlm_rl.cli grpo ...   # several processes
+
+A recipe command loads recipes/<recipe>.py from the source checkout (the recipes are not part of
+the installed package) and calls its `main` with every argument after the command, untouched, so
+`vlm-rl ppo ...` and `accelerate launch recipes/ppo_caption.py ...` are the same run. The token of
+`push` comes from $HF_TOKEN or `hf auth login`, never from the command line (shell history).
+This module is the command line: it is the one place in src/ that writes to stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import vlm_rl
+from vlm_rl.runlog import read_metrics
+
+RECIPES = {
+    # command: (file in recipes/, one-line help)
+    "ppo": ("ppo_caption.py", "PPO: caption easy-vqa shapes, rewarded by the learned reward model"),
+    "grpo": ("grpo_vqa.py", "GRPO or RLOO (--algorithm rloo): answer easy-vqa questions, rewarded by rule"),
+    "train-reward-model": ("train_reward_model.py", "train a multimodal reward model from preference pairs"),
+}
+TRAINING_KEYS = ("reward/mean", "train/accuracy", "train/loss")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `vlm-rl` with `argv` (default: the process's arguments); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # argparse cannot hand "--help" or "--config x" through untouched, so recipe commands are
+    # dispatched before parsing; the subparsers still document them in `vlm-rl --help`.
+    if argv and argv[0] in RECIPES:
+        return run_recipe(argv[0], argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        return evaluate(args.run_dir)
+    return push(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-rl",
+        description="RLHF for vision-language models: train (recipes), summarise and share runs.",
+        epilog="A recipe command hands every argument after it to the recipe: `vlm-rl ppo --help` "
+        "lists the config fields, `vlm-rl ppo --config my.yaml --total_steps 50` runs it.",
+    )
+    parser.add_argument("--version", action="version", version=f"vlm-rl {vlm_rl.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command, (filename, help) in RECIPES.items():
+        commands.add_parser(
+            command,
+            help=f"{help} (recipes/{filename})",
+            add_help=False,
+        )
+
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="summarise a run folder's metrics (no model is loaded)"
+    )
+    evaluate_parser.add_argument("run_dir", type=Path, help="an RL or reward-model output_dir")
+
+    push_parser = commands.add_parser(
+        "push",
+        help="push a run's final adapter (or a checkpoint) with a model card to the hub",
+        description="Push a run folder to a hub model repo; the token comes from $HF_TOKEN or `hf auth login`.",
+    )
+    push_parser.add_argument("run_dir", type=Path, help="an RL or reward-model output_dir")
+    push_parser.add_argument("--repo-id", required=True, help="the model repo, e.g. me/tiny-llava-ppo")
+    push_parser.add_argument("--private", action="store_true", help="create the repo as private")
+    push_parser.add_argument("--revision", help="push to this branch (created if missing)")
+    push_parser.add_argument(
+        "--endpoint", help="a self-hosted hub (default: $HF_ENDPOINT, then huggingface.co)"
+    )
+    push_parser.add_argument(
+        "--checkpoint",
+        help="push checkpoints/<name>/adapter of an RL run (e.g. step-000100), or best/ of a reward-model "
+        "run (best); default: final/",
+    )
+    return parser
+
+
+# -- recipes ----------------------------------------------------------------------------------
+def recipes_dir() -> Path:
+    """recipes/ of the source checkout this package is installed from (editable install or source tree)."""
+    return Path(vlm_rl.__file__).resolve().parents[2] / "recipes"
+
+
+def run_recipe(command: str, recipe_argv: list[str]) -> int:
+    filename, _ = RECIPES[command]
+    path = recipes_dir() / filename
+    if not path.is_file():
+        print(
+            f"vlm-rl {command}: {path} not found. The recipes ship with the source checkout, not with "
+            "the installed package: clone the vlm_rl repository and `pip install -e .` from it, or run "
+            f"`accelerate launch recipes/{filename}` there.",
+            file=sys.stderr,
+        )
+        return 1
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = (
+        module  # the name a recipe imports another by (ppo_caption -> train_reward_model)
+    )
+    spec.loader.exec_module(module)
+    program = sys.argv
+    sys.argv = [f"vlm-rl {command}", *recipe_argv]  # argparse's usage line then reads "vlm-rl ppo ..."
+    try:
+        module.main(recipe_argv)
+    finally:
+        sys.argv = program
+    return 0
+
+
+# -- evaluate ---------------------------------------------------------------------------------
+def evaluate(run_dir: Path) -> int:
+    """Print a run's held-out metrics (first and last evaluation), its last training reward and final metrics."""
+    metrics_file = next(
+        (path for path in (run_dir / "metrics.jsonl", run_dir / "run" / "metrics.jsonl") if path.is_file()),
+        None,
+    )
+    if metrics_file is None:
+        print(
+            f"vlm-rl evaluate: no metrics.jsonl in {run_dir} or {run_dir / 'run'}: pass the output_dir of a "
+            "vlm_rl run (it writes metrics.jsonl from its first evaluation on)",
+            file=sys.stderr,
+        )
+        return 1
+    records = read_metrics(metrics_file.parent)
+    print(f"{metrics_file}: {len(records)} records, last step {records[-1]['step'] if records else '-'}")
+
+    evals = [record for record in records if any(key.startswith("eval/") for key in record)]
+    if evals:
+        first, last = evals[0], evals[-1]
+        keys = sorted({key for record in (first, last) for key in record if key.startswith("eval/")})
+        width = max(len(key) for key in keys)
+        print(f"held-out evaluation, step {first['step']} -> step {last['step']}:")
+        for key in keys:
+            print(f"  {key:{width}}  {_number(first.get(key))} -> {_number(last.get(key))}")
+    else:
+        print("held-out evaluation: none logged yet")
+    training = [record for record in records if any(key in record for key in TRAINING_KEYS)]
+    if training:
+        values = ", ".join(
+            f"{key} {_number(training[-1][key])}" for key in TRAINING_KEYS if key in training[-1]
+        )
+        print(f"training at step {training[-1]['step']}: {values}")
+
+    for name in ("final", "best"):
+        for saved in (run_dir / name / "vlm_rl_run.json", run_dir / name / "reward_config.json"):
+            if saved.is_file():
+                print(_saved_summary(saved, json.loads(saved.read_text())))
+    return 0
+
+
+def _saved_summary(path: Path, saved: dict[str, Any]) -> str:
+    if path.name == "vlm_rl_run.json":
+        metrics = ", ".join(
+            f"{key} {_number(value)}" for key, value in sorted(saved.get("metrics", {}).items())
+        )
+        return (
+            f"{path} ({saved.get('algorithm')} on {saved.get('base_model')}, step {saved.get('step')}): "
+            f"{metrics or 'no metrics'}"
+        )
+    return (
+        f"{path} (reward model on {saved.get('base_model')}, dataset {saved.get('dataset')}): "
+        f"eval_accuracy {_number(saved.get('eval_accuracy'))}"
+    )
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# -- push -------------------------------------------------------------------------------------
+def push(args: argparse.Namespace) -> int:
+    from vlm_rl.hub import HubError, push_run  # huggingface_hub is imported only when pushing
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vlm_rl").setLevel(logging.INFO)
+    try:
+        commit_url = push_run(
+            args.run_dir,
+            args.repo_id,
+            endpoint=args.endpoint,
+            private=args.private,
+            revision=args.revision,
+            checkpoint=args.checkpoint,
+        )
+    except (HubError, FileNotFoundError, ValueError) as err:
+        print(f"vlm-rl push: {err}", file=sys.stderr)
+        return 1
+    print(commit_url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""The Accelerator every vlm_rl job uses (one place for launch-environment quirks)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+
+
+def make_accelerator(gradient_accumulation_steps: int = 1) -> Accelerator:
+    """An Accelerator for the current launch.
+
+    Launched with several processes on a machine without GPUs (`accelerate launch --multi_gpu
+    --num_processes 2` or `torchrun`), accelerate would otherwise give each rank a separate
+    single-process state; `cpu=True` makes them one MULTI_CPU (gloo) group.
+    """
+    distributed_without_gpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, cpu=distributed_without_gpu)

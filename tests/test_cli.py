@@ -1,0 +1,228 @@
+"""The `vlm-rl` command, run as a user runs it: in a subprocess, against run folders and a LocalHub.
+
+The pushes go to a LocalHub started in the test (127.0.0.1); the subprocess gets its token through
+HF_TOKEN and an isolated HF_HOME, as a user's shell would. Run folders are built by the helpers of
+test_hub_runs.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hub_server import LocalHub
+from test_hub import TOKEN, digest
+from test_hub_runs import folder_files, pushed_files, reward_model_run_folder, rl_run_folder
+
+import vlm_rl
+
+VLM_RL = [sys.executable, "-m", "vlm_rl.cli"]
+REPO = "tester/ppo-caption"
+
+
+def cli_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a user with a token in HF_TOKEN and the hub reachable (conftest set offline mode)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING_FACE_"))}
+    env.update(
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_HUB_OFFLINE="0",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_TOKEN=TOKEN,
+    )
+    return {**env, **overrides}
+
+
+def vlm_rl_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run([*VLM_RL, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_version_from_the_module_and_the_console_script():
+    console_script = Path(sys.executable).with_name("vlm-rl")  # pyproject's [project.scripts] entry
+    assert console_script.is_file(), "install the package (`make install`) to get the vlm-rl command"
+
+    for command in (VLM_RL, [str(console_script)]):
+        result = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stdout) == (0, f"vlm-rl {vlm_rl.__version__}\n"), result.stderr
+
+
+def test_recipe_help_lists_the_config_fields_of_the_recipe(tmp_path: Path):
+    # ppo gets a config of its own: its value showing as the default proves --config reached the
+    # recipe's parser; grpo runs with its shipped default config.
+    config = tmp_path / "ppo.yaml"
+    config.write_text("algorithm: ppo\nsamples_per_prompt: 3\n")
+    expected = {
+        ("ppo", "--config", str(config), "--help"): [
+            "--samples_per_prompt",
+            "--kl_coef",
+            "--rule_reward_weights",
+            "--hub_model_id",
+            "Completions sampled per prompt (the group size of GRPO/RLOO). (default: 3)",
+        ],
+        ("grpo", "--help"): ["--warm_start_steps", "--loss_aggregation", "--dynamic_sampling"],
+        ("train-reward-model", "--help"): [
+            "--center_rewards_coefficient",
+            "--pairs_per_image",
+            "Weight of the reward-centering term (0 = off).",
+        ],
+    }
+    # Both at once: each imports torch, transformers and trl (~10 s apiece on a loaded machine).
+    running = {
+        args: subprocess.Popen([*VLM_RL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args in expected
+    }
+    for args, texts in expected.items():
+        stdout, stderr = running[args].communicate(timeout=180)
+        assert running[args].returncode == 0, stderr
+        assert stdout.startswith(f"usage: vlm-rl {args[0]} [-h]"), stdout[:200]
+        help_text = " ".join(stdout.split())  # argparse wraps lines
+        for text in texts:
+            assert text in help_text, f"{text!r} missing from `vlm-rl {' '.join(args)}`"
+
+
+def test_unknown_command_is_a_usage_error():
+    result = vlm_rl_cli("sft")
+
+    assert result.returncode == 2
+    assert "invalid choice: 'sft'" in result.stderr and "ppo" in result.stderr
+
+
+# -- evaluate ---------------------------------------------------------------------------------
+def test_evaluate_summarises_an_rl_run(tmp_path: Path):
+    run_dir = rl_run_folder(tmp_path)
+
+    result = vlm_rl_cli("evaluate", str(run_dir))
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{run_dir / 'metrics.jsonl'}: 6 records, last step 3"
+    assert lines[1:4] == [
+        "held-out evaluation, step 0 -> step 3:",
+        "  eval/caption_accuracy  0.125 -> 0.75",
+        "  eval/reward            -0.4 -> 0.6",
+    ]
+    assert lines[4] == "training at step 3: reward/mean 0.6"
+    assert lines[5] == (
+        f"{run_dir / 'final' / 'vlm_rl_run.json'} (ppo on tiny-llava, step 3): "
+        "eval/caption_accuracy 0.75, eval/reward 0.6"
+    )
+
+
+def test_evaluate_summarises_a_reward_model_run(tmp_path: Path):
+    run_dir = reward_model_run_folder(tmp_path)
+
+    result = vlm_rl_cli("evaluate", str(run_dir))
+
+    assert result.returncode == 0, result.stderr
+    assert "held-out evaluation, step 0 -> step 20:" in result.stdout
+    assert "  eval/accuracy  0.5 -> 0.85" in result.stdout
+    assert "training at step 20: train/accuracy 0.8, train/loss 0.5" in result.stdout
+    assert (
+        f"{run_dir / 'best' / 'reward_config.json'} (reward model on tiny-llava, "
+        "dataset easy-vqa:caption_preference): eval_accuracy 0.9"
+    ) in result.stdout
+
+
+def test_evaluate_of_a_folder_without_metrics_fails_clearly(tmp_path: Path):
+    result = vlm_rl_cli("evaluate", str(tmp_path))
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"vlm-rl evaluate: no metrics.jsonl in {tmp_path}")
+    assert "Traceback" not in result.stderr
+
+
+# -- push -------------------------------------------------------------------------------------
+@pytest.fixture
+def hub() -> Iterator[LocalHub]:
+    with LocalHub(token=TOKEN) as local_hub:
+        yield local_hub
+
+
+def vlm_rl_push(
+    run_dir: Path, endpoint: str, *options: str, env: dict[str, str]
+) -> subprocess.CompletedProcess:
+    return vlm_rl_cli("push", str(run_dir), "--repo-id", REPO, "--endpoint", endpoint, *options, env=env)
+
+
+def test_push_uploads_the_final_adapter_byte_for_byte_with_a_card(hub: LocalHub, tmp_path: Path):
+    run_dir = rl_run_folder(tmp_path / "runs")
+    before = digest(run_dir)
+
+    result = vlm_rl_push(run_dir, hub.endpoint, "--private", env=cli_env(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{hub.endpoint}/{REPO}/commit/{hub.repo(REPO).branches['main']}\n"
+    assert pushed_files(hub, REPO) == folder_files(run_dir / "final")
+    assert hub.repo(REPO).private is True
+    assert [commit.summary for commit in hub.commits] == ["vlm_rl ppo run 'ppo_caption' step 3"]
+    readme = hub.files(REPO)["README.md"].decode()
+    assert "- Algorithm: **PPO**" in readme
+    assert "| `format_caption` | 0.5 |" in readme
+    assert "| `reward_model (caption_preference/final)` | 1 |" in readme
+    assert hub.authorizations() == {f"Bearer {TOKEN}"}
+    for path in tmp_path.rglob("*"):  # the run folder and the subprocess's HF_HOME
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), f"token written to {path}"
+    assert TOKEN not in result.stdout + result.stderr
+    assert digest(run_dir) == before
+
+
+def test_push_of_a_checkpoint_to_a_branch(hub: LocalHub, tmp_path: Path):
+    run_dir = rl_run_folder(tmp_path / "runs")
+
+    result = vlm_rl_push(
+        run_dir, hub.endpoint, "--checkpoint", "step-000002", "--revision", "step-2", env=cli_env(tmp_path)
+    )
+
+    assert result.returncode == 0, result.stderr
+    adapter = run_dir / "checkpoints" / "step-000002" / "adapter"
+    assert pushed_files(hub, REPO, "step-2") == folder_files(adapter)
+    assert [(c.summary, c.branch) for c in hub.commits] == [("vlm_rl ppo run 'ppo_caption' step 2", "step-2")]
+
+
+@pytest.mark.parametrize(
+    ("hub_options", "token", "expected"),
+    [
+        (dict(fail_with=500), TOKEN, "the hub had a server error (500"),
+        (dict(token=TOKEN), "hf_wrongToken0123456789", "authentication failed (401"),
+    ],
+    ids=["server-error", "wrong-token"],
+)
+def test_push_failure_exits_1_with_the_reason_and_leaves_the_run_folder(
+    tmp_path: Path, hub_options: dict, token: str, expected: str
+):
+    run_dir = rl_run_folder(tmp_path / "runs")
+    before = digest(run_dir)
+
+    with LocalHub(**hub_options) as failing_hub:
+        result = vlm_rl_push(run_dir, failing_hub.endpoint, env=cli_env(tmp_path, HF_TOKEN=token))
+
+        assert result.returncode == 1
+        assert result.stdout == ""
+        error = result.stderr.splitlines()[-1]
+        assert error.startswith(
+            f"vlm-rl push: creating the repo '{REPO}' at {failing_hub.endpoint} failed: {expected}"
+        )
+        assert error.endswith(f"The local folder {run_dir / 'final'} was left intact.")
+        assert "Traceback" not in result.stderr and token not in result.stderr
+        assert failing_hub.commits == []
+    assert digest(run_dir) == before
+
+
+def test_push_of_an_unfinished_run_exits_1_before_contacting_the_hub(hub: LocalHub, tmp_path: Path):
+    run_dir = rl_run_folder(tmp_path / "runs")
+    (run_dir / "final" / "vlm_rl_run.json").unlink()
+    (run_dir / "final").rename(run_dir / "partial")
+
+    result = vlm_rl_push(run_dir, hub.endpoint, env=cli_env(tmp_path))
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"vlm-rl push: {run_dir} has no final/ folder")
+    assert "--checkpoint step-000002" in result.stderr and "Traceback" not in result.stderr
+    assert hub.requests == []
