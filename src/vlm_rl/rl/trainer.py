@@ -483,6 +483,9 @@ class RLTrainer:
             if not resuming:  # a fresh run in an existing folder starts fresh logs
                 (self.output_dir / "samples.jsonl").unlink(missing_ok=True)
             self.metrics_log = MetricsLogger(self.output_dir, tensorboard=config.report_to_tensorboard, fresh=not resuming)
+        if self.accelerator.is_main_process:
+            logger.info("%s on %d process(es), %s", config.algorithm.upper(), self.accelerator.num_processes,
+                        self.accelerator.distributed_type)
         before = self.evaluate()
         self._log(before)
         progress = tqdm(total=config.total_steps, initial=self.step, desc=config.algorithm,
