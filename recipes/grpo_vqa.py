@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from trl import TrlParser
 
-from vlm_rl.distributed import make_accelerator
 from vlm_rl.data.easy_vqa import vqa_dataset
+from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import load_model, wrap_with_lora
 from vlm_rl.rewards.build import build_reward
 from vlm_rl.rewards.rules import normalize_text
@@ -33,7 +33,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "grpo_vqa.yaml"
 
 def vqa_metrics(completions: list[str], columns: dict[str, list]) -> dict[str, float]:
     """Held-out task metric: the normalised answer equals the reference word."""
-    correct = [normalize_text(c) == normalize_text(a) for c, a in zip(completions, columns["answer"])]
+    correct = [
+        normalize_text(c) == normalize_text(a) for c, a in zip(completions, columns["answer"], strict=True)
+    ]
     return {"accuracy": sum(correct) / max(len(correct), 1)}
 
 
@@ -61,19 +63,28 @@ def main(argv: list[str] | None = None) -> dict:
     # Model: base + LoRA (reference = adapter disabled)
     with accelerator.main_process_first():  # the first build of a tiny model writes the cache
         model, processor = load_model(config.model_name_or_path)
-    policy = wrap_with_lora(model, r=config.lora_r, alpha=config.lora_alpha, train_projector=config.train_projector)
+    policy = wrap_with_lora(
+        model, r=config.lora_r, alpha=config.lora_alpha, train_projector=config.train_projector
+    )
 
     # Dataset: colour and shape questions, held-out questions on unseen images
     train_dataset = vqa_dataset("train", num_samples=config.max_train_prompts, seed=config.seed)
     eval_dataset = vqa_dataset("test", num_samples=config.max_eval_prompts, seed=config.seed)
 
     # Training: optional short supervised warm start, then RL
-    trainer = RLTrainer(config, policy, processor, reward, train_dataset, eval_dataset, vqa_metrics, accelerator)
+    trainer = RLTrainer(
+        config, policy, processor, reward, train_dataset, eval_dataset, vqa_metrics, accelerator
+    )
     base = trainer.evaluate() if warm.warm_start_steps and not config.resume_from_checkpoint else None
     if base is not None:
         supervised_warm_start(
-            trainer.unwrapped.policy, processor, train_dataset, steps=warm.warm_start_steps,
-            learning_rate=warm.warm_start_learning_rate, batch_size=warm.warm_start_batch_size, seed=config.seed,
+            trainer.unwrapped.policy,
+            processor,
+            train_dataset,
+            steps=warm.warm_start_steps,
+            learning_rate=warm.warm_start_learning_rate,
+            batch_size=warm.warm_start_batch_size,
+            seed=config.seed,
         )
     result = trainer.train()
     final = trainer.save_final(result["after"])
@@ -81,8 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         before, after = result["before"], result["after"]
         if base is not None:
-            print(f"base policy: accuracy {base['eval/accuracy']:.3f}; after the {warm.warm_start_steps}-step "
-                  f"warm start (RL starts here): {before['eval/accuracy']:.3f}")
+            print(
+                f"base policy: accuracy {base['eval/accuracy']:.3f}; after the {warm.warm_start_steps}-step "
+                f"warm start (RL starts here): {before['eval/accuracy']:.3f}"
+            )
         print(
             f"held-out ({len(eval_dataset)} questions on unseen images): accuracy {before['eval/accuracy']:.3f} -> "
             f"{after['eval/accuracy']:.3f}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; "
@@ -95,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             print(f"pushed to {push_run(config.output_dir, config.hub_model_id, private=config.hub_private)}")
         except HubError as error:  # training is done and final/ is safe: say how to retry
-            print(f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}")
+            print(
+                f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}"
+            )
     return result
 
 

@@ -20,8 +20,8 @@ import torch
 from accelerate import Accelerator
 from trl import TrlParser
 
-from vlm_rl.distributed import make_accelerator
 from vlm_rl.data.easy_vqa import caption_dataset
+from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import load_model, wrap_with_lora
 from vlm_rl.rewards.build import build_reward
 from vlm_rl.rewards.rules import caption_accuracy
@@ -36,7 +36,10 @@ DEFAULT_REWARD_MODEL = ROOT / "reward_models" / "caption_preference" / "final"
 
 def caption_metrics(completions: list[str], columns: dict[str, list]) -> dict[str, float]:
     """Held-out task metric: the caption is exactly "<color> <shape>" of the image."""
-    correct = [caption_accuracy(c, color, shape) for c, color, shape in zip(completions, columns["color"], columns["shape"])]
+    correct = [
+        caption_accuracy(c, color, shape)
+        for c, color, shape in zip(completions, columns["color"], columns["shape"], strict=True)
+    ]
     return {"caption_accuracy": sum(correct) / max(len(correct), 1)}
 
 
@@ -44,7 +47,9 @@ def ensure_default_reward_model(path: Path, accelerator: Accelerator) -> None:
     if (path / "reward_config.json").exists():
         return
     if accelerator.is_main_process:
-        print(f"reward model {path} not found: training the default one first (recipes/train_reward_model.py)")
+        print(
+            f"reward model {path} not found: training the default one first (recipes/train_reward_model.py)"
+        )
     sys.path.insert(0, str(ROOT / "recipes"))
     from train_reward_model import main as train_reward_model_main
 
@@ -64,7 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(config.seed)
 
     # Reward: the learned reward model (+ any rule rewards named in the config)
-    if config.reward_model_path is None or Path(config.reward_model_path) == DEFAULT_REWARD_MODEL.relative_to(ROOT):
+    if config.reward_model_path is None or Path(config.reward_model_path) == DEFAULT_REWARD_MODEL.relative_to(
+        ROOT
+    ):
         config.reward_model_path = str(DEFAULT_REWARD_MODEL)
         ensure_default_reward_model(DEFAULT_REWARD_MODEL, accelerator)
     reward = build_reward(
@@ -79,19 +86,28 @@ def main(argv: list[str] | None = None) -> dict:
     # Model: base + LoRA (reference = adapter disabled, critic = value head on the same trunk)
     with accelerator.main_process_first():  # the first build of a tiny model writes the cache
         model, processor = load_model(config.model_name_or_path)
-    policy = wrap_with_lora(model, r=config.lora_r, alpha=config.lora_alpha, train_projector=config.train_projector)
+    policy = wrap_with_lora(
+        model, r=config.lora_r, alpha=config.lora_alpha, train_projector=config.train_projector
+    )
 
     # Dataset: easy-vqa captioning, held-out prompts on unseen images
     train_dataset = caption_dataset("train", num_samples=config.max_train_prompts, seed=config.seed)
     eval_dataset = caption_dataset("test", num_samples=config.max_eval_prompts, seed=config.seed)
 
     # Training: a short supervised warm start (the SFT stage of RLHF), then PPO
-    trainer = RLTrainer(config, policy, processor, reward, train_dataset, eval_dataset, caption_metrics, accelerator)
+    trainer = RLTrainer(
+        config, policy, processor, reward, train_dataset, eval_dataset, caption_metrics, accelerator
+    )
     base = trainer.evaluate() if warm.warm_start_steps and not config.resume_from_checkpoint else None
     if base is not None:
         supervised_warm_start(
-            trainer.unwrapped.policy, processor, train_dataset, steps=warm.warm_start_steps,
-            learning_rate=warm.warm_start_learning_rate, batch_size=warm.warm_start_batch_size, seed=config.seed,
+            trainer.unwrapped.policy,
+            processor,
+            train_dataset,
+            steps=warm.warm_start_steps,
+            learning_rate=warm.warm_start_learning_rate,
+            batch_size=warm.warm_start_batch_size,
+            seed=config.seed,
         )
     result = trainer.train()
     final = trainer.save_final(result["after"])
@@ -99,8 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         before, after = result["before"], result["after"]
         if base is not None:
-            print(f"base policy: caption accuracy {base['eval/caption_accuracy']:.3f}; after the "
-                  f"{warm.warm_start_steps}-step warm start (RL starts here): {before['eval/caption_accuracy']:.3f}")
+            print(
+                f"base policy: caption accuracy {base['eval/caption_accuracy']:.3f}; after the "
+                f"{warm.warm_start_steps}-step warm start (RL starts here): {before['eval/caption_accuracy']:.3f}"
+            )
         print(
             f"held-out ({len(eval_dataset)} unseen images): caption accuracy {before['eval/caption_accuracy']:.3f} -> "
             f"{after['eval/caption_accuracy']:.3f}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; "
@@ -113,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             print(f"pushed to {push_run(config.output_dir, config.hub_model_id, private=config.hub_private)}")
         except HubError as error:  # training is done and final/ is safe: say how to retry
-            print(f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}")
+            print(
+                f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}"
+            )
     return result
 
 

@@ -42,9 +42,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             from vlm_rl.hub import HubError, push_run
 
             try:
-                print(f"pushed to {push_run(config.output_dir, config.hub_model_id, private=config.hub_private)}")
+                print(
+                    f"pushed to {push_run(config.output_dir, config.hub_model_id, private=config.hub_private)}"
+                )
             except HubError as error:  # the model is saved: say how to retry
-                print(f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}")
+                print(
+                    f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}"
+                )
     return metrics
 
 

@@ -18,7 +18,9 @@ TWO_PROCESSES = [*ACCELERATE, "--config_file", str(ROOT / "recipes" / "accelerat
 def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    )
     return result
 
 
@@ -29,20 +31,61 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rm")
-    result = run([*ACCELERATE, "--num_processes", "1", "--cpu", "recipes/train_reward_model.py",
-                  "--output_dir", str(out), "--max_train_samples", "600", "--num_epochs", "1",
-                  "--max_eval_samples", "100", "--eval_steps", "1000", "--report_to_tensorboard", "false",
-                  "--num_threads", "1"])
+    result = run(
+        [
+            *ACCELERATE,
+            "--num_processes",
+            "1",
+            "--cpu",
+            "recipes/train_reward_model.py",
+            "--output_dir",
+            str(out),
+            "--max_train_samples",
+            "600",
+            "--num_epochs",
+            "1",
+            "--max_eval_samples",
+            "100",
+            "--eval_steps",
+            "1000",
+            "--report_to_tensorboard",
+            "false",
+            "--num_threads",
+            "1",
+        ]
+    )
     assert "held-out pairwise accuracy" in result.stdout
     return out / "final"
 
 
 def test_ppo_recipe_on_two_processes_raises_the_reward(tmp_path, reward_model):
     out = tmp_path / "ppo"
-    result = run([*TWO_PROCESSES, "recipes/ppo_caption.py", "--reward_model_path", str(reward_model),
-                  "--output_dir", str(out), "--total_steps", "60", "--eval_steps", "0", "--save_steps", "30",
-                  "--max_eval_prompts", "64", "--prompts_per_step", "8", "--samples_per_prompt", "4",
-                  "--num_threads", "1", "--report_to_tensorboard", "false"])
+    result = run(
+        [
+            *TWO_PROCESSES,
+            "recipes/ppo_caption.py",
+            "--reward_model_path",
+            str(reward_model),
+            "--output_dir",
+            str(out),
+            "--total_steps",
+            "60",
+            "--eval_steps",
+            "0",
+            "--save_steps",
+            "30",
+            "--max_eval_prompts",
+            "64",
+            "--prompts_per_step",
+            "8",
+            "--samples_per_prompt",
+            "4",
+            "--num_threads",
+            "1",
+            "--report_to_tensorboard",
+            "false",
+        ]
+    )
     log = result.stdout + result.stderr
     assert "PPO on 2 process(es)" in log
     assert "held-out (64 unseen images): caption accuracy" in result.stdout
@@ -60,9 +103,26 @@ def test_ppo_recipe_on_two_processes_raises_the_reward(tmp_path, reward_model):
 
 def test_grpo_recipe_on_two_processes_raises_accuracy(tmp_path):
     out = tmp_path / "grpo"
-    result = run([*TWO_PROCESSES, "recipes/grpo_vqa.py", "--output_dir", str(out), "--total_steps", "60",
-                  "--eval_steps", "0", "--save_steps", "0", "--max_eval_prompts", "64",
-                  "--num_threads", "1", "--report_to_tensorboard", "false"])
+    result = run(
+        [
+            *TWO_PROCESSES,
+            "recipes/grpo_vqa.py",
+            "--output_dir",
+            str(out),
+            "--total_steps",
+            "60",
+            "--eval_steps",
+            "0",
+            "--save_steps",
+            "0",
+            "--max_eval_prompts",
+            "64",
+            "--num_threads",
+            "1",
+            "--report_to_tensorboard",
+            "false",
+        ]
+    )
     assert "GRPO on 2 process(es)" in result.stdout + result.stderr
     evals = [r for r in metrics(out) if "eval/accuracy" in r]
     assert evals[-1]["eval/accuracy"] > evals[0]["eval/accuracy"] + 0.1, evals
@@ -70,9 +130,19 @@ def test_grpo_recipe_on_two_processes_raises_accuracy(tmp_path):
 
 def test_ppo_recipe_says_how_to_train_a_missing_reward_model(tmp_path):
     result = subprocess.run(
-        [sys.executable, "recipes/ppo_caption.py", "--reward_model_path", str(tmp_path / "nope" / "final"),
-         "--output_dir", str(tmp_path / "run")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "recipes/ppo_caption.py",
+            "--reward_model_path",
+            str(tmp_path / "nope" / "final"),
+            "--output_dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode != 0
     assert "reward model not found" in result.stderr

@@ -42,7 +42,9 @@ def make_trainer(tmp_path, prompts, reward=None, eval_dataset=None, **overrides)
     config = RLConfig(**settings)
     model, processor = load_model("tiny-llava")
     policy = wrap_with_lora(model, r=8, alpha=16)
-    return RLTrainer(config, policy, processor, reward or CombinedReward([caption_match]), prompts, eval_dataset)
+    return RLTrainer(
+        config, policy, processor, reward or CombinedReward([caption_match]), prompts, eval_dataset
+    )
 
 
 def trainable_state(trainer: RLTrainer) -> dict[str, torch.Tensor]:
@@ -57,12 +59,23 @@ def test_says_red_is_learned_by_every_algorithm(tmp_path, prompts):
 
     for algorithm in ("ppo", "grpo", "rloo"):
         trainer = make_trainer(
-            tmp_path / algorithm, prompts, CombinedReward([says_red]), algorithm=algorithm, total_steps=12,
-            lr_decay_steps=None, lr_scheduler_type="constant", missing_eos_penalty=0.0, entropy_coef=0.0,
+            tmp_path / algorithm,
+            prompts,
+            CombinedReward([says_red]),
+            algorithm=algorithm,
+            total_steps=12,
+            lr_decay_steps=None,
+            lr_scheduler_type="constant",
+            missing_eos_penalty=0.0,
+            entropy_coef=0.0,
             learning_rate=3e-3,
         )
         trainer.train()
-        rewards = [r["reward/mean"] for r in map(json.loads, (tmp_path / algorithm / "run" / "metrics.jsonl").open()) if "reward/mean" in r]
+        rewards = [
+            r["reward/mean"]
+            for r in map(json.loads, (tmp_path / algorithm / "run" / "metrics.jsonl").open())
+            if "reward/mean" in r
+        ]
         assert len(rewards) == 12
         assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, (algorithm, rewards)
 
@@ -76,12 +89,17 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, prompts
     first.train()
     assert (tmp_path / "resumed" / "run" / "checkpoints" / "step-000002" / "trainer_state.json").exists()
     torch.manual_seed(123)  # a different process state: the checkpoint must restore everything
-    second = make_trainer(tmp_path / "resumed", prompts, total_steps=4, save_steps=2, resume_from_checkpoint="latest")
+    second = make_trainer(
+        tmp_path / "resumed", prompts, total_steps=4, save_steps=2, resume_from_checkpoint="latest"
+    )
     second.train()
     assert second.step == 4
     resumed = trainable_state(second)
     assert expected.keys() == resumed.keys()
-    moved = any(not torch.equal(v, trainable_state(make_trainer(tmp_path / "fresh", prompts))[k]) for k, v in expected.items())
+    moved = any(
+        not torch.equal(v, trainable_state(make_trainer(tmp_path / "fresh", prompts))[k])
+        for k, v in expected.items()
+    )
     assert moved, "training did not change the weights"
     for name, value in expected.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
@@ -119,15 +137,26 @@ def test_non_finite_loss_restores_the_weights(tmp_path, prompts):
 
 
 def test_run_folder_has_config_metrics_samples_checkpoint_and_adapter(tmp_path, prompts):
-    trainer = make_trainer(tmp_path, prompts, eval_dataset=prompts.select(range(8)), total_steps=2, save_steps=2, eval_steps=2)
+    trainer = make_trainer(
+        tmp_path, prompts, eval_dataset=prompts.select(range(8)), total_steps=2, save_steps=2, eval_steps=2
+    )
     result = trainer.train()
     final = trainer.save_final(result["after"])
     run = tmp_path / "run"
     assert json.loads((run / "run_config.json").read_text())["algorithm"] == "ppo"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     step_rows = [r for r in rows if "reward/mean" in r]
-    for key in ("reward/caption_match/mean", "objective/explained_variance", "policy/entropy", "policy/clip_fraction",
-                "policy/approx_kl", "loss/value", "completions/mean_length", "time/rollout_s", "throughput/tokens_per_s"):
+    for key in (
+        "reward/caption_match/mean",
+        "objective/explained_variance",
+        "policy/entropy",
+        "policy/clip_fraction",
+        "policy/approx_kl",
+        "loss/value",
+        "completions/mean_length",
+        "time/rollout_s",
+        "throughput/tokens_per_s",
+    ):
         assert key in step_rows[-1], key
     assert "eval/reward" in rows[0] and "eval/reward" in rows[-1]
     samples = [json.loads(line) for line in (run / "samples.jsonl").open()]

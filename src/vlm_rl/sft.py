@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 def completion_tensors(processor: ProcessorMixin, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of each text followed by EOS, right-padded: ids (N, T), mask (N, T)."""
     tokenizer = processor.tokenizer
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    rows = [
+        tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts
+    ]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

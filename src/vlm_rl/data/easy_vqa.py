@@ -177,7 +177,9 @@ def malformed_caption(color: str, shape: str, rng: random.Random) -> str:
     if kind == "shape_only":
         return shape
     if kind == "repeat":
-        return rng.choice((f"{color} {color} {shape}", f"{color} {shape} {shape}", f"{color} {shape} {color} {shape}"))
+        return rng.choice(
+            (f"{color} {color} {shape}", f"{color} {shape} {shape}", f"{color} {shape} {color} {shape}")
+        )
     if kind == "extra":
         return f"{color} {shape} {rng.choice(vocabulary)}"
     if kind == "swapped":
@@ -231,7 +233,9 @@ def vqa_dataset(
     """Question -> one-word answer. `question_types` picks among "color", "shape" and "yes_no"."""
     unknown = set(question_types) - {"color", "shape", "yes_no"}
     if unknown:
-        raise ValueError(f"unknown question_types {sorted(unknown)}; choose from ['color', 'shape', 'yes_no']")
+        raise ValueError(
+            f"unknown question_types {sorted(unknown)}; choose from ['color', 'shape', 'yes_no']"
+        )
     (questions, answers, image_ids), paths = _questions(split)
 
     def kind(answer: str) -> str:

@@ -21,7 +21,9 @@ def _image_rows(images_per_row: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(images_per_row)), images_per_row)
 
 
-def select_rows(inputs: BatchFeature | dict, rows: torch.Tensor, images_per_row: torch.Tensor) -> BatchFeature:
+def select_rows(
+    inputs: BatchFeature | dict, rows: torch.Tensor, images_per_row: torch.Tensor
+) -> BatchFeature:
     """Processor outputs for `rows` (any order, repeats allowed) of a batch.
 
     inputs: processor output for B rows; rows: (R,) long; images_per_row: (B,) long.
@@ -31,13 +33,18 @@ def select_rows(inputs: BatchFeature | dict, rows: torch.Tensor, images_per_row:
     images_per_row = images_per_row.cpu()
     image_rows = _image_rows(images_per_row)
     # Images of the selected rows, in the order of `rows`.
-    image_index = torch.cat([torch.nonzero(image_rows == r).flatten() for r in rows.tolist()] or [torch.zeros(0, dtype=torch.long)])
+    image_index = torch.cat(
+        [torch.nonzero(image_rows == r).flatten() for r in rows.tolist()]
+        or [torch.zeros(0, dtype=torch.long)]
+    )
     out = {}
     grid = inputs.get("image_grid_thw")
     for key, value in inputs.items():
         if not isinstance(value, torch.Tensor):
             out[key] = value
-        elif key in TEXT_KEYS or key == "pixel_attention_mask" or (key == "pixel_values" and value.dim() == 5):
+        elif (
+            key in TEXT_KEYS or key == "pixel_attention_mask" or (key == "pixel_values" and value.dim() == 5)
+        ):
             out[key] = value[rows.to(value.device)]
         elif key in IMAGE_LEVEL_KEYS or (key == "pixel_values" and value.dim() == 4):
             out[key] = value[image_index.to(value.device)]
@@ -49,7 +56,9 @@ def select_rows(inputs: BatchFeature | dict, rows: torch.Tensor, images_per_row:
         elif value.shape[0] == len(images_per_row):
             out[key] = value[rows.to(value.device)]
         else:
-            raise ValueError(f"don't know how to select rows of processor output {key!r} with shape {tuple(value.shape)}")
+            raise ValueError(
+                f"don't know how to select rows of processor output {key!r} with shape {tuple(value.shape)}"
+            )
     return BatchFeature(out)
 
 
@@ -67,7 +76,9 @@ def append_completion(
     out = dict(prompt_inputs)
     prompt_len = prompt_inputs["input_ids"].shape[1]
     out["input_ids"] = torch.cat([prompt_inputs["input_ids"], completion_ids], dim=1)
-    out["attention_mask"] = torch.cat([prompt_inputs["attention_mask"], completion_mask.to(prompt_inputs["attention_mask"].dtype)], dim=1)
+    out["attention_mask"] = torch.cat(
+        [prompt_inputs["attention_mask"], completion_mask.to(prompt_inputs["attention_mask"].dtype)], dim=1
+    )
     for key in ("mm_token_type_ids", "token_type_ids"):
         value = prompt_inputs.get(key)
         if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == prompt_len:

@@ -7,7 +7,13 @@ import re
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
 
 from vlm_rl.models.families import FamilyFacts, family_of
@@ -24,7 +30,9 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     for that reason (see `load_processor`).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs):
+    def __init__(
+        self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs
+    ):
         self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
         self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
@@ -53,7 +61,9 @@ def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False) 
         family = family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type)
         if not (family and family.image_only_processor and re.search("torchvision|video", repr(error), re.I)):
             raise
-        logger.info("video sub-processor unavailable (%s); using an image-only %s processor", error, family.model_type)
+        logger.info(
+            "video sub-processor unavailable (%s); using an image-only %s processor", error, family.model_type
+        )
         from transformers import AutoImageProcessor, AutoTokenizer
 
         processor = ImageOnlyQwen2_5_VLProcessor(
@@ -156,8 +166,14 @@ def wrap_with_lora(
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    logger.info("LoRA r=%d on %d language-model layers: %d trainable of %d parameters (%.2f%%)",
-                r, len(targets), trainable, total, 100 * trainable / total)
+    logger.info(
+        "LoRA r=%d on %d language-model layers: %d trainable of %d parameters (%.2f%%)",
+        r,
+        len(targets),
+        trainable,
+        total,
+        100 * trainable / total,
+    )
     return peft_model
 
 

@@ -102,7 +102,9 @@ def _build_llava(family: FamilyFacts, tokenizer):
     patch = 8
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**_VISION, image_size=IMAGE_SIZE, patch_size=patch),
-        text_config=LlamaConfig(**_TEXT, num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512),
+        text_config=LlamaConfig(
+            **_TEXT, num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512
+        ),
         image_token_index=tokenizer.convert_tokens_to_ids(family.image_token),
         image_seq_length=(IMAGE_SIZE // patch) ** 2,
         vision_feature_layer=-1,
@@ -151,7 +153,11 @@ def _build_qwen2_5_vl(family: FamilyFacts, tokenizer):
             max_position_embeddings=512,
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2]},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2],
+            },
         ),
         image_token_id=tokenizer.convert_tokens_to_ids(family.image_token),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -161,7 +167,10 @@ def _build_qwen2_5_vl(family: FamilyFacts, tokenizer):
     model = Qwen2_5_VLForConditionalGeneration(config)
     pixels = IMAGE_SIZE * IMAGE_SIZE
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=patch, merge_size=merge, temporal_patch_size=2, size={"shortest_edge": pixels, "longest_edge": pixels}
+        patch_size=patch,
+        merge_size=merge,
+        temporal_patch_size=2,
+        size={"shortest_edge": pixels, "longest_edge": pixels},
     )
     processor = ImageOnlyQwen2_5_VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
@@ -177,7 +186,10 @@ def _build_idefics3(family: FamilyFacts, tokenizer):
     config = Idefics3Config(
         vision_config=dict(**_VISION, image_size=IMAGE_SIZE, patch_size=patch),
         text_config=LlamaConfig(
-            **_TEXT, num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
+            **_TEXT,
+            num_key_value_heads=4,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
         ),
         scale_factor=scale,
@@ -240,7 +252,9 @@ def ensure_tiny(name: str, seed: int = 0) -> Path:
     model.generation_config.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"))
     processor.save_pretrained(tmp)
-    (tmp / "vlm_rl_tiny.json").write_text(json.dumps({"name": name, "seed": seed, "version": TINY_FORMAT_VERSION}))
+    (tmp / "vlm_rl_tiny.json").write_text(
+        json.dumps({"name": name, "seed": seed, "version": TINY_FORMAT_VERSION})
+    )
     try:
         tmp.rename(path)
     except OSError:  # another process finished the same build first

@@ -3,7 +3,13 @@
 The reward model (which imports transformers) is loaded lazily so rule rewards stay cheap to import.
 """
 
-from vlm_rl.rewards.compose import CombinedReward, NonFiniteRewardError, RewardComponent, RewardError, RewardResult
+from vlm_rl.rewards.compose import (
+    CombinedReward,
+    NonFiniteRewardError,
+    RewardComponent,
+    RewardError,
+    RewardResult,
+)
 from vlm_rl.rewards.rules import RULE_REWARDS
 
 __all__ = [

@@ -47,7 +47,9 @@ def build_reward(
         components.append(RewardComponent(name, RULE_REWARDS[name], weight=weight, normalize=normalize))
     if reward_model_path:
         reward_model = load_reward_model(reward_model_path, device)
-        components.append(RewardComponent("reward_model", reward_model, weight=reward_model_weight, normalize=normalize))
+        components.append(
+            RewardComponent("reward_model", reward_model, weight=reward_model_weight, normalize=normalize)
+        )
     if not components:
         raise ValueError("no reward: give --reward_model_path and/or --rule_rewards")
     return CombinedReward(components)

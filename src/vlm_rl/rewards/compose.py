@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["CombinedReward", "NonFiniteRewardError", "RewardComponent", "RewardError", "RewardResult", "reward_name"]
+__all__ = [
+    "CombinedReward",
+    "NonFiniteRewardError",
+    "RewardComponent",
+    "RewardError",
+    "RewardResult",
+    "reward_name",
+]
 
 RewardFunction = Callable[..., Sequence[float | None]]
 _EPS = 1e-6
@@ -206,7 +213,9 @@ def _score(
                 f"{where}, sample {i}: returned {value!r} ({type(value).__name__}); expected a float or None"
             )
         elif not math.isfinite(value):
-            raise NonFiniteRewardError(f"{where}, sample {i}: returned {value}; return None for 'not applicable'")
+            raise NonFiniteRewardError(
+                f"{where}, sample {i}: returned {value}; return None for 'not applicable'"
+            )
         else:
             values.append(float(value))
     return torch.tensor(values, dtype=torch.float32)

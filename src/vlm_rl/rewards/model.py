@@ -119,8 +119,10 @@ class RewardModel:
         head.load_state_dict(load_file(str(path / HEAD_NAME)))
         from vlm_rl.models import load_processor
 
-        processor = load_processor(str(path)) if (path / "processor_config.json").exists() else load_processor(
-            config["base_model"]
+        processor = (
+            load_processor(str(path))
+            if (path / "processor_config.json").exists()
+            else load_processor(config["base_model"])
         )
         rm = cls(RewardScorer(backbone, head), processor, config)
         rm.scorer.eval()
@@ -135,7 +137,10 @@ class RewardModel:
         path = Path(path)
         scorer.backbone.peft_config["default"].base_model_name_or_path = self.config["base_model"]
         scorer.backbone.save_pretrained(str(path))
-        save_file({k: v.detach().cpu().contiguous() for k, v in scorer.head.state_dict().items()}, str(path / HEAD_NAME))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in scorer.head.state_dict().items()},
+            str(path / HEAD_NAME),
+        )
         (path / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
         self.processor.save_pretrained(str(path))
 
@@ -163,12 +168,15 @@ class RewardModel:
         self.scorer.eval()
         texts = prompt_completion_texts(self.processor, list(prompts), list(completions))
         image_lists = [
-            [] if im is None else materialize_images(im if isinstance(im, (list, tuple)) else [im]) for im in images
+            [] if im is None else materialize_images(im if isinstance(im, (list, tuple)) else [im])
+            for im in images
         ]
         rewards: list[float] = []
         try:
             for start in range(0, len(texts), batch_size):
-                batch = encode(self.processor, texts[start : start + batch_size], image_lists[start : start + batch_size])
+                batch = encode(
+                    self.processor, texts[start : start + batch_size], image_lists[start : start + batch_size]
+                )
                 rewards.extend(self.scorer(**batch.to(self.device)).float().cpu().tolist())
         finally:
             self.scorer.train(was_training)

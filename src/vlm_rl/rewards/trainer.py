@@ -38,38 +38,72 @@ logger = logging.getLogger(__name__)
 class RewardTrainingConfig:
     """Settings of a reward-model training run (every field is a command-line flag)."""
 
-    model_name_or_path: str = field(default="tiny-llava", metadata={"help": "Backbone VLM: hub id, folder or tiny default."})
+    model_name_or_path: str = field(
+        default="tiny-llava", metadata={"help": "Backbone VLM: hub id, folder or tiny default."}
+    )
     dataset: str = field(
         default="easy-vqa:caption_preference",
-        metadata={"help": "Preference data: 'easy-vqa:caption_preference', a JSONL file, a saved dataset folder or a hub name."},
+        metadata={
+            "help": "Preference data: 'easy-vqa:caption_preference', a JSONL file, a saved dataset folder or a hub name."
+        },
     )
     eval_dataset: str | None = field(
-        default=None, metadata={"help": "Held-out pairs; default: the dataset's test split (easy-vqa: unseen images)."}
+        default=None,
+        metadata={"help": "Held-out pairs; default: the dataset's test split (easy-vqa: unseen images)."},
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images/pairs."})
-    pairs_per_image: int = field(default=1, metadata={"help": "easy-vqa preference tasks: pairs drawn per image."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training images/pairs."}
+    )
+    pairs_per_image: int = field(
+        default=1, metadata={"help": "easy-vqa preference tasks: pairs drawn per image."}
+    )
     malformed_fraction: float = field(
-        default=0.0, metadata={"help": "easy-vqa preference tasks: share of rejected captions that are malformed strings."}
+        default=0.0,
+        metadata={
+            "help": "easy-vqa preference tasks: share of rejected captions that are malformed strings."
+        },
     )
-    max_eval_samples: int | None = field(default=400, metadata={"help": "Evaluate on at most this many held-out pairs."})
-    output_dir: str = field(default="reward_models/caption_preference", metadata={"help": "Where the run and the model go."})
+    max_eval_samples: int | None = field(
+        default=400, metadata={"help": "Evaluate on at most this many held-out pairs."}
+    )
+    output_dir: str = field(
+        default="reward_models/caption_preference", metadata={"help": "Where the run and the model go."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank on the language model's linear layers."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    train_projector: bool = field(default=True, metadata={"help": "Train the vision-to-text projector fully."})
+    train_projector: bool = field(
+        default=True, metadata={"help": "Train the vision-to-text projector fully."}
+    )
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name: cosine, linear, constant, ..."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps spent warming up the learning rate."})
-    num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs (max_steps wins if set)."})
-    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps to run (overrides num_epochs)."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "transformers scheduler name: cosine, linear, constant, ..."}
+    )
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "Fraction of steps spent warming up the learning rate."}
+    )
+    num_epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the training pairs (max_steps wins if set)."}
+    )
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps to run (overrides num_epochs)."}
+    )
     per_device_batch_size: int = field(default=16, metadata={"help": "Pairs per device per micro-batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    center_rewards_coefficient: float = field(default=0.0, metadata={"help": "Weight of the reward-centering term (0 = off)."})
+    center_rewards_coefficient: float = field(
+        default=0.0, metadata={"help": "Weight of the reward-centering term (0 = off)."}
+    )
     eval_steps: int = field(default=50, metadata={"help": "Evaluate every this many optimizer steps."})
-    logging_steps: int = field(default=10, metadata={"help": "Log training metrics every this many optimizer steps."})
+    logging_steps: int = field(
+        default=10, metadata={"help": "Log training metrics every this many optimizer steps."}
+    )
     seed: int = field(default=0, metadata={"help": "Random seed (data order, head init, sampling of pairs)."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (default: torch's choice)."}
+    )
     report_to_tensorboard: bool = field(default=True, metadata={"help": "Mirror metrics to tensorboard."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final reward model to the hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
@@ -110,7 +144,9 @@ def load_preference_data(
     if name.startswith("easy-vqa:"):
         from vlm_rl.data.easy_vqa import load_easy_vqa
 
-        return load_easy_vqa(name.split(":", 1)[1], split, num_samples=max_samples, seed=seed, **easy_vqa_options)
+        return load_easy_vqa(
+            name.split(":", 1)[1], split, num_samples=max_samples, seed=seed, **easy_vqa_options
+        )
     from vlm_rl.data.loaders import load_prompt_dataset
 
     dataset = load_prompt_dataset(name, split=split, kind="preference")
@@ -129,7 +165,11 @@ def evaluate(scorer: RewardScorer, loader: DataLoader, accelerator: Accelerator)
         margins.append(accelerator.gather_for_metrics(chosen - rejected))
     scorer.train()
     margin = torch.cat(margins).float()
-    return {"eval/accuracy": (margin > 0).float().mean().item(), "eval/margin": margin.mean().item(), "eval/pairs": len(margin)}
+    return {
+        "eval/accuracy": (margin > 0).float().mean().item(),
+        "eval/margin": margin.mean().item(),
+        "eval/pairs": len(margin),
+    }
 
 
 def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
@@ -149,7 +189,9 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
     )
     eval_name = config.eval_dataset or config.dataset
     eval_options = options if eval_name == config.dataset else {}
-    eval_data = load_preference_data(eval_name, "test", max_samples=config.max_eval_samples, seed=config.seed, **eval_options)
+    eval_data = load_preference_data(
+        eval_name, "test", max_samples=config.max_eval_samples, seed=config.seed, **eval_options
+    )
     if len(train_data) == 0:
         raise ValueError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
 
@@ -164,10 +206,14 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
         )
     reward_model.config["dataset"] = config.dataset
     collator = PreferenceCollator(reward_model.processor)
-    train_loader = DataLoader(train_data, batch_size=config.per_device_batch_size, shuffle=True, collate_fn=collator)
+    train_loader = DataLoader(
+        train_data, batch_size=config.per_device_batch_size, shuffle=True, collate_fn=collator
+    )
     eval_loader = DataLoader(eval_data, batch_size=config.per_device_batch_size, collate_fn=collator)
 
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / config.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(
+        len(train_loader) / accelerator.num_processes / config.gradient_accumulation_steps
+    )
     max_steps = config.max_steps or max(1, int(config.num_epochs * steps_per_epoch))
     params = [p for p in reward_model.scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -215,7 +261,11 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad()
-            running.append(torch.stack([loss.detach(), (chosen > rejected).float().mean(), (chosen - rejected).mean().detach()]))
+            running.append(
+                torch.stack(
+                    [loss.detach(), (chosen > rejected).float().mean(), (chosen - rejected).mean().detach()]
+                )
+            )
             if not accelerator.sync_gradients:
                 continue
             step += 1

@@ -15,7 +15,9 @@ class RLConfig:
     """Settings of an RL run. Every field is a command-line flag (`--name value`) and a YAML key."""
 
     # Algorithm
-    algorithm: Literal["ppo", "grpo", "rloo"] = _f("ppo", "ppo (critic + GAE), grpo (group-normalised) or rloo (leave-one-out).")
+    algorithm: Literal["ppo", "grpo", "rloo"] = _f(
+        "ppo", "ppo (critic + GAE), grpo (group-normalised) or rloo (leave-one-out)."
+    )
     # Model
     model_name_or_path: str = _f("tiny-llava", "Policy base VLM: hub id, local folder or tiny default.")
     lora_r: int = _f(16, "LoRA rank on the language model's linear layers.")
@@ -23,15 +25,27 @@ class RLConfig:
     train_projector: bool = _f(True, "Also train the vision-to-text projector (fully).")
     init_adapter: str | None = _f(None, "Start from this saved adapter folder (e.g. an SFT warm start).")
     # Data
-    dataset: str = _f("easy-vqa:caption", "Prompts: 'easy-vqa:caption', 'easy-vqa:vqa', a JSONL file, a saved dataset or a hub name.")
+    dataset: str = _f(
+        "easy-vqa:caption",
+        "Prompts: 'easy-vqa:caption', 'easy-vqa:vqa', a JSONL file, a saved dataset or a hub name.",
+    )
     max_train_prompts: int | None = _f(None, "Use at most this many training prompts.")
     max_eval_prompts: int = _f(200, "Held-out prompts used at each evaluation.")
     # Rewards
-    reward_model_path: str | None = _f(None, "Learned reward model folder or hub id (None: rule rewards only).")
+    reward_model_path: str | None = _f(
+        None, "Learned reward model folder or hub id (None: rule rewards only)."
+    )
     reward_model_weight: float = _f(1.0, "Weight of the reward model in the total reward.")
-    rule_rewards: list[str] = _f(None, "Rule rewards by name (see vlm_rl.rewards.rules.RULE_REWARDS).", )
-    rule_reward_weights: list[float] = _f(None, "Weights of the rule rewards, in the same order (default 1.0 each).")
-    normalize_rewards: bool = _f(False, "Standardise each reward component across the batch before weighting.")
+    rule_rewards: list[str] = _f(
+        None,
+        "Rule rewards by name (see vlm_rl.rewards.rules.RULE_REWARDS).",
+    )
+    rule_reward_weights: list[float] = _f(
+        None, "Weights of the rule rewards, in the same order (default 1.0 each)."
+    )
+    normalize_rewards: bool = _f(
+        False, "Standardise each reward component across the batch before weighting."
+    )
     missing_eos_penalty: float = _f(1.0, "Subtracted from the reward of a completion that never emitted EOS.")
     # Rollout
     prompts_per_step: int = _f(8, "Prompts per RL step (over all processes).")
@@ -41,7 +55,9 @@ class RLConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     # Optimisation
     learning_rate: float = _f(1e-4, "Peak learning rate (AdamW).")
-    lr_scheduler_type: str = _f("cosine", "transformers scheduler name: cosine, linear, constant, constant_with_warmup, ...")
+    lr_scheduler_type: str = _f(
+        "cosine", "transformers scheduler name: cosine, linear, constant, constant_with_warmup, ..."
+    )
     warmup_steps: int = _f(0, "Learning-rate warm-up steps.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     total_steps: int = _f(300, "RL steps to run.")
@@ -50,7 +66,9 @@ class RLConfig:
     minibatch_size: int = _f(64, "Samples per forward/backward (per process).")
     gradient_accumulation_steps: int = _f(1, "Minibatches per optimizer step.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    clip_range: float = _f(0.2, "PPO ratio clip (lower side; also the upper side unless clip_range_high is set).")
+    clip_range: float = _f(
+        0.2, "PPO ratio clip (lower side; also the upper side unless clip_range_high is set)."
+    )
     clip_range_high: float | None = _f(None, "Upper ratio clip (DAPO clip-higher), e.g. 0.28.")
     loss_aggregation: Literal["token", "sequence", "fixed"] = _f(
         "token", "token (DAPO), sequence (GRPO) or fixed (Dr. GRPO: sum / max_new_tokens)."
@@ -58,7 +76,9 @@ class RLConfig:
     entropy_coef: float = _f(0.02, "Entropy bonus coefficient.")
     # Critic (PPO)
     value_coef: float = _f(0.1, "Value-loss coefficient.")
-    value_learning_rate: float | None = _f(None, "Learning rate of the value head (default: 10 x learning_rate).")
+    value_learning_rate: float | None = _f(
+        None, "Learning rate of the value head (default: 10 x learning_rate)."
+    )
     value_clip_range: float = _f(0.2, "Value clip around the rollout-time value.")
     gamma: float = _f(1.0, "Discount factor.")
     lam: float = _f(0.95, "GAE lambda.")
@@ -68,18 +88,26 @@ class RLConfig:
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal (no learning signal).")
     # KL to the reference (= the base model, adapter disabled)
     kl_coef: float = _f(0.0, "KL coefficient; 0 skips the reference pass entirely.")
-    kl_estimator: Literal["k1", "k2", "k3"] = _f("k1", "KL estimator: PPO puts it in the reward; GRPO/RLOO in the loss (k3 advised).")
+    kl_estimator: Literal["k1", "k2", "k3"] = _f(
+        "k1", "KL estimator: PPO puts it in the reward; GRPO/RLOO in the loss (k3 advised)."
+    )
     adaptive_kl: bool = _f(False, "Adapt kl_coef toward target_kl (Ziegler et al. 2019).")
     target_kl: float = _f(0.1, "Target KL per sequence for the adaptive controller.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller.")
     # Bookkeeping
-    output_dir: str = _f("runs/ppo_caption", "Run folder: config, metrics, samples, checkpoints, final adapter.")
+    output_dir: str = _f(
+        "runs/ppo_caption", "Run folder: config, metrics, samples, checkpoints, final adapter."
+    )
     seed: int = _f(0, "Random seed.")
     logging_steps: int = _f(1, "Log metrics every this many steps.")
-    eval_steps: int = _f(50, "Evaluate (greedy, held-out prompts) every this many steps; 0 = only at start and end.")
+    eval_steps: int = _f(
+        50, "Evaluate (greedy, held-out prompts) every this many steps; 0 = only at start and end."
+    )
     save_steps: int = _f(100, "Checkpoint every this many steps; 0 = never.")
     save_total_limit: int = _f(2, "Keep at most this many checkpoints.")
-    resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest' for the newest in output_dir.")
+    resume_from_checkpoint: str | None = _f(
+        None, "A checkpoint folder, or 'latest' for the newest in output_dir."
+    )
     num_threads: int | None = _f(None, "torch CPU threads (set it explicitly on shared CPUs).")
     sample_log_steps: int = _f(10, "Write sample completions every this many steps.")
     report_to_tensorboard: bool = _f(True, "Mirror metrics to tensorboard.")
@@ -91,7 +119,9 @@ class RLConfig:
         if self.prompts_per_step < 1 or self.samples_per_prompt < 1:
             raise ValueError("prompts_per_step and samples_per_prompt must be >= 1")
         if self.algorithm in ("grpo", "rloo") and self.samples_per_prompt < 2:
-            raise ValueError(f"{self.algorithm} needs samples_per_prompt >= 2 (advantages come from the group)")
+            raise ValueError(
+                f"{self.algorithm} needs samples_per_prompt >= 2 (advantages come from the group)"
+            )
         if self.rule_rewards is None:
             self.rule_rewards = []
         if self.rule_reward_weights is None:

@@ -60,7 +60,9 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum(-1)
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1"
+) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL", 2020).
 
     k1 = log r, k2 = (log r)^2 / 2, k3 = (r_inv - 1) - log r_inv with log r = logp - ref_logp
@@ -76,9 +78,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
     raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
 
 
-def token_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
-) -> torch.Tensor:
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """PPO per-token rewards: -kl_coef * kl at every token, plus the sequence score at its last token.
 
     (Ziegler et al. 2019, eq. 2.) scores: (N,), kl/mask: (N, T) -> (N, T).
@@ -143,7 +143,10 @@ def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: LossAggregation = "token", max_length: int | None = None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: LossAggregation = "token",
+    max_length: int | None = None,
 ) -> torch.Tensor:
     """Reduce a per-token loss to a scalar.
 
@@ -197,7 +200,11 @@ def clipped_policy_loss(
 
 
 def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float = 0.2
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO value loss with the value clipped around its rollout-time estimate (as in OpenAI baselines):
     0.5 * max((V - R)^2, (clip(V, V_old +- eps) - R)^2), masked mean. Returns (loss, clip fraction)."""

@@ -60,14 +60,18 @@ class Rollout:
         return append_completion(prompts, self.completion_ids[rows], self.completion_mask[rows])
 
 
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_mask_from_ids(
+    completion_ids: torch.Tensor, eos_token_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of tokens up to and including the first EOS; and whether an EOS occurred.
 
     completion_ids: (N, T) -> mask (N, T) long, ended (N,) bool.
     """
     is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
     ended = is_eos.any(dim=1)
-    first_eos = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, completion_ids.shape[1], dtype=torch.long))
+    first_eos = torch.where(
+        ended, is_eos.float().argmax(dim=1), torch.full_like(ended, completion_ids.shape[1], dtype=torch.long)
+    )
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device).unsqueeze(0)
     return (positions <= first_eos.unsqueeze(1)).long(), ended
 
@@ -103,7 +107,11 @@ def generate(
     expanded batch)."""
     eos = eos_token_ids(model, processor)
     expanded = repeat_rows(prompt_inputs, samples_per_prompt, images_per_prompt).to(model.device)
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    sampling = (
+        dict(do_sample=False)
+        if greedy
+        else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    )
     output = model.generate(
         **expanded,
         max_new_tokens=max_new_tokens,

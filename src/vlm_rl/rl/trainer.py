@@ -98,7 +98,9 @@ class RLTrainer:
         self.is_ppo = config.algorithm == "ppo"
         world = self.accelerator.num_processes
         if config.prompts_per_step % world:
-            raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by the {world} processes")
+            raise ValueError(
+                f"prompts_per_step ({config.prompts_per_step}) must be divisible by the {world} processes"
+            )
 
         value_head = None
         if self.is_ppo:
@@ -126,7 +128,9 @@ class RLTrainer:
         self.module, self.optimizer = self.accelerator.prepare(module, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.params = params
-        self.kl = KLController(config.kl_coef, config.target_kl if config.adaptive_kl else None, config.kl_horizon)
+        self.kl = KLController(
+            config.kl_coef, config.target_kl if config.adaptive_kl else None, config.kl_horizon
+        )
         self.step = 0
         self.skipped_steps = 0
         self.metrics_log: MetricsLogger | None = None
@@ -148,7 +152,9 @@ class RLTrainer:
         indices = []
         for position in range(start, start + per_step):
             epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 100003 + epoch))
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
+            )
             indices.append(int(order[offset]))
         return indices[self.accelerator.process_index :: self.accelerator.num_processes]
 
@@ -195,7 +201,9 @@ class RLTrainer:
         prompts = [batch.prompts[i] for i in index]
         columns = {key: [values[i] for i in index] for key, values in batch.columns.items()}
         columns["images"] = [batch.images[i] for i in index]
-        completions = [_as_conversation(text, prompt) for text, prompt in zip(rollout.completions, prompts, strict=True)]
+        completions = [
+            _as_conversation(text, prompt) for text, prompt in zip(rollout.completions, prompts, strict=True)
+        ]
         result = self.reward(prompts=prompts, completions=completions, **columns)
         scores = result.total.clone()
         scores -= self.config.missing_eos_penalty * (~rollout.ended).float()
@@ -233,7 +241,9 @@ class RLTrainer:
             if config.whiten_advantages:
                 advantages = core.masked_whiten(advantages, mask)
             rollout.advantages, rollout.returns = advantages, returns
-            stats["objective/explained_variance"] = core.explained_variance(rollout.values, returns, mask).item()
+            stats["objective/explained_variance"] = core.explained_variance(
+                rollout.values, returns, mask
+            ).item()
             stats["objective/value_mean"] = core.masked_mean(rollout.values, mask).item()
         else:
             G = config.samples_per_prompt
@@ -265,21 +275,32 @@ class RLTrainer:
                     advantages = rollout.advantages[rows].to(self.device)
                     old = rollout.old_logprobs[rows].to(self.device)
                     policy_loss, stats = core.clipped_policy_loss(
-                        out["logprobs"], old, advantages, mask, config.clip_range, config.clip_range_high,
-                        config.loss_aggregation, config.max_new_tokens,
+                        out["logprobs"],
+                        old,
+                        advantages,
+                        mask,
+                        config.clip_range,
+                        config.clip_range_high,
+                        config.loss_aggregation,
+                        config.max_new_tokens,
                     )
                     entropy = core.masked_mean(out["entropy"], mask)
                     loss = policy_loss - config.entropy_coef * entropy
                     if self.is_ppo:
                         value_loss, value_clip = core.clipped_value_loss(
-                            out["values"], rollout.values[rows].to(self.device), rollout.returns[rows].to(self.device),
-                            mask, config.value_clip_range,
+                            out["values"],
+                            rollout.values[rows].to(self.device),
+                            rollout.returns[rows].to(self.device),
+                            mask,
+                            config.value_clip_range,
                         )
                         loss = loss + config.value_coef * value_loss
                         sums["loss/value"].append(value_loss.item())
                         sums["loss/value_clip_fraction"].append(value_clip.item())
                     elif self.kl.coef > 0 and rollout.ref_logprobs is not None:
-                        kl = core.kl_penalty(out["logprobs"], rollout.ref_logprobs[rows].to(self.device), config.kl_estimator)
+                        kl = core.kl_penalty(
+                            out["logprobs"], rollout.ref_logprobs[rows].to(self.device), config.kl_estimator
+                        )
                         kl_loss = core.aggregate(kl, mask, config.loss_aggregation, config.max_new_tokens)
                         loss = loss + self.kl.coef * kl_loss
                         sums["loss/kl"].append(kl_loss.item())
@@ -359,7 +380,11 @@ class RLTrainer:
             "time/step_s": elapsed,
             "throughput/tokens_per_s": lengths.sum().item() / elapsed,
         }
-        if self.accelerator.is_main_process and self.config.sample_log_steps and self.step % self.config.sample_log_steps == 0:
+        if (
+            self.accelerator.is_main_process
+            and self.config.sample_log_steps
+            and self.step % self.config.sample_log_steps == 0
+        ):
             self._write_samples(rollout, batch)
         return self._gather_mean(metrics)
 
@@ -456,7 +481,10 @@ class RLTrainer:
         unwrapped.policy.save_pretrained(str(path))
         self.processor.save_pretrained(str(path))
         if unwrapped.value_head is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()}, str(path / VALUE_HEAD_NAME))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()},
+                str(path / VALUE_HEAD_NAME),
+            )
 
     def save_final(self, metrics: dict[str, float] | None = None) -> Path:
         path = self.output_dir / "final"
@@ -464,8 +492,12 @@ class RLTrainer:
         if self.accelerator.is_main_process:
             with atomic_dir(path) as tmp:
                 self._save_adapter(tmp)
-                info = {"algorithm": self.config.algorithm, "step": self.step, "base_model": self.config.model_name_or_path,
-                        "metrics": metrics or {}}
+                info = {
+                    "algorithm": self.config.algorithm,
+                    "step": self.step,
+                    "base_model": self.config.model_name_or_path,
+                    "metrics": metrics or {},
+                }
                 (tmp / "vlm_rl_run.json").write_text(json.dumps(info, indent=2, default=str))
         self.accelerator.wait_for_everyone()
         return path
@@ -482,14 +514,24 @@ class RLTrainer:
             resuming = bool(config.resume_from_checkpoint)
             if not resuming:  # a fresh run in an existing folder starts fresh logs
                 (self.output_dir / "samples.jsonl").unlink(missing_ok=True)
-            self.metrics_log = MetricsLogger(self.output_dir, tensorboard=config.report_to_tensorboard, fresh=not resuming)
+            self.metrics_log = MetricsLogger(
+                self.output_dir, tensorboard=config.report_to_tensorboard, fresh=not resuming
+            )
         if self.accelerator.is_main_process:
-            logger.info("%s on %d process(es), %s", config.algorithm.upper(), self.accelerator.num_processes,
-                        self.accelerator.distributed_type)
+            logger.info(
+                "%s on %d process(es), %s",
+                config.algorithm.upper(),
+                self.accelerator.num_processes,
+                self.accelerator.distributed_type,
+            )
         before = self.evaluate()
         self._log(before)
-        progress = tqdm(total=config.total_steps, initial=self.step, desc=config.algorithm,
-                        disable=not self.accelerator.is_local_main_process)
+        progress = tqdm(
+            total=config.total_steps,
+            initial=self.step,
+            desc=config.algorithm,
+            disable=not self.accelerator.is_local_main_process,
+        )
         while self.step < config.total_steps:
             metrics = self.train_step()
             self.step += 1
