@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from trl import TrlParser
 
-from vlm_rl.data.easy_vqa import vqa_dataset
+from vlm_rl.data.loaders import load_task_dataset
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import load_model, wrap_with_lora
 from vlm_rl.rewards.build import build_reward
@@ -32,7 +32,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "grpo_vqa.yaml"
 
 
 def vqa_metrics(completions: list[str], columns: dict[str, list]) -> dict[str, float]:
-    """Held-out task metric: the normalised answer equals the reference word."""
+    """Held-out task metric: the normalised answer equals the reference answer."""
+    if "answer" not in columns:
+        return {}
     correct = [
         normalize_text(c) == normalize_text(a) for c, a in zip(completions, columns["answer"], strict=True)
     ]
@@ -68,8 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # Dataset: colour and shape questions, held-out questions on unseen images
-    train_dataset = vqa_dataset("train", num_samples=config.max_train_prompts, seed=config.seed)
-    eval_dataset = vqa_dataset("test", num_samples=config.max_eval_prompts, seed=config.seed)
+    train_dataset = load_task_dataset(
+        config.dataset, "train", num_samples=config.max_train_prompts, seed=config.seed
+    )
+    eval_dataset = load_task_dataset(
+        config.dataset, "test", num_samples=config.max_eval_prompts, seed=config.seed
+    )
 
     # Training: optional short supervised warm start, then RL
     trainer = RLTrainer(
@@ -93,12 +99,12 @@ def main(argv: list[str] | None = None) -> dict:
         before, after = result["before"], result["after"]
         if base is not None:
             print(
-                f"base policy: accuracy {base['eval/accuracy']:.3f}; after the {warm.warm_start_steps}-step "
-                f"warm start (RL starts here): {before['eval/accuracy']:.3f}"
+                f"base policy: accuracy {base.get('eval/accuracy', float('nan')):.3f}; after the {warm.warm_start_steps}-step "
+                f"warm start (RL starts here): {before.get('eval/accuracy', float('nan')):.3f}"
             )
         print(
-            f"held-out ({len(eval_dataset)} questions on unseen images): accuracy {before['eval/accuracy']:.3f} -> "
-            f"{after['eval/accuracy']:.3f}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; "
+            f"held-out ({len(eval_dataset)} questions on unseen images): accuracy {before.get('eval/accuracy', float('nan')):.3f} -> "
+            f"{after.get('eval/accuracy', float('nan')):.3f}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; "
             f"adapter saved to {final}"
         )
 

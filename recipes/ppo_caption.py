@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from trl import TrlParser
 
-from vlm_rl.data.easy_vqa import caption_dataset
+from vlm_rl.data.loaders import load_task_dataset
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import load_model, wrap_with_lora
 from vlm_rl.rewards.build import build_reward
@@ -35,7 +35,9 @@ DEFAULT_REWARD_MODEL = ROOT / "reward_models" / "caption_preference" / "final"
 
 
 def caption_metrics(completions: list[str], columns: dict[str, list]) -> dict[str, float]:
-    """Held-out task metric: the caption is exactly "<color> <shape>" of the image."""
+    """Held-out task metric: the caption is exactly "<color> <shape>" of the image (easy-vqa labels)."""
+    if not {"color", "shape"} <= columns.keys():
+        return {}
     correct = [
         caption_accuracy(c, color, shape)
         for c, color, shape in zip(completions, columns["color"], columns["shape"], strict=True)
@@ -91,8 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # Dataset: easy-vqa captioning, held-out prompts on unseen images
-    train_dataset = caption_dataset("train", num_samples=config.max_train_prompts, seed=config.seed)
-    eval_dataset = caption_dataset("test", num_samples=config.max_eval_prompts, seed=config.seed)
+    train_dataset = load_task_dataset(
+        config.dataset, "train", num_samples=config.max_train_prompts, seed=config.seed
+    )
+    eval_dataset = load_task_dataset(
+        config.dataset, "test", num_samples=config.max_eval_prompts, seed=config.seed
+    )
 
     # Training: a short supervised warm start (the SFT stage of RLHF), then PPO
     trainer = RLTrainer(
@@ -116,12 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
         before, after = result["before"], result["after"]
         if base is not None:
             print(
-                f"base policy: caption accuracy {base['eval/caption_accuracy']:.3f}; after the "
-                f"{warm.warm_start_steps}-step warm start (RL starts here): {before['eval/caption_accuracy']:.3f}"
+                f"base policy: caption accuracy {base.get('eval/caption_accuracy', float('nan')):.3f}; after the "
+                f"{warm.warm_start_steps}-step warm start (RL starts here): {before.get('eval/caption_accuracy', float('nan')):.3f}"
             )
         print(
-            f"held-out ({len(eval_dataset)} unseen images): caption accuracy {before['eval/caption_accuracy']:.3f} -> "
-            f"{after['eval/caption_accuracy']:.3f}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; "
+            f"held-out ({len(eval_dataset)} unseen images): caption accuracy {before.get('eval/caption_accuracy', float('nan')):.3f} -> "
+            f"{after.get('eval/caption_accuracy', float('nan')):.3f}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; "
             f"adapter saved to {final}"
         )
 

@@ -7,7 +7,7 @@ optional ``margin``. Every problem in the data is reported as a `DataError`.
 """
 
 from vlm_rl.data.images import DEFAULT_MAX_PIXELS, DataError, load_image, resolve_image_path, to_rgb
-from vlm_rl.data.loaders import load_jsonl, load_prompt_dataset, materialize_images
+from vlm_rl.data.loaders import load_jsonl, load_prompt_dataset, load_task_dataset, materialize_images
 from vlm_rl.data.validation import (
     completion_text,
     count_image_placeholders,
@@ -23,6 +23,7 @@ __all__ = [
     "load_image",
     "load_jsonl",
     "load_prompt_dataset",
+    "load_task_dataset",
     "materialize_images",
     "prompt_text",
     "resolve_image_path",

@@ -252,3 +252,27 @@ def _normalise_image_column(dataset: datasets.Dataset, name: str) -> datasets.Da
         keep_in_memory=True,
         desc="image -> images",
     )
+
+
+def load_task_dataset(
+    name: str,
+    split: str,
+    *,
+    kind: DatasetKind = "prompt",
+    num_samples: int | None = None,
+    seed: int = 0,
+    **easy_vqa_options: Any,
+) -> datasets.Dataset:
+    """One entry point for every dataset flag: "easy-vqa:<task>" (built in; split "train"/"test"),
+    or anything `load_prompt_dataset` reads (JSONL, saved folder, hub name), then at most
+    `num_samples` rows drawn with `seed`."""
+    if name.startswith("easy-vqa:"):
+        from vlm_rl.data.easy_vqa import load_easy_vqa
+
+        return load_easy_vqa(
+            name.split(":", 1)[1], split, num_samples=num_samples, seed=seed, **easy_vqa_options
+        )
+    dataset = load_prompt_dataset(name, split=split, kind=kind)
+    if num_samples is not None and len(dataset) > num_samples:
+        dataset = dataset.shuffle(seed=seed).select(range(num_samples))
+    return dataset

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from vlm_rl.data.collators import PreferenceBatch, PreferenceCollator
+from vlm_rl.data.loaders import load_task_dataset
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.rewards.model import RewardModel, RewardScorer
 from vlm_rl.runlog import MetricsLogger, atomic_dir, save_config
@@ -138,23 +138,6 @@ def score_pairs(scorer: RewardScorer, batch: PreferenceBatch) -> tuple[torch.Ten
     return rewards[: batch.num_pairs], rewards[batch.num_pairs :]
 
 
-def load_preference_data(
-    name: str, split: str, *, max_samples: int | None, seed: int, **easy_vqa_options
-) -> datasets.Dataset:
-    if name.startswith("easy-vqa:"):
-        from vlm_rl.data.easy_vqa import load_easy_vqa
-
-        return load_easy_vqa(
-            name.split(":", 1)[1], split, num_samples=max_samples, seed=seed, **easy_vqa_options
-        )
-    from vlm_rl.data.loaders import load_prompt_dataset
-
-    dataset = load_prompt_dataset(name, split=split, kind="preference")
-    if max_samples is not None and len(dataset) > max_samples:
-        dataset = dataset.shuffle(seed=seed).select(range(max_samples))
-    return dataset
-
-
 @torch.no_grad()
 def evaluate(scorer: RewardScorer, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
     """Pairwise accuracy (r_chosen > r_rejected) and mean margin over held-out pairs."""
@@ -184,13 +167,23 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
     options = {}
     if config.dataset.startswith("easy-vqa:caption_preference"):
         options = {"pairs_per_image": config.pairs_per_image, "malformed_fraction": config.malformed_fraction}
-    train_data = load_preference_data(
-        config.dataset, "train", max_samples=config.max_train_samples, seed=config.seed, **options
+    train_data = load_task_dataset(
+        config.dataset,
+        "train",
+        kind="preference",
+        num_samples=config.max_train_samples,
+        seed=config.seed,
+        **options,
     )
     eval_name = config.eval_dataset or config.dataset
     eval_options = options if eval_name == config.dataset else {}
-    eval_data = load_preference_data(
-        eval_name, "test", max_samples=config.max_eval_samples, seed=config.seed, **eval_options
+    eval_data = load_task_dataset(
+        eval_name,
+        "test",
+        kind="preference",
+        num_samples=config.max_eval_samples,
+        seed=config.seed,
+        **eval_options,
     )
     if len(train_data) == 0:
         raise ValueError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
