@@ -88,8 +88,9 @@ class RLConfig:
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal (no learning signal).")
     # KL to the reference (= the base model, adapter disabled)
     kl_coef: float = _f(0.0, "KL coefficient; 0 skips the reference pass entirely.")
-    kl_estimator: Literal["k1", "k2", "k3"] = _f(
-        "k1", "KL estimator: PPO puts it in the reward; GRPO/RLOO in the loss (k3 advised)."
+    kl_estimator: Literal["k1", "k2", "k3"] | None = _f(
+        None,
+        "KL estimator; default k1 for PPO (in the reward) and k3 for GRPO/RLOO (in the loss, as GRPO/TRL).",
     )
     adaptive_kl: bool = _f(False, "Adapt kl_coef toward target_kl (Ziegler et al. 2019).")
     target_kl: float = _f(0.1, "Target KL per sequence for the adaptive controller.")
@@ -122,6 +123,8 @@ class RLConfig:
             raise ValueError(
                 f"{self.algorithm} needs samples_per_prompt >= 2 (advantages come from the group)"
             )
+        if self.kl_estimator is None:
+            self.kl_estimator = "k1" if self.algorithm == "ppo" else "k3"
         if self.rule_rewards is None:
             self.rule_rewards = []
         if self.rule_reward_weights is None:

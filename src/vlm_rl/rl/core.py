@@ -150,7 +150,8 @@ def aggregate(
 ) -> torch.Tensor:
     """Reduce a per-token loss to a scalar.
 
-    token: mean over all tokens in the batch (DAPO, Yu et al. 2025);
+    token: mean over all tokens of the minibatch (DAPO, Yu et al. 2025; with gradient accumulation
+        or several processes each minibatch is averaged separately, as TRL's "bnpo");
     sequence: mean over tokens of each sequence, then over sequences (GRPO, Shao et al. 2024);
     fixed: sum over tokens / (N * max_length) (Dr. GRPO, Liu et al. 2025).
     """
