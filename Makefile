@@ -33,6 +33,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/score_throughput.py
+	$(BIN)/python benchmarks/ppo_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
