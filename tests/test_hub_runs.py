@@ -317,3 +317,33 @@ def test_a_hub_failure_names_the_pushed_folder_and_leaves_the_run_intact(tmp_pat
     assert f"creating the repo '{REPO}' at {endpoint} failed: authentication failed (401" in message
     assert f"The local folder {run_dir / 'final'} was left intact." in message
     assert digest(run_dir) == before
+
+
+def test_reward_model_round_trip_through_the_hub_gives_identical_scores(
+    hub: LocalHub, tmp_path: Path, easy_vqa_images, monkeypatch: pytest.MonkeyPatch
+):
+    """Save a reward model, push it, load it back by repo id over HTTP: the same scores."""
+    import torch
+
+    from vlm_rl.hub import push_folder
+    from vlm_rl.rewards import RewardModel
+
+    local = RewardModel.from_base("tiny-llava", lora_r=4, lora_alpha=8)
+    with torch.no_grad():  # a non-trivial model: perturb the adapter and the head
+        for name, param in local.scorer.named_parameters():
+            if "lora_B" in name or "head" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    folder = tmp_path / "rm"
+    folder.mkdir()
+    local.save_pretrained(folder)
+    push_folder(folder, "tester/rm", token=TOKEN)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # the user's login, as `hf auth login` would provide it
+    loaded = RewardModel.from_pretrained("tester/rm", endpoint=hub.endpoint)
+    prompt = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the shape."}]}
+    ]
+    images = [[image] for image in easy_vqa_images]
+    completions = ["red circle", "blue triangle", "gray", "teal rectangle"]
+    expected = local.score(images, [prompt] * 4, completions)
+    assert loaded.score(images, [prompt] * 4, completions) == pytest.approx(expected, abs=1e-6)
+    assert len(set(round(s, 4) for s in expected)) > 1  # the scores really depend on the inputs

@@ -97,15 +97,17 @@ class RewardModel:
         return cls(RewardScorer(backbone, head), processor, config)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: str | Path, *, revision: str | None = None) -> RewardModel:
-        """Load a saved reward model from a folder or a hub repo id."""
+    def from_pretrained(
+        cls, path_or_repo: str | Path, *, revision: str | None = None, endpoint: str | None = None
+    ) -> RewardModel:
+        """Load a saved reward model from a folder or a hub repo id (endpoint: $HF_ENDPOINT by default)."""
         from peft import PeftModel
 
         path = Path(path_or_repo)
         if not path.is_dir():
-            from huggingface_hub import snapshot_download
+            from vlm_rl.hub import download
 
-            path = Path(snapshot_download(str(path_or_repo), revision=revision))
+            path = download(str(path_or_repo), revision=revision, endpoint=endpoint)
         config_file = path / CONFIG_NAME
         if not config_file.exists():
             raise FileNotFoundError(
