@@ -385,12 +385,6 @@ def test_two_process_accelerate_training(two_process_run: tuple) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: trainer.py builds its scheduler for max_steps, but accelerate's prepared scheduler steps "
-    "num_processes times per optimizer step, so with 2 ranks the cosine schedule ends halfway and climbs "
-    "back to the peak learning rate",
-)
 def test_two_process_learning_rate_decays_to_zero(two_process_run: tuple) -> None:
     result, output_dir = two_process_run
     assert result.returncode == 0
@@ -400,12 +394,6 @@ def test_two_process_learning_rate_decays_to_zero(two_process_run: tuple) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on a machine without GPUs, `accelerate launch --multi_gpu` starts two ranks that each see "
-    "DistributedType.NO (trainer.py's Accelerator() is not told cpu=True), so both train the full data "
-    "alone and both write metrics.jsonl and final/",
-)
 def test_multi_gpu_launch_without_use_cpu_on_cpu_machine(tmp_path: Path, vlm_rl_cache: Path) -> None:
     result = launch_two_processes(tmp_path / "rm", vlm_rl_cache, {"ACCELERATE_USE_CPU": None})
     assert_two_processes_trained(result, tmp_path / "rm")
@@ -483,12 +471,6 @@ def test_failed_second_run_keeps_previous_model(trained: TrainedRun, tmp_path: P
     assert loaded.config["eval_accuracy"] == pytest.approx(trained.metrics["eval/accuracy"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: under an initialised process group transformers' save_pretrained writes config and weights "
-    "on rank 0 only, yet models/tiny.py ensure_tiny renames every rank's folder into the cache, so when "
-    "rank 1 wins the race (it writes less) the cache holds a model without config.json",
-)
 def test_tiny_model_built_on_rank_1_is_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Rank 1 of a two-process run with an empty cache, made deterministic: the race is seen in real
     # two-process runs (3 of 3 failed from an empty cache when rank 1 renamed first).
