@@ -17,6 +17,7 @@ from vlm_rl.data.easy_vqa import (
     caption_dataset,
     caption_preference_dataset,
     crop_to_shape,
+    half_right_caption,
     image_labels,
     load_easy_vqa,
     vqa_dataset,
@@ -184,6 +185,23 @@ def test_preference_pairs_per_image() -> None:
         assert len(set(group["image_id"])) == 1 and len(set(group["chosen"])) == 1
         assert len({pixel_hash(images[0]) for images in group["images"]}) == 1
         assert all(r != group["chosen"][0] for r in group["rejected"])
+
+
+def test_graded_pairs_prefer_one_right_word_to_none() -> None:
+    rows = caption_preference_dataset("train", num_samples=200, seed=0, graded_fraction=0.5)
+    truth = {lab.image_id: lab for lab in image_labels("train")}
+    graded = 0
+    for row in rows:
+        label = truth[row["image_id"]]
+        if row["chosen"] == label.caption:
+            continue
+        graded += 1
+        color, shape = row["chosen"].split()
+        assert (color == label.color) != (shape == label.shape), row["chosen"]
+        rejected = row["rejected"].split()
+        assert label.color not in rejected and label.shape not in rejected, row["rejected"]
+    assert 60 <= graded <= 140, graded  # about half of 200
+    assert half_right_caption("red", "circle", random.Random(0)) != "red circle"
 
 
 def test_wrong_caption_is_wrong_and_seeded() -> None:

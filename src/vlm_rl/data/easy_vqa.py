@@ -189,6 +189,23 @@ def malformed_caption(color: str, shape: str, rng: random.Random) -> str:
     return text if text != f"{color} {shape}" else "the shape"
 
 
+def half_right_caption(color: str, shape: str, rng: random.Random) -> str:
+    """The right colour with a wrong shape, or the right shape with a wrong colour."""
+    if rng.random() < 0.5:
+        return f"{color} {rng.choice([s for s in SHAPES if s != shape])}"
+    return f"{rng.choice([c for c in COLORS if c != color])} {shape}"
+
+
+def worse_than_half_right(color: str, shape: str, rng: random.Random) -> str:
+    """Both words wrong, or 1-3 repeats of a word that is neither the right colour nor shape."""
+    if rng.random() < 0.5:
+        return (
+            f"{rng.choice([c for c in COLORS if c != color])} {rng.choice([s for s in SHAPES if s != shape])}"
+        )
+    word = rng.choice([w for w in (*COLORS, *SHAPES, "the", "shape", "is", "a") if w not in (color, shape)])
+    return " ".join([word] * rng.randint(1, 3))
+
+
 def caption_preference_dataset(
     split: Split = "train",
     *,
@@ -197,12 +214,15 @@ def caption_preference_dataset(
     crop: bool = True,
     pairs_per_image: int = 1,
     malformed_fraction: float = 0.0,
+    graded_fraction: float = 0.0,
 ) -> datasets.Dataset:
     """Preference pairs for captions: chosen = the true caption, rejected = a plausible wrong one.
 
     `malformed_fraction` of the rejected captions are malformed instead (see `malformed_caption`):
     the default reward model trains with 0.5 so that it also ranks the odd strings an RL policy
-    samples below the true caption.
+    samples below the true caption. `graded_fraction` of the pairs instead prefer a half-right
+    caption (one word right) to a wrong or malformed one, which teaches the model partial credit:
+    a denser reward for RL than "exactly right or not".
     """
     rng = random.Random(seed + 1)
     labels = _sample([lab for lab in image_labels(split) if lab.color and lab.shape], num_samples, seed)
@@ -213,6 +233,10 @@ def caption_preference_dataset(
             rows["prompt"].append(_user_prompt(CAPTION_PROMPT))
             rows["images"].append([image])
             rows["image_id"].append(lab.image_id)
+            if rng.random() < graded_fraction:
+                rows["chosen"].append(half_right_caption(lab.color, lab.shape, rng))
+                rows["rejected"].append(worse_than_half_right(lab.color, lab.shape, rng))
+                continue
             rows["chosen"].append(lab.caption)
             if rng.random() < malformed_fraction:
                 rows["rejected"].append(malformed_caption(lab.color, lab.shape, rng))

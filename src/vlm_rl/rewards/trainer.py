@@ -57,6 +57,12 @@ class RewardTrainingConfig:
     pairs_per_image: int = field(
         default=1, metadata={"help": "easy-vqa preference tasks: pairs drawn per image."}
     )
+    graded_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "easy-vqa preference tasks: share of pairs preferring a half-right caption to a wrong one."
+        },
+    )
     malformed_fraction: float = field(
         default=0.0,
         metadata={
@@ -166,7 +172,11 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
     # Data (validated before any training starts)
     options = {}
     if config.dataset.startswith("easy-vqa:caption_preference"):
-        options = {"pairs_per_image": config.pairs_per_image, "malformed_fraction": config.malformed_fraction}
+        options = {
+            "pairs_per_image": config.pairs_per_image,
+            "malformed_fraction": config.malformed_fraction,
+            "graded_fraction": config.graded_fraction,
+        }
     train_data = load_task_dataset(
         config.dataset,
         "train",
