@@ -193,3 +193,33 @@ def test_config_rejects_group_methods_with_one_sample():
 def test_empty_dataset_is_refused(tmp_path, prompts):
     with pytest.raises(ValueError, match="empty"):
         make_trainer(tmp_path, prompts.select([]))
+
+
+def test_single_on_policy_step_skips_scoring_with_the_same_result(tmp_path, prompts, monkeypatch):
+    """GRPO with one epoch and one optimizer step: old log-probs are the update's own, detached, so
+    the scoring pass is skipped; the weights after a step equal those with the scoring pass."""
+    settings = dict(algorithm="grpo", minibatch_size=16, total_steps=1, kl_coef=0.0, sample_log_steps=0)
+    rollout_of_16 = torch.zeros(16)
+    checks = {
+        "one step": ({}, True),
+        "two optimizer steps": (dict(minibatch_size=8), False),
+        "accumulated into one": (dict(minibatch_size=8, gradient_accumulation_steps=2), True),
+        "two epochs": (dict(ppo_epochs=2), False),
+        "ppo (critic)": (dict(algorithm="ppo"), False),
+        "kl term": (dict(kl_coef=0.1), False),
+    }
+    for name, (overrides, expected) in checks.items():
+        trainer = make_trainer(tmp_path / "check", prompts, **{**settings, **overrides})
+        assert trainer._update_is_one_optimizer_step(rollout_of_16) is expected, name
+
+    initial = trainable_state(make_trainer(tmp_path / "init", prompts, **settings))
+    fast = make_trainer(tmp_path / "fast", prompts, **settings)
+    fast.train_step()
+    monkeypatch.setattr(RLTrainer, "_update_is_one_optimizer_step", lambda self, rollout: False)
+    full = make_trainer(tmp_path / "full", prompts, **settings)
+    full.train_step()
+
+    fast_state, full_state = trainable_state(fast), trainable_state(full)
+    assert any(not torch.equal(fast_state[k], v) for k, v in initial.items()), "the step changed nothing"
+    for name, value in full_state.items():
+        torch.testing.assert_close(fast_state[name], value, rtol=1e-4, atol=1e-6, msg=name)

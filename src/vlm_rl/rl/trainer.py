@@ -209,9 +209,28 @@ class RLTrainer:
         scores -= self.config.missing_eos_penalty * (~rollout.ended).float()
         return scores, result.metrics()
 
+    def _update_is_one_optimizer_step(self, rollout: Rollout) -> bool:
+        """True when the update takes a single optimizer step over the whole rollout (one epoch,
+        every minibatch accumulated into it) and no critic or KL statistic needs the sampling
+        policy's log-probs beforehand: then old log-probs = the update pass's own, detached
+        (TRL's GRPOTrainer does the same), and the scoring pass is skipped."""
+        config = self.config
+        minibatches = -(-len(rollout) // config.minibatch_size)
+        return (
+            not self.is_ppo
+            and config.ppo_epochs == 1
+            and minibatches <= config.gradient_accumulation_steps
+            and self.kl.coef == 0
+            and not config.adaptive_kl
+        )
+
     @torch.no_grad()
     def score(self, rollout: Rollout) -> None:
-        """Old log-probs and values (policy), and reference log-probs when the KL term is on."""
+        """Old log-probs and values (policy), and reference log-probs when the KL term is on.
+        Nothing to compute when the update is a single on-policy optimizer step."""
+        if self._update_is_one_optimizer_step(rollout):
+            rollout.old_logprobs = rollout.values = rollout.ref_logprobs = None
+            return
         self.module.eval()
         old, values, ref = [], [], []
         for rows in self._minibatches(len(rollout), shuffle=False):
@@ -273,7 +292,11 @@ class RLTrainer:
                     out = self._forward(rollout, rows, with_entropy=True, with_values=self.is_ppo)
                     mask = rollout.completion_mask[rows].to(self.device).float()
                     advantages = rollout.advantages[rows].to(self.device)
-                    old = rollout.old_logprobs[rows].to(self.device)
+                    old = (
+                        out["logprobs"].detach()
+                        if rollout.old_logprobs is None  # on-policy single step: ratio 1, see score()
+                        else rollout.old_logprobs[rows].to(self.device)
+                    )
                     policy_loss, stats = core.clipped_policy_loss(
                         out["logprobs"],
                         old,
