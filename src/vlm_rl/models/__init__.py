@@ -1,6 +1,8 @@
-"""Models: load a VLM + processor, wrap it with LoRA, and the offline tiny defaults."""
+"""Models: load a VLM + processor, wrap it with LoRA, the offline tiny defaults, and sampling
+without repeated work (each distinct image encoded once per call, each prompt prefilled once)."""
 
 from vlm_rl.models.families import FAMILIES, FamilyFacts, family_of
+from vlm_rl.models.image_encoding import ImageEncodingStats, image_encoder, share_image_encoding
 from vlm_rl.models.loading import (
     ImageOnlyQwen2_5_VLProcessor,
     hidden_size,
@@ -16,16 +18,19 @@ from vlm_rl.models.tiny import TINY_MODELS, build_tiny, ensure_tiny
 __all__ = [
     "FAMILIES",
     "FamilyFacts",
+    "ImageEncodingStats",
     "ImageOnlyQwen2_5_VLProcessor",
     "TINY_MODELS",
     "build_tiny",
     "ensure_tiny",
     "family_of",
     "hidden_size",
+    "image_encoder",
     "language_model_linear_names",
     "load_model",
     "load_processor",
     "resolve_model_path",
+    "share_image_encoding",
     "vlm_trunk",
     "wrap_with_lora",
 ]

@@ -27,6 +27,16 @@ class FamilyFacts:
     """Module-name fragments of the vision tower (frozen by default)."""
     projector_modules: tuple[str, ...]
     """Module-name fragments of the vision-to-text projector (frozen unless asked)."""
+    image_encoder: str | None = None
+    """Name of the module that takes pixel values and returns per-image features, which
+    `share_image_encoding` runs once per distinct image of a call; None: never shared. Only for a
+    module that encodes each image independently of the others in its batch."""
+    shared_prefill: bool = False
+    """True when sampling may prefill each prompt once and repeat its KV cache for the prompt's
+    samples (`models.prefill`); set only where tests show the same tokens as a prefill per sample."""
+    prefill_state: tuple[str, ...] = ()
+    """Attributes of the base model holding per-row state that the prefill computes and decoding
+    reads (Qwen2.5-VL's 3-D RoPE offsets); repeated for the samples along with the KV cache."""
     image_only_processor: bool = False
     """True when the stock processor needs torchvision for its video sub-processor: without
     torchvision an image-only processor is built instead (see `models.loading`)."""
@@ -53,6 +63,10 @@ FAMILIES: dict[str, FamilyFacts] = {
         eos_token="</s>",
         vision_modules=("vision_tower",),
         projector_modules=("multi_modal_projector",),
+        # CLIP/SigLIP towers, one row per image. Pixtral towers (given `image_sizes`, output one
+        # packed sequence) are recognised by that argument and left unshared.
+        image_encoder="vision_tower",
+        shared_prefill=True,
     ),
     "qwen2_5_vl": FamilyFacts(
         model_type="qwen2_5_vl",
@@ -71,6 +85,11 @@ FAMILIES: dict[str, FamilyFacts] = {
         eos_token="<|im_end|>",
         vision_modules=("visual.blocks", "visual.patch_embed"),
         projector_modules=("visual.merger",),
+        # Patches of all images flattened, split per image by `grid_thw`; includes the merger, so a
+        # trained projector's gradient is summed over the copies of an image.
+        image_encoder="visual",
+        shared_prefill=True,
+        prefill_state=("model.rope_deltas",),
         image_only_processor=True,
         extra_vocab=("system", "user", "assistant", "you", "are", "a", "helpful", "."),
     ),
@@ -90,6 +109,9 @@ FAMILIES: dict[str, FamilyFacts] = {
         eos_token="<end_of_utterance>",
         vision_modules=("vision_model",),
         projector_modules=("connector",),
+        # Called with the real (sub-)images, one row each, and their `patch_attention_mask`.
+        image_encoder="vision_model",
+        shared_prefill=True,
         extra_vocab=("user", "assistant", ":"),
     ),
 }

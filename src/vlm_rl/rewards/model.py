@@ -16,7 +16,7 @@ from transformers import ProcessorMixin
 
 from vlm_rl.data.collators import encode, prompt_completion_texts
 from vlm_rl.data.loaders import materialize_images
-from vlm_rl.models import hidden_size, load_model, vlm_trunk, wrap_with_lora
+from vlm_rl.models import hidden_size, load_model, share_image_encoding, vlm_trunk, wrap_with_lora
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class RewardScorer(nn.Module):
         self.head = head
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        hidden = vlm_trunk(self.backbone)(**inputs).last_hidden_state  # (batch, seq, hidden)
+        # Rows repeat images (a preference pair's two texts, G completions of one prompt).
+        with share_image_encoding(self.backbone):
+            hidden = vlm_trunk(self.backbone)(**inputs).last_hidden_state  # (batch, seq, hidden)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = hidden[rows, last_token_index(inputs["attention_mask"])]  # (batch, hidden)
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1)

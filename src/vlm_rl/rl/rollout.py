@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
-from vlm_rl.models.inputs import append_completion, repeat_rows, select_rows
+from vlm_rl.models.inputs import append_completion, select_rows
 from vlm_rl.models.loading import vlm_trunk
+from vlm_rl.models.prefill import sampling_inputs
 from vlm_rl.rl.core import entropy_from_logits, selective_log_softmax
 
 
@@ -104,23 +105,23 @@ def generate(
     greedy: bool = False,
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each prompt (one `generate` call on the
-    expanded batch)."""
+    expanded batch, each prompt prefilled once where its family allows: `models.prefill`)."""
     eos = eos_token_ids(model, processor)
-    expanded = repeat_rows(prompt_inputs, samples_per_prompt, images_per_prompt).to(model.device)
+    inputs = sampling_inputs(model, processor, prompt_inputs, images_per_prompt, samples_per_prompt)
     sampling = (
         dict(do_sample=False)
         if greedy
         else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     )
     output = model.generate(
-        **expanded,
+        **inputs,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=processor.tokenizer.pad_token_id,
         suppress_tokens=suppressed_tokens(processor, keep=eos),
         **sampling,
     )
-    completion_ids = output[:, expanded["input_ids"].shape[1] :]
+    completion_ids = output[:, inputs["input_ids"].shape[1] :]
     completion_mask, ended = completion_mask_from_ids(completion_ids, eos)
     completion_ids = torch.where(completion_mask.bool(), completion_ids, processor.tokenizer.pad_token_id)
     texts = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)

@@ -7,6 +7,11 @@ One step reads as its stages, each timed:
 
 Memory: one base model. The policy is base + LoRA; the reference is the same base with the
 adapter disabled; the PPO critic is a value head on the policy's trunk.
+
+Speed (both exact up to float summation order): generation prefills each prompt once for its G
+samples (`vlm_rl.models.prefill`); the scoring and update passes repeat each prompt's images G
+times, and within each call the vision encoder runs once per distinct image
+(`vlm_rl.models.share_image_encoding`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from transformers import ProcessorMixin, get_scheduler
 
 from vlm_rl.data.collators import PromptBatch, PromptCollator
 from vlm_rl.distributed import make_accelerator
+from vlm_rl.models import share_image_encoding
 from vlm_rl.rewards.compose import CombinedReward, NonFiniteRewardError
 from vlm_rl.rl import core
 from vlm_rl.rl.config import RLConfig
@@ -366,21 +372,24 @@ class RLTrainer:
 
         step_start = time.perf_counter()
         batch = self._batch(self.train_dataset, self._prompt_indices(self.step))
-        with timed("rollout"):
-            rollout = self.rollout(batch)
-        with timed("reward"):
-            try:
-                rollout.scores, reward_metrics = self.rewards(rollout, batch)
-            except NonFiniteRewardError as error:
-                logger.warning("step %d skipped: %s", self.step, error)
-                self.skipped_steps += 1
-                return {"train/skipped_steps": self.skipped_steps}
-        with timed("score"):
-            self.score(rollout)
-        with timed("advantages"):
-            objective = self.advantages(rollout)
-        with timed("update"):
-            update = self.update(rollout)
+        # Scoring and update passes (and generation where the prefill is not shared) see each
+        # prompt's images G times: encode each distinct image once.
+        with share_image_encoding(self.unwrapped.policy) as image_encoding:
+            with timed("rollout"):
+                rollout = self.rollout(batch)
+            with timed("reward"):
+                try:
+                    rollout.scores, reward_metrics = self.rewards(rollout, batch)
+                except NonFiniteRewardError as error:
+                    logger.warning("step %d skipped: %s", self.step, error)
+                    self.skipped_steps += 1
+                    return {"train/skipped_steps": self.skipped_steps}
+            with timed("score"):
+                self.score(rollout)
+            with timed("advantages"):
+                objective = self.advantages(rollout)
+            with timed("update"):
+                update = self.update(rollout)
         if update is None:
             logger.warning("step %d skipped: non-finite loss or gradient (weights left untouched)", self.step)
             self.skipped_steps += 1
@@ -402,6 +411,7 @@ class RLTrainer:
             **timings,
             "time/step_s": elapsed,
             "throughput/tokens_per_s": lengths.sum().item() / elapsed,
+            "throughput/image_encodings_saved": image_encoding.saved,
         }
         if (
             self.accelerator.is_main_process
@@ -445,7 +455,8 @@ class RLTrainer:
         count = 0
         for start in range(0, len(indices), batch_size):
             batch = self._batch(dataset, indices[start : start + batch_size])
-            rollout = self.rollout(batch, greedy=True, samples=1)
+            with share_image_encoding(self.unwrapped.policy):  # prompts may share an image
+                rollout = self.rollout(batch, greedy=True, samples=1)
             scores, _ = self.rewards(rollout, batch)
             n = len(rollout)
             totals["eval/reward"] += scores.sum().item()
