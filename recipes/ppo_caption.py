@@ -132,14 +132,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     if config.push_to_hub and accelerator.is_main_process:
-        from vlm_rl.hub import HubError, push_run
+        from vlm_rl.hub import push_or_explain
 
-        try:
-            print(f"pushed to {push_run(config.output_dir, config.hub_model_id, private=config.hub_private)}")
-        except HubError as error:  # training is done and final/ is safe: say how to retry
-            print(
-                f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}"
+        print(
+            push_or_explain(
+                config.output_dir,
+                config.hub_model_id,
+                private=config.hub_private,
+                revision=config.hub_revision,
             )
+        )
     return result
 
 

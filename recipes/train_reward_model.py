@@ -39,16 +39,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"{int(metrics['train/steps'])} steps); model saved to {Path(config.output_dir) / 'final'}"
         )
         if config.push_to_hub:
-            from vlm_rl.hub import HubError, push_run
+            from vlm_rl.hub import push_or_explain
 
-            try:
-                print(
-                    f"pushed to {push_run(config.output_dir, config.hub_model_id, private=config.hub_private)}"
+            print(
+                push_or_explain(
+                    config.output_dir,
+                    config.hub_model_id,
+                    private=config.hub_private,
+                    revision=config.hub_revision,
                 )
-            except HubError as error:  # the model is saved: say how to retry
-                print(
-                    f"push failed: {error}\nretry: vlm-rl push {config.output_dir} --repo-id {config.hub_model_id}"
-                )
+            )
     return metrics
 
 

@@ -347,3 +347,53 @@ def test_reward_model_round_trip_through_the_hub_gives_identical_scores(
     expected = local.score(images, [prompt] * 4, completions)
     assert loaded.score(images, [prompt] * 4, completions) == pytest.approx(expected, abs=1e-6)
     assert len(set(round(s, 4) for s in expected)) > 1  # the scores really depend on the inputs
+
+
+# -- pushing while training -----------------------------------------------------------------------
+@pytest.mark.parametrize("hub_fails", [False, True], ids=["hub up", "hub 500"])
+def test_training_pushes_each_checkpoint_and_survives_a_failing_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, hub_fails: bool
+):
+    """A real RLTrainer with --push_to_hub --hub_push_checkpoints: each checkpoint's adapter is
+    pushed to the branch as it is saved; a failing hub is logged with the retry command and the
+    run goes on with its checkpoints on disk."""
+    from test_rl_trainer import make_trainer
+
+    from vlm_rl.data.easy_vqa import caption_dataset
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    prompts = caption_dataset("train", num_samples=8, seed=0)
+    with LocalHub(token=TOKEN, fail_with=500 if hub_fails else None) as local_hub:
+        monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
+        trainer = make_trainer(
+            tmp_path,
+            prompts,
+            total_steps=4,
+            save_steps=2,
+            push_to_hub=True,
+            hub_model_id=REPO,
+            hub_revision="training",
+            hub_push_checkpoints=True,
+        )
+        with caplog.at_level("INFO", logger="vlm_rl"):
+            trainer.train()
+        run_dir = tmp_path / "run"
+        saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert saved == ["step-000002", "step-000004"]
+        if hub_fails:
+            assert local_hub.commits == []
+            failures = [r.getMessage() for r in caplog.records if "push failed" in r.getMessage()]
+            assert len(failures) == 2, failures
+            assert "server error (500" in failures[0]
+            assert (
+                f"retry: vlm-rl push {run_dir} --repo-id {REPO} --revision training --checkpoint step-000002"
+                in failures[0]
+            )
+        else:
+            assert [(c.summary, c.branch) for c in local_hub.commits] == [
+                ("vlm_rl ppo run 'run' step 2", "training"),
+                ("vlm_rl ppo run 'run' step 4", "training"),
+            ]
+            pushed = pushed_files(local_hub, REPO, "training")
+            adapter = folder_files(run_dir / "checkpoints" / "step-000004" / "adapter")
+            assert pushed == adapter  # byte for byte, the newest checkpoint on top

@@ -402,6 +402,26 @@ def push_run(
     )
 
 
+def push_or_explain(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    checkpoint: str | None = None,
+) -> str:
+    """`push_run` for the end (or a checkpoint) of a training run: returns "pushed to <commit url>",
+    or, when the hub fails, the error and the `vlm-rl push` command that retries. Never raises
+    `HubError`: what was trained is already on disk and stays there."""
+    try:
+        return f"pushed to {push_run(run_dir, repo_id, private=private, revision=revision, checkpoint=checkpoint)}"
+    except HubError as error:
+        retry = f"vlm-rl push {run_dir} --repo-id {repo_id}"
+        retry += f" --revision {revision}" if revision else ""
+        retry += f" --checkpoint {checkpoint}" if checkpoint else ""
+        return f"push failed: {error}\nretry: {retry}"
+
+
 def _run_upload(run_dir: Path, checkpoint: str | None) -> tuple[Path, dict[str, Any], str]:
     """(folder to push, `write_model_card` arguments, commit message) of a run folder."""
     if not run_dir.is_dir():

@@ -114,6 +114,9 @@ class RewardTrainingConfig:
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final reward model to the hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
     hub_private: bool = field(default=False, metadata={"help": "Create the hub repo as private."})
+    hub_revision: str | None = field(
+        default=None, metadata={"help": "Push to this branch of the repo (created if missing); default main."}
+    )
 
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:

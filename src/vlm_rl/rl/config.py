@@ -115,6 +115,11 @@ class RLConfig:
     push_to_hub: bool = _f(False, "Push the final adapter to the hub.")
     hub_model_id: str | None = _f(None, "Hub repo id for --push_to_hub.")
     hub_private: bool = _f(False, "Create the hub repo as private.")
+    hub_revision: str | None = _f(None, "Push to this branch of the repo (created if missing); default main.")
+    hub_push_checkpoints: bool = _f(
+        False,
+        "With --push_to_hub, also push each checkpoint's adapter as it is saved (a failed push is logged).",
+    )
 
     def __post_init__(self):
         if self.prompts_per_step < 1 or self.samples_per_prompt < 1:

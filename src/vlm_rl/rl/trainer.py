@@ -488,8 +488,27 @@ class RLTrainer:
             checkpoints = sorted((self.output_dir / "checkpoints").glob("step-*"))
             for old in checkpoints[: max(0, len(checkpoints) - self.config.save_total_limit)]:
                 shutil.rmtree(old, ignore_errors=True)
+            if self.config.push_to_hub and self.config.hub_push_checkpoints:
+                self._push_checkpoint(path)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _push_checkpoint(self, path: Path) -> None:
+        """Push a checkpoint's adapter with a card (commit "... step N"); a hub failure is logged
+        with the retry command and training goes on (the checkpoint is on disk)."""
+        from vlm_rl.hub import push_or_explain  # huggingface_hub is imported only when pushing
+
+        config = self.config
+        outcome = push_or_explain(
+            self.output_dir,
+            config.hub_model_id,
+            private=config.hub_private,
+            revision=config.hub_revision,
+            checkpoint=path.name,
+        )
+        (logger.warning if outcome.startswith("push failed") else logger.info)(
+            "checkpoint %s: %s", path.name, outcome
+        )
 
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
