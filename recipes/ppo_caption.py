@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
             learning_rate=warm.warm_start_learning_rate,
             batch_size=warm.warm_start_batch_size,
             seed=config.seed,
-            as_reference=warm.warm_start_as_reference,
         )
     result = trainer.train()
     final = trainer.save_final(result["after"])

@@ -15,7 +15,6 @@ from transformers import ProcessorMixin
 
 from vlm_rl.data.collators import PromptCollator
 from vlm_rl.models.inputs import append_completion
-from vlm_rl.models.loading import fold_adapter_into_base
 from vlm_rl.rl.core import masked_mean
 from vlm_rl.rl.rollout import PolicyWithValue
 
@@ -47,12 +46,9 @@ def supervised_warm_start(
     batch_size: int = 32,
     answer_column: str = "answer",
     seed: int = 0,
-    as_reference: bool = False,
 ) -> list[float]:
     """Train `policy` (LoRA) for `steps` batches on (prompt, images) -> `answer_column`.
 
-    as_reference: afterwards fold the adapter into the base (`models.fold_adapter_into_base`), so
-    that the policy with its adapter disabled, the RL engine's KL reference, is the warm-started one.
     Returns the loss of each step.
     """
     if steps <= 0:
@@ -80,7 +76,4 @@ def supervised_warm_start(
         optimizer.zero_grad()
         losses.append(loss.item())
     logger.info("supervised warm start: %d steps, loss %.3f -> %.3f", steps, losses[0], losses[-1])
-    if as_reference:
-        folded = fold_adapter_into_base(policy)
-        logger.info("warm start folded into the base (%d LoRA layers): it is the KL reference now", folded)
     return losses

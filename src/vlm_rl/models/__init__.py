@@ -5,7 +5,6 @@ from vlm_rl.models.families import FAMILIES, FamilyFacts, family_of
 from vlm_rl.models.image_encoding import ImageEncodingStats, image_encoder, share_image_encoding
 from vlm_rl.models.loading import (
     ImageOnlyQwen2_5_VLProcessor,
-    fold_adapter_into_base,
     hidden_size,
     language_model_linear_names,
     load_model,
@@ -25,7 +24,6 @@ __all__ = [
     "build_tiny",
     "ensure_tiny",
     "family_of",
-    "fold_adapter_into_base",
     "hidden_size",
     "image_encoder",
     "language_model_linear_names",

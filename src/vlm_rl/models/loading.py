@@ -177,34 +177,6 @@ def wrap_with_lora(
     return peft_model
 
 
-@torch.no_grad()
-def fold_adapter_into_base(model: nn.Module, adapter_name: str = "default") -> int:
-    """Make what a LoRA adapter has learned part of the base model, and restart the adapter from zero.
-
-    Each LoRA layer's base weight gets the adapter's delta (B @ A x scale) and B is zeroed (A kept:
-    a standard LoRA start, B = 0); a projector trained through `modules_to_save` is copied into the
-    original module. The model's outputs are unchanged (up to float rounding), and with the adapter
-    disabled it is now the same model: the KL reference of the RL engine (adapter disabled) becomes
-    the policy as it is now, e.g. after a supervised warm start, as the SFT model is in RLHF.
-    Parameters keep their identity, so optimizers built on them stay valid.
-
-    Returns the number of LoRA layers folded.
-    """
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    folded = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            base = module.get_base_layer()
-            base.weight += module.get_delta_weight(adapter_name).to(base.weight.dtype)
-            module.lora_B[adapter_name].weight.zero_()
-            folded += 1
-        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            module.original_module.load_state_dict(module.modules_to_save[adapter_name].state_dict())
-    return folded
-
-
 def vlm_trunk(model: nn.Module) -> nn.Module:
     """The part of a (possibly LoRA-wrapped) VLM that returns hidden states: everything but the LM head.
 

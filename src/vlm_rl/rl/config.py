@@ -147,8 +147,3 @@ class WarmStartConfig:
     warm_start_steps: int = _f(0, "Supervised steps before RL (0 = start RL from the base policy).")
     warm_start_learning_rate: float = _f(1e-3, "Learning rate of the warm start.")
     warm_start_batch_size: int = _f(32, "Prompts per warm-start step.")
-    warm_start_as_reference: bool = _f(
-        True,
-        "Fold the warm-started adapter into the base, so that the KL reference (adapter disabled) is the "
-        "warm-started policy, as the SFT model is in RLHF; False: the reference stays the original base.",
-    )
