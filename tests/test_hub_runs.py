@@ -397,3 +397,43 @@ def test_training_pushes_each_checkpoint_and_survives_a_failing_hub(
             pushed = pushed_files(local_hub, REPO, "training")
             adapter = folder_files(run_dir / "checkpoints" / "step-000004" / "adapter")
             assert pushed == adapter  # byte for byte, the newest checkpoint on top
+
+
+def test_policy_round_trip_through_the_hub_gives_identical_outputs(
+    hub: LocalHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A real RL run's final/ pushed with push_run, loaded back by `load_policy` from the repo id
+    (base model from the adapter config) and from the folder: the same logits as the trained policy."""
+    import torch
+    from test_rl_trainer import make_trainer
+
+    from vlm_rl.data.easy_vqa import caption_dataset
+    from vlm_rl.models import load_policy
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    prompts = caption_dataset("train", num_samples=8, seed=0)
+    trainer = make_trainer(tmp_path, prompts, total_steps=2, learning_rate=1e-2)
+    trainer.train()
+    final = trainer.save_final()
+    push_run(tmp_path / "run", "tester/tiny-llava-ppo")
+
+    batch = trainer._batch(prompts, [0, 1, 2])
+    trained = trainer.unwrapped.policy.eval()
+    with torch.no_grad():
+        expected = trained(**batch.inputs).logits
+        with trained.disable_adapter():
+            base = trained(**batch.inputs).logits
+    assert not torch.allclose(expected, base, atol=1e-4), "training changed nothing"
+    for source in ("tester/tiny-llava-ppo", final):
+        policy, processor = load_policy(source)
+        inputs = trainer._batch(prompts, [0, 1, 2]).inputs  # collated with the original processor
+        assert processor.tokenizer.get_vocab() == trainer.processor.tokenizer.get_vocab()
+        with torch.no_grad():
+            torch.testing.assert_close(policy(**inputs).logits, expected, rtol=0, atol=0)
+
+
+def test_load_policy_of_a_folder_without_an_adapter_says_what_to_pass(tmp_path: Path):
+    from vlm_rl.models import load_policy
+
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json.*final/"):
+        load_policy(tmp_path)

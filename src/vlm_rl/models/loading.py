@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -175,6 +177,48 @@ def wrap_with_lora(
         100 * trainable / total,
     )
     return peft_model
+
+
+def load_policy(
+    path_or_repo: str | Path,
+    *,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """A trained policy: the base VLM named by the adapter's config plus the LoRA adapter.
+
+    path_or_repo: a saved adapter folder (a run's final/, a checkpoint's adapter/) or a hub repo id
+    that `vlm-rl push` or `--push_to_hub` wrote (downloaded through `vlm_rl.hub.download`, with
+    `revision` and a custom `endpoint`; the token comes from the environment or the login). The
+    base is loaded by `load_model`, so tiny defaults ("tiny-llava") and hub ids both work. Returns
+    (policy in eval mode, processor: the adapter folder's own if it has one, else the base's).
+    """
+    from peft import PeftModel
+
+    path = Path(path_or_repo)
+    if not path.is_dir():
+        from vlm_rl.hub import download
+
+        path = download(str(path_or_repo), revision=revision, endpoint=endpoint)
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{path_or_repo} holds no LoRA adapter (no adapter_config.json): pass a run's final/ folder, a "
+            "checkpoint's adapter/ folder or a repo pushed with `vlm-rl push`"
+        )
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(
+            f"{config_file} names no base model (base_model_name_or_path): cannot load the policy"
+        )
+    model, processor = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    policy = PeftModel.from_pretrained(model, str(path)).eval()
+    if (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file():
+        processor = load_processor(str(path), trust_remote_code=trust_remote_code)
+    return policy, processor
 
 
 def vlm_trunk(model: nn.Module) -> nn.Module:
