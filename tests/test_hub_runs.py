@@ -437,3 +437,26 @@ def test_load_policy_of_a_folder_without_an_adapter_says_what_to_pass(tmp_path: 
 
     with pytest.raises(FileNotFoundError, match="no adapter_config.json.*final/"):
         load_policy(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a hub repo id"):
+        load_policy(tmp_path / "runs" / "typo" / "final")
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "reward_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="RewardModel.from_pretrained"):
+        load_policy(tmp_path / "rm")
+
+
+def test_a_failed_push_says_how_to_retry_with_the_same_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from vlm_rl.hub import push_or_explain
+
+    run_dir = rl_run_folder(tmp_path / "my runs")  # a space: the command must quote it
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with LocalHub(token=TOKEN, fail_with=500) as local_hub:
+        monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
+        message = push_or_explain(run_dir, REPO, private=True, revision="exp 1", checkpoint="step-000002")
+        assert local_hub.commits == []
+    assert message.startswith("push failed: ")
+    assert message.endswith(
+        f"retry: vlm-rl push '{run_dir}' --repo-id {REPO} --private --revision 'exp 1' --checkpoint step-000002"
+    )

@@ -211,6 +211,9 @@ def test_single_on_policy_step_skips_scoring_with_the_same_result(tmp_path, prom
     for name, (overrides, expected) in checks.items():
         trainer = make_trainer(tmp_path / "check", prompts, **{**settings, **overrides})
         assert trainer._update_is_one_optimizer_step(rollout_of_16) is expected, name
+        if name == "accumulated into one":  # accelerate's counter mid-accumulation: it would step early
+            trainer.accelerator.step = 1
+            assert trainer._update_is_one_optimizer_step(rollout_of_16) is False
 
     initial = trainable_state(make_trainer(tmp_path / "init", prompts, **settings))
     fast = make_trainer(tmp_path / "fast", prompts, **settings)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -416,9 +417,10 @@ def push_or_explain(
     try:
         return f"pushed to {push_run(run_dir, repo_id, private=private, revision=revision, checkpoint=checkpoint)}"
     except HubError as error:
-        retry = f"vlm-rl push {run_dir} --repo-id {repo_id}"
-        retry += f" --revision {revision}" if revision else ""
-        retry += f" --checkpoint {checkpoint}" if checkpoint else ""
+        retry = f"vlm-rl push {shlex.quote(str(run_dir))} --repo-id {shlex.quote(repo_id)}"
+        retry += " --private" if private else ""
+        retry += f" --revision {shlex.quote(revision)}" if revision else ""
+        retry += f" --checkpoint {shlex.quote(checkpoint)}" if checkpoint else ""
         return f"push failed: {error}\nretry: {retry}"
 
 

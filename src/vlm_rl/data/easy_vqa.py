@@ -233,7 +233,7 @@ def caption_preference_dataset(
             rows["prompt"].append(_user_prompt(CAPTION_PROMPT))
             rows["images"].append([image])
             rows["image_id"].append(lab.image_id)
-            if rng.random() < graded_fraction:
+            if graded_fraction > 0 and rng.random() < graded_fraction:  # datasets without it unchanged
                 rows["chosen"].append(half_right_caption(lab.color, lab.shape, rng))
                 rows["rejected"].append(worse_than_half_right(lab.color, lab.shape, rng))
                 continue

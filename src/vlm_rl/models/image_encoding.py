@@ -45,7 +45,7 @@ SETTING_ARGUMENTS = ("output_hidden_states",)
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@dataclass
+@dataclass(eq=False)  # contexts are told apart by identity (nested blocks may have equal counts)
 class ImageEncodingStats:
     """What one `share_image_encoding` context did."""
 

@@ -200,9 +200,14 @@ def load_policy(
 
     path = Path(path_or_repo)
     if not path.is_dir():
+        name = str(path_or_repo)
+        if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1:
+            raise FileNotFoundError(f"{name} is neither a folder nor a hub repo id (owner/name)")
         from vlm_rl.hub import download
 
-        path = download(str(path_or_repo), revision=revision, endpoint=endpoint)
+        path = download(name, revision=revision, endpoint=endpoint)
+    if (path / "reward_config.json").is_file():
+        raise ValueError(f"{path_or_repo} is a reward model: load it with RewardModel.from_pretrained")
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(

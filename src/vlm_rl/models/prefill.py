@@ -37,11 +37,15 @@ def sampling_inputs(
     (N, L) and the other text inputs plus a prefilled `cache` where the family allows it (see
     `prefilled_cache`), else every processor output repeated (vision inputs included).
     """
-    expanded = repeat_rows(prompt_inputs, samples_per_prompt, images_per_prompt).to(model.device)
-    cache = prefilled_cache(model, processor, prompt_inputs.to(model.device), samples_per_prompt)
+    on_device = BatchFeature(dict(prompt_inputs)).to(model.device)  # a copy: the caller's stay put
+    cache = prefilled_cache(model, processor, on_device, samples_per_prompt)
     if cache is None:
-        return dict(expanded)
-    return {**{k: v for k, v in expanded.items() if k in TEXT_KEYS}, "cache": cache}
+        return dict(repeat_rows(prompt_inputs, samples_per_prompt, images_per_prompt).to(model.device))
+    # The images are in the cache: repeat the text inputs only (prompt 0's copies first).
+    return {
+        **{k: v.repeat_interleave(samples_per_prompt, dim=0) for k, v in on_device.items() if k in TEXT_KEYS},
+        "cache": cache,
+    }
 
 
 def prefilled_cache(

@@ -138,6 +138,8 @@ class RLConfig:
             raise ValueError("rule_reward_weights must give one weight per rule reward")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id")
+        if self.hub_push_checkpoints and not self.push_to_hub:
+            raise ValueError("--hub_push_checkpoints needs --push_to_hub (and --hub_model_id)")
 
 
 @dataclass

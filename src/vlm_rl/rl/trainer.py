@@ -226,6 +226,8 @@ class RLTrainer:
             not self.is_ppo
             and config.ppo_epochs == 1
             and minibatches <= config.gradient_accumulation_steps
+            # accelerate counts minibatches across RL steps: the optimizer may only step at the last
+            and self.accelerator.step % config.gradient_accumulation_steps == 0
             and self.kl.coef == 0
             and not config.adaptive_kl
         )
@@ -358,7 +360,7 @@ class RLTrainer:
         with torch.no_grad():
             for p in self.params:
                 p.copy_(snapshot[id(p)])
-        self.optimizer.zero_grad()
+                p.grad = None  # the prepared optimizer's zero_grad is a no-op between accumulation syncs
 
     # -- one step -----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -499,13 +501,17 @@ class RLTrainer:
         from vlm_rl.hub import push_or_explain  # huggingface_hub is imported only when pushing
 
         config = self.config
-        outcome = push_or_explain(
-            self.output_dir,
-            config.hub_model_id,
-            private=config.hub_private,
-            revision=config.hub_revision,
-            checkpoint=path.name,
-        )
+        try:
+            outcome = push_or_explain(
+                self.output_dir,
+                config.hub_model_id,
+                private=config.hub_private,
+                revision=config.hub_revision,
+                checkpoint=path.name,
+            )
+        except Exception:  # a bad repo id, a vanished checkpoint...: training goes on regardless
+            logger.exception("checkpoint %s: push failed; the checkpoint is on disk", path.name)
+            return
         (logger.warning if outcome.startswith("push failed") else logger.info)(
             "checkpoint %s: %s", path.name, outcome
         )
