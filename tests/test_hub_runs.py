@@ -460,3 +460,24 @@ def test_a_failed_push_says_how_to_retry_with_the_same_options(
     assert message.endswith(
         f"retry: vlm-rl push '{run_dir}' --repo-id {REPO} --private --revision 'exp 1' --checkpoint step-000002"
     )
+
+
+def test_checkpoint_uploads_run_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A slow hub (0.5 s per request) does not hold save_checkpoint; wait_for_uploads collects it."""
+    from test_rl_trainer import make_trainer
+
+    from vlm_rl.data.easy_vqa import caption_dataset
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    prompts = caption_dataset("train", num_samples=8, seed=0)
+    with LocalHub(token=TOKEN, delay_s=0.5) as local_hub:
+        monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
+        trainer = make_trainer(
+            tmp_path, prompts, save_steps=1, push_to_hub=True, hub_model_id=REPO, hub_push_checkpoints=True
+        )
+        save_config(trainer.config, tmp_path / "run" / "run_config.json")  # as train() does first
+        trainer.step = 1
+        trainer.save_checkpoint()
+        assert local_hub.commits == []  # returned while the upload is still on its way
+        trainer.wait_for_uploads()
+        assert [c.summary for c in local_hub.commits] == ["vlm_rl ppo run 'run' step 1"]

@@ -22,6 +22,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,8 @@ class RLTrainer:
         self.step = 0
         self.skipped_steps = 0
         self.metrics_log: MetricsLogger | None = None
+        self._uploads: ThreadPoolExecutor | None = None
+        self._pending_uploads: list[Future] = []
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -496,6 +499,20 @@ class RLTrainer:
         return path
 
     def _push_checkpoint(self, path: Path) -> None:
+        """Queue the upload of a checkpoint's adapter: one background thread uploads checkpoints in
+        order while training goes on (a slow hub never holds the processes at a barrier); `train`
+        waits for the queue before it returns."""
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm_rl-push")
+        self._pending_uploads.append(self._uploads.submit(self._upload_checkpoint, path))
+
+    def wait_for_uploads(self) -> None:
+        """Block until every queued checkpoint upload has finished (or failed and been logged)."""
+        for future in self._pending_uploads:
+            future.result()
+        self._pending_uploads.clear()
+
+    def _upload_checkpoint(self, path: Path) -> None:
         """Push a checkpoint's adapter with a card (commit "... step N"); a hub failure is logged
         with the retry command and training goes on (the checkpoint is on disk)."""
         from vlm_rl.hub import push_or_explain  # huggingface_hub is imported only when pushing
@@ -605,6 +622,9 @@ class RLTrainer:
         progress.close()
         after = self.evaluate()
         self._log(after)
+        if self._pending_uploads:
+            logger.info("waiting for %d checkpoint upload(s) to finish", len(self._pending_uploads))
+            self.wait_for_uploads()
         if self.metrics_log:
             self.metrics_log.close()
         return {"before": before, "after": after}
