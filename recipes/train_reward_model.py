@@ -39,16 +39,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"{int(metrics['train/steps'])} steps); model saved to {Path(config.output_dir) / 'final'}"
         )
         if config.push_to_hub:
-            from vlm_rl.hub import push_or_explain
+            from vlm_rl.hub import push_after_training
 
-            print(
-                push_or_explain(
-                    config.output_dir,
-                    config.hub_model_id,
-                    private=config.hub_private,
-                    revision=config.hub_revision,
-                )
-            )
+            print(push_after_training(config))
     return metrics
 
 

@@ -424,6 +424,18 @@ def push_or_explain(
         return f"push failed: {error}\nretry: {retry}"
 
 
+def push_after_training(config: Any, checkpoint: str | None = None) -> str:
+    """`push_or_explain` for a run (its final/, or `checkpoint`), from its config (an RL or
+    reward-model config: output_dir, hub_model_id, hub_private, hub_revision)."""
+    return push_or_explain(
+        config.output_dir,
+        config.hub_model_id,
+        private=config.hub_private,
+        revision=config.hub_revision,
+        checkpoint=checkpoint,
+    )
+
+
 def _run_upload(run_dir: Path, checkpoint: str | None) -> tuple[Path, dict[str, Any], str]:
     """(folder to push, `write_model_card` arguments, commit message) of a run folder."""
     if not run_dir.is_dir():

@@ -515,17 +515,10 @@ class RLTrainer:
     def _upload_checkpoint(self, path: Path) -> None:
         """Push a checkpoint's adapter with a card (commit "... step N"); a hub failure is logged
         with the retry command and training goes on (the checkpoint is on disk)."""
-        from vlm_rl.hub import push_or_explain  # huggingface_hub is imported only when pushing
+        from vlm_rl.hub import push_after_training  # huggingface_hub is imported only when pushing
 
-        config = self.config
         try:
-            outcome = push_or_explain(
-                self.output_dir,
-                config.hub_model_id,
-                private=config.hub_private,
-                revision=config.hub_revision,
-                checkpoint=path.name,
-            )
+            outcome = push_after_training(self.config, checkpoint=path.name)
         except Exception:  # a bad repo id, a vanished checkpoint...: training goes on regardless
             logger.exception("checkpoint %s: push failed; the checkpoint is on disk", path.name)
             return
