@@ -105,60 +105,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(path: Path) -> dict[str, int]:
     """Write the random mid-size Qwen2.5-VL-style VLM + processor to `path`; returns parameter counts."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     from vlm_rl.models import FAMILIES
-    from vlm_rl.models.loading import ImageOnlyQwen2_5_VLProcessor
-    from vlm_rl.models.tiny import LM_HEAD_INIT_STD, build_tokenizer
+    from vlm_rl.models.tiny import LM_HEAD_INIT_STD, build_qwen2_5_vl, build_tokenizer
 
     family = FAMILIES["qwen2_5_vl"]
     tokenizer = build_tokenizer(family)
-    head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
-    config = Qwen2_5_VLConfig(
-        vision_config=dict(
-            **VISION,
-            patch_size=PATCH,
-            spatial_merge_size=MERGE,
-            temporal_patch_size=2,
-            window_size=IMAGE_SIZE // 2,  # 2x2 windows per image, as 112-pixel windows on Qwen2.5-VL
-            out_hidden_size=TEXT["hidden_size"],
-        ),
-        text_config=dict(
-            **TEXT,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=1024,
-            bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2],
-            },
-        ),
-        image_token_id=tokenizer.convert_tokens_to_ids(family.image_token),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    )
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model, processor = build_qwen2_5_vl(
+        family,
+        tokenizer,
+        image_size=IMAGE_SIZE,  # every image is resized to exactly 224x224
+        patch=PATCH,
+        merge=MERGE,
+        vision=VISION,
+        text=TEXT,
+        window=IMAGE_SIZE // 2,  # 2x2 windows per image, as 112-pixel windows on Qwen2.5-VL
+        max_positions=1024,
+    )
     torch.nn.init.normal_(model.get_output_embeddings().weight, std=LM_HEAD_INIT_STD)
     for cfg in (model.generation_config, model.config.get_text_config()):
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = None
-    pixels = IMAGE_SIZE * IMAGE_SIZE  # every image is resized to exactly 224x224
-    processor = ImageOnlyQwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(
-            patch_size=PATCH,
-            merge_size=MERGE,
-            temporal_patch_size=2,
-            size={"shortest_edge": pixels, "longest_edge": pixels},
-        ),
-        tokenizer=tokenizer,
-        chat_template=tokenizer.chat_template,
-    )
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return {

@@ -126,31 +126,52 @@ def _build_llava(family: FamilyFacts, tokenizer):
 
 
 def _build_qwen2_5_vl(family: FamilyFacts, tokenizer):
+    return build_qwen2_5_vl(
+        family,
+        tokenizer,
+        image_size=IMAGE_SIZE,
+        patch=4,
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1]),
+        text=dict(**_TEXT, num_key_value_heads=4),
+        window=IMAGE_SIZE,
+        max_positions=512,
+    )
+
+
+def build_qwen2_5_vl(
+    family: FamilyFacts,
+    tokenizer,
+    *,
+    image_size: int,
+    patch: int,
+    vision: dict,
+    text: dict,
+    window: int,
+    max_positions: int,
+    merge: int = 2,
+):
+    """A random Qwen2.5-VL-style model + image-only processor for `tokenizer`, every image resized to
+    image_size x image_size, (image_size / patch / merge)^2 visual tokens. `vision` and `text` are
+    the sub-configs' sizes. Used for tiny-qwen2.5-vl and the mid-size benchmark models."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     from vlm_rl.models.loading import ImageOnlyQwen2_5_VLProcessor
 
-    patch, merge = 4, 2
-    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
     config = Qwen2_5_VLConfig(
         vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=4,
+            **vision,
             patch_size=patch,
             spatial_merge_size=merge,
             temporal_patch_size=2,
-            window_size=IMAGE_SIZE,
-            out_hidden_size=_TEXT["hidden_size"],
-            fullatt_block_indexes=[1],
+            window_size=window,
+            out_hidden_size=text["hidden_size"],
         ),
         text_config=dict(
-            **_TEXT,
-            num_key_value_heads=4,
+            **text,
             vocab_size=len(tokenizer),
-            max_position_embeddings=512,
+            max_position_embeddings=max_positions,
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
             rope_parameters={
@@ -165,7 +186,7 @@ def _build_qwen2_5_vl(family: FamilyFacts, tokenizer):
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     )
     model = Qwen2_5_VLForConditionalGeneration(config)
-    pixels = IMAGE_SIZE * IMAGE_SIZE
+    pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=patch,
         merge_size=merge,
