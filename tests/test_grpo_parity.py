@@ -4,8 +4,10 @@ One tiny LLaVA with a perturbed LoRA adapter, two prompts (different lengths, so
 exercised) x 4 fixed completions (some ending in EOS, some truncated at `max_completion_length`)
 and fixed rewards. TRL builds its own batch with its real pipeline (`_generate_and_score_completions`,
 with generation replaced by the fixed completions, the rewards from a reward function) and scores it
-with `compute_loss`; vlm_rl builds the same batch with `PromptCollator` + `Rollout` and scores it with
-`PolicyWithValue` + `clipped_policy_loss` (+ `kl_penalty`, entropy bonus), as `RLTrainer.update` does.
+with `compute_loss`; vlm_rl builds the same batch with `PromptCollator` + `Rollout`, takes its
+advantages from the registered "grpo" algorithm and its loss from `core.rl_objective` with the
+settings an `RLConfig` gives (`algorithms.objective_settings`): the very functions `RLTrainer.update`
+calls, so a regression in the trainer's objective fails here.
 Old log-probs differ from the current ones, so both clip bounds (epsilon, epsilon_high) are hit.
 
 Loss types and their vlm_rl counterparts (one micro-batch, no gradient accumulation):
@@ -14,8 +16,8 @@ Loss types and their vlm_rl counterparts (one micro-batch, no gradient accumulat
   TRL "dapo"    <-> aggregation "token" (TRL divides by `num_items_in_batch`: the same count here)
   TRL "dr_grpo" <-> aggregation "fixed" with scale_rewards "none" / `scale_by_std=False`
 TRL's other loss types (cispo, sapo, vespo, luspo) have no vlm_rl counterpart and are not tested.
-TRL's `beta` KL term is vlm_rl's `kl_coef` with `kl_estimator="k3"` (vlm_rl defaults to k1) and the
-reference = the adapter disabled; TRL's `temperature` and `entropy_coef` map one to one.
+TRL's `beta` KL term is vlm_rl's `kl_coef` with `kl_estimator="k3"` (GRPO's default) and the
+reference = the adapter disabled; TRL's `use_bias_correction_kl` is vlm_rl's `kl_importance_weighted`; TRL's `temperature` and `entropy_coef` map one to one.
 Measured agreement (fp32, CPU): losses within 3e-8, gradients within 7e-7 of their norm.
 """
 
@@ -28,8 +30,11 @@ from PIL import Image
 
 from vlm_rl.data.collators import PromptCollator
 from vlm_rl.models import load_model, wrap_with_lora
+from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.rl import core
-from vlm_rl.rl.rollout import PolicyWithValue, Rollout, completion_mask_from_ids, eos_token_ids
+from vlm_rl.rl.algorithms import get_algorithm, objective_settings
+from vlm_rl.rl.config import RLConfig
+from vlm_rl.rl.rollout import Rollout, completion_mask_from_ids, eos_token_ids
 
 GROUP_SIZE = 4
 MAX_COMPLETION_LENGTH = 4
@@ -103,7 +108,7 @@ def vlm_rl_rollout(policy, processor, examples: list[dict], completion_ids: list
         completion_mask=mask,
         ended=ended,
         completions=list(COMPLETIONS),
-        scores=torch.tensor(REWARDS),
+        rewards=torch.tensor(REWARDS),
     )
 
 
@@ -139,9 +144,8 @@ def test_loss_and_gradients_match_trl(
     entropy_coef,
 ):
     """`bias_corrected_kl` is TRL's `use_bias_correction_kl` (default True since TRL 1.x): the k3 term is
-    multiplied by the importance ratio (DeepSeek-V3.2). vlm_rl has no such option (its GRPO KL is the
-    plain k3 of Shao et al. 2024, eq. 4), so with True the vlm_rl side applies the ratio by hand: this
-    pins down that the ratio is the only difference from TRL's default."""
+    multiplied by the importance ratio (DeepSeek-V3.2); vlm_rl's `kl_importance_weighted` (default off:
+    the plain k3 of Shao et al. 2024, eq. 4)."""
     import datasets
     from trl import GRPOConfig, GRPOTrainer
 
@@ -190,7 +194,21 @@ def test_loss_and_gradients_match_trl(
     torch.testing.assert_close(model_inputs["attention_mask"], trl_attention, rtol=0, atol=0)
     torch.testing.assert_close(model_inputs["pixel_values"], trl_inputs["pixel_values"])
     torch.testing.assert_close(rollout.completion_mask, trl_inputs["completion_mask"], rtol=0, atol=0)
-    advantages = core.group_advantages(rollout.scores, GROUP_SIZE, scale_by_std=scale_rewards != "none")
+    config = RLConfig(
+        algorithm="grpo",
+        samples_per_prompt=GROUP_SIZE,
+        max_new_tokens=MAX_COMPLETION_LENGTH,
+        scale_rewards=scale_rewards != "none",
+        loss_aggregation=aggregation,
+        clip_range=CLIP_LOW,
+        clip_range_high=CLIP_HIGH,
+        entropy_coef=entropy_coef,
+        temperature=temperature,
+        kl_coef=beta,
+        kl_importance_weighted=bias_corrected_kl,
+    )
+    algorithm = get_algorithm(config.algorithm)
+    advantages = algorithm.advantages(rollout, config, None, config.kl_coef).advantages
     torch.testing.assert_close(advantages, trl_inputs["advantages"], rtol=1e-6, atol=1e-6)
 
     # Old log-probs off the current policy (as after an earlier PPO epoch); a reference that differs
@@ -216,25 +234,18 @@ def test_loss_and_gradients_match_trl(
     trl_loss.backward()
     trl_grads = grads_of(params)
 
-    # vlm_rl, as `RLTrainer.update` computes it.
-    out = module(model_inputs, rollout.completion_ids, temperature=temperature, with_entropy=True)
+    # vlm_rl: the objective `RLTrainer.update` calls, with the settings its config gives.
+    out = module(model_inputs, rollout.completion_ids, temperature=config.temperature, with_entropy=True)
     torch.testing.assert_close(out["logprobs"][mask.bool()], current[mask.bool()])
-    loss, _ = core.clipped_policy_loss(
+    loss, _ = core.rl_objective(
         out["logprobs"],
         old_logprobs,
         advantages,
         mask,
-        CLIP_LOW,
-        CLIP_HIGH,
-        aggregation,
-        MAX_COMPLETION_LENGTH,
+        objective_settings(config, algorithm, config.kl_coef),
+        entropy=out["entropy"],
+        ref_logprobs=ref_logprobs if beta else None,
     )
-    loss = loss - entropy_coef * core.masked_mean(out["entropy"], mask)
-    if beta:
-        kl = core.kl_penalty(out["logprobs"], ref_logprobs, "k3")
-        if bias_corrected_kl:
-            kl = kl * torch.exp(out["logprobs"] - old_logprobs)
-        loss = loss + beta * core.aggregate(kl, mask, aggregation, MAX_COMPLETION_LENGTH)
     loss.backward()
     vlm_rl_grads = grads_of(params)
 

@@ -14,7 +14,7 @@ from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rewards.rules import caption_match, completion_text
 from vlm_rl.rl.config import RLConfig
 from vlm_rl.rl.rollout import completion_mask_from_ids
-from vlm_rl.rl.trainer import RLTrainer
+from vlm_rl.rl.trainer import RLTrainer, SkippedStep
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +125,15 @@ def test_non_finite_reward_skips_the_step_and_leaves_weights_untouched(tmp_path,
 def test_non_finite_loss_restores_the_weights(tmp_path, prompts):
     trainer = make_trainer(tmp_path, prompts, total_steps=1)
     batch = trainer._batch(prompts, [0, 1, 2, 3])
-    rollout = trainer.rollout(batch)
-    rollout.scores, _ = trainer.rewards(rollout, batch)
-    trainer.score(rollout)
-    trainer.advantages(rollout)
+    rollout = trainer.generate(batch)
+    rollout.rewards, _ = trainer.compute_rewards(rollout, batch)
+    plan = trainer.plan(len(rollout))
+    trainer.compute_logprobs(rollout, plan)
+    trainer.compute_advantages(rollout)
     rollout.advantages[1:, :] = float("inf")  # poison all but the first minibatch
     before = trainable_state(trainer)
-    assert trainer.update(rollout) is None
+    with pytest.raises(SkippedStep, match="non-finite loss"):
+        trainer.update(rollout, plan)
     for name, value in trainable_state(trainer).items():
         assert torch.equal(value, before[name]), name
 
@@ -168,12 +170,12 @@ def test_run_folder_has_config_metrics_samples_checkpoint_and_adapter(tmp_path, 
 def test_grpo_without_kl_skips_the_reference_pass(tmp_path, prompts):
     trainer = make_trainer(tmp_path, prompts, algorithm="grpo", kl_coef=0.0)
     batch = trainer._batch(prompts, [0, 1])
-    rollout = trainer.rollout(batch)
-    trainer.score(rollout)
+    rollout = trainer.generate(batch)
+    trainer.compute_logprobs(rollout, trainer.plan(len(rollout)))
     assert rollout.ref_logprobs is None and rollout.values is None
     with_kl = make_trainer(tmp_path / "kl", prompts, algorithm="grpo", kl_coef=0.05)
-    rollout = with_kl.rollout(with_kl._batch(prompts, [0, 1]))
-    with_kl.score(rollout)
+    rollout = with_kl.generate(with_kl._batch(prompts, [0, 1]))
+    with_kl.compute_logprobs(rollout, with_kl.plan(len(rollout)))
     # A fresh LoRA adapter (B = 0) leaves the policy equal to the reference.
     torch.testing.assert_close(rollout.ref_logprobs, rollout.old_logprobs)
 
@@ -199,7 +201,6 @@ def test_single_on_policy_step_skips_scoring_with_the_same_result(tmp_path, prom
     """GRPO with one epoch and one optimizer step: old log-probs are the update's own, detached, so
     the scoring pass is skipped; the weights after a step equal those with the scoring pass."""
     settings = dict(algorithm="grpo", minibatch_size=16, total_steps=1, kl_coef=0.0, sample_log_steps=0)
-    rollout_of_16 = torch.zeros(16)
     checks = {
         "one step": ({}, True),
         "two optimizer steps": (dict(minibatch_size=8), False),
@@ -210,15 +211,15 @@ def test_single_on_policy_step_skips_scoring_with_the_same_result(tmp_path, prom
     }
     for name, (overrides, expected) in checks.items():
         trainer = make_trainer(tmp_path / "check", prompts, **{**settings, **overrides})
-        assert trainer._update_is_one_optimizer_step(rollout_of_16) is expected, name
+        assert trainer._update_is_one_optimizer_step(16) is expected, name
         if name == "accumulated into one":  # accelerate's counter mid-accumulation: it would step early
             trainer.accelerator.step = 1
-            assert trainer._update_is_one_optimizer_step(rollout_of_16) is False
+            assert trainer._update_is_one_optimizer_step(16) is False
 
     initial = trainable_state(make_trainer(tmp_path / "init", prompts, **settings))
     fast = make_trainer(tmp_path / "fast", prompts, **settings)
     fast.train_step()
-    monkeypatch.setattr(RLTrainer, "_update_is_one_optimizer_step", lambda self, rollout: False)
+    monkeypatch.setattr(RLTrainer, "_update_is_one_optimizer_step", lambda self, num_samples: False)
     full = make_trainer(tmp_path / "full", prompts, **settings)
     full.train_step()
 

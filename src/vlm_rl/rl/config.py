@@ -15,8 +15,10 @@ class RLConfig:
     """Settings of an RL run. Every field is a command-line flag (`--name value`) and a YAML key."""
 
     # Algorithm
-    algorithm: Literal["ppo", "grpo", "rloo"] = _f(
-        "ppo", "ppo (critic + GAE), grpo (group-normalised) or rloo (leave-one-out)."
+    algorithm: str = _f(
+        "ppo",
+        "ppo (critic + GAE), grpo (group-normalised) or rloo (leave-one-out); any name registered "
+        "with vlm_rl.rl.algorithms.register_algorithm.",
     )
     # Model
     model_name_or_path: str = _f("tiny-llava", "Policy base VLM: hub id, local folder or tiny default.")
@@ -92,12 +94,17 @@ class RLConfig:
         None,
         "KL estimator; default k1 for PPO (in the reward) and k3 for GRPO/RLOO (in the loss, as GRPO/TRL).",
     )
+    kl_importance_weighted: bool = _f(
+        False,
+        "KL in the loss: weight each token's KL by the ratio pi/pi_old (DeepSeek-V3.2's unbiased "
+        "estimate; TRL's use_bias_correction_kl).",
+    )
     adaptive_kl: bool = _f(False, "Adapt kl_coef toward target_kl (Ziegler et al. 2019).")
     target_kl: float = _f(0.1, "Target KL per sequence for the adaptive controller.")
     kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller.")
     # Bookkeeping
-    output_dir: str = _f(
-        "runs/ppo_caption", "Run folder: config, metrics, samples, checkpoints, final adapter."
+    output_dir: str | None = _f(
+        None, "Run folder: config, metrics, samples, checkpoints, final adapter (default runs/<algorithm>)."
     )
     seed: int = _f(0, "Random seed.")
     logging_steps: int = _f(1, "Log metrics every this many steps.")
@@ -124,12 +131,18 @@ class RLConfig:
     def __post_init__(self):
         if self.prompts_per_step < 1 or self.samples_per_prompt < 1:
             raise ValueError("prompts_per_step and samples_per_prompt must be >= 1")
-        if self.algorithm in ("grpo", "rloo") and self.samples_per_prompt < 2:
+        from vlm_rl.rl.algorithms import get_algorithm
+
+        algorithm = get_algorithm(self.algorithm)
+        if self.samples_per_prompt < algorithm.min_samples_per_prompt:
             raise ValueError(
-                f"{self.algorithm} needs samples_per_prompt >= 2 (advantages come from the group)"
+                f"{self.algorithm} needs samples_per_prompt >= {algorithm.min_samples_per_prompt} "
+                "(advantages come from the group)"
             )
         if self.kl_estimator is None:
-            self.kl_estimator = "k1" if self.algorithm == "ppo" else "k3"
+            self.kl_estimator = algorithm.default_kl_estimator
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.algorithm}"
         if self.rule_rewards is None:
             self.rule_rewards = []
         if self.rule_reward_weights is None:

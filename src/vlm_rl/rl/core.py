@@ -6,6 +6,7 @@ Shapes: N = sequences in the batch (prompts x samples), T = completion length (r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -219,3 +220,78 @@ def clipped_value_loss(
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[returns - values] / Var[returns] over masked entries (1 = perfect critic)."""
     return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """The coefficients of `rl_objective` (flat, from the RL config)."""
+
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    aggregation: LossAggregation = "token"
+    max_length: int | None = None
+    """Completion length limit (the "fixed" aggregation divides by it)."""
+    entropy_coef: float = 0.0
+    value_coef: float = 0.0
+    value_clip_range: float = 0.2
+    kl_coef: float = 0.0
+    """Weight of the KL-to-reference term in the loss (0 or no reference log-probs: no term)."""
+    kl_estimator: KLEstimator = "k3"
+    kl_importance_weighted: bool = False
+    """Multiply the per-token KL by the ratio pi/pi_old (DeepSeek-V3.2's unbiased KL; TRL's
+    `use_bias_correction_kl`). Off: the plain estimator (Shao et al. 2024, eq. 4)."""
+
+
+def rl_objective(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    settings: ObjectiveSettings,
+    *,
+    entropy: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The whole loss of one minibatch, to minimise, for every algorithm (PPO, GRPO, RLOO, ...):
+
+        loss = clipped policy loss                          (Schulman et al. 2017, eq. 7)
+               - entropy_coef * mean token entropy          (when `entropy` is given)
+               + value_coef * clipped value loss            (when `values` is given: a critic)
+               + kl_coef * aggregated KL(pi || pi_ref)      (when `ref_logprobs` is given: KL in the loss)
+
+    logprobs, old_logprobs, mask, entropy, values, old_values, returns, ref_logprobs: (N, T);
+    advantages: (N, T) or (N,). An algorithm whose KL enters the reward (PPO) passes no
+    `ref_logprobs`. Returns the loss and detached statistics named as the trainer logs them
+    (loss/policy, loss/value, loss/kl, policy/entropy, policy/clip_fraction, policy/approx_kl, ...).
+    """
+    s = settings
+    policy_loss, policy_stats = clipped_policy_loss(
+        logprobs, old_logprobs, advantages, mask, s.clip_low, s.clip_high, s.aggregation, s.max_length
+    )
+    loss = policy_loss
+    stats = {
+        "loss/policy": policy_loss.detach(),
+        "policy/clip_fraction": policy_stats["clip_fraction"],
+        "policy/approx_kl": policy_stats["approx_kl"],
+    }
+    if entropy is not None:
+        mean_entropy = masked_mean(entropy, mask)
+        loss = loss - s.entropy_coef * mean_entropy
+        stats["policy/entropy"] = mean_entropy.detach()
+    if values is not None:
+        value_loss, value_clip = clipped_value_loss(values, old_values, returns, mask, s.value_clip_range)
+        loss = loss + s.value_coef * value_loss
+        stats["loss/value"] = value_loss.detach()
+        stats["loss/value_clip_fraction"] = value_clip.detach()
+    if ref_logprobs is not None and s.kl_coef > 0:
+        kl = kl_penalty(logprobs, ref_logprobs, s.kl_estimator)
+        if s.kl_importance_weighted:
+            kl = kl * torch.exp(logprobs - old_logprobs)
+        kl_loss = aggregate(kl, mask, s.aggregation, s.max_length)
+        loss = loss + s.kl_coef * kl_loss
+        stats["loss/kl"] = kl_loss.detach()
+    stats["loss/total"] = loss.detach()
+    return loss, stats

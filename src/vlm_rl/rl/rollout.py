@@ -1,21 +1,18 @@
-"""Rollouts: sample completions for a batch of prompts and score them token by token.
+"""Rollouts: sample completions for a batch of prompts (one batched `generate` call).
 
 A `Rollout` is the typed container that carries one RL step's samples between the stages
-(generate -> reward -> old/ref log-probs and values -> advantages -> update).
+(generate -> rewards -> old/ref log-probs and values -> advantages -> update).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 from vlm_rl.models.inputs import append_completion, select_rows
-from vlm_rl.models.loading import vlm_trunk
 from vlm_rl.models.prefill import sampling_inputs
-from vlm_rl.rl.core import entropy_from_logits, selective_log_softmax
 
 
 @dataclass
@@ -36,8 +33,8 @@ class Rollout:
     """(N,) bool: the sample emitted EOS within max_new_tokens."""
     completions: list[str]
     """Decoded completion texts (special tokens skipped)."""
-    scores: torch.Tensor | None = None
-    """(N,) sequence reward used for the update (after penalties)."""
+    rewards: torch.Tensor | None = None
+    """(N,) sequence reward used for the update (the reward components' total, after penalties)."""
     old_logprobs: torch.Tensor | None = None
     """(N, T) log-probs under the policy that sampled (no grad)."""
     ref_logprobs: torch.Tensor | None = None
@@ -50,7 +47,6 @@ class Rollout:
     """(N, T) value targets (PPO)."""
     sample_mask: torch.Tensor | None = None
     """(N,) 1 for samples that take part in the update (dynamic sampling drops the others)."""
-    extras: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompt_index)
@@ -135,49 +131,3 @@ def generate(
         ended=ended.cpu(),
         completions=[t.strip() for t in texts],
     )
-
-
-class PolicyWithValue(nn.Module):
-    """The policy (a LoRA-wrapped VLM) and, for PPO, a value head on the same trunk.
-
-    One forward pass over prompt + completion returns per-token log-probs of the completion
-    (logits computed only at completion positions), optionally entropies, and values. The critic
-    shares the policy's trunk: no second model in memory, and its value is read from the same
-    hidden state that predicts the token (V(s_t) before token t is generated).
-    """
-
-    def __init__(self, policy: nn.Module, value_head: nn.Linear | None = None):
-        super().__init__()
-        self.policy = policy
-        self.value_head = value_head
-
-    # Gradient checkpointing belongs to the policy (TRL's generation context toggles it).
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.policy.is_gradient_checkpointing
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.policy.gradient_checkpointing_disable()
-
-    def forward(
-        self,
-        inputs: BatchFeature,
-        completion_ids: torch.Tensor,
-        temperature: float = 1.0,
-        with_entropy: bool = False,
-        with_values: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        hidden = vlm_trunk(self.policy)(**inputs).last_hidden_state  # (N, L, H)
-        T = completion_ids.shape[1]
-        hidden = hidden[:, -T - 1 : -1]  # states that predict each completion token
-        lm_head = self.policy.get_output_embeddings()
-        logits = lm_head(hidden).float() / temperature  # (N, T, V)
-        out = {"logprobs": selective_log_softmax(logits, completion_ids)}
-        if with_entropy:
-            out["entropy"] = entropy_from_logits(logits)
-        if with_values and self.value_head is not None:
-            out["values"] = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        return out

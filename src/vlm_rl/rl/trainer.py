@@ -1,12 +1,21 @@
-"""The RL loop for PPO, GRPO and RLOO on one engine.
+"""The RL loop for every algorithm (PPO, GRPO, RLOO, ...) on one engine.
 
-One step reads as its stages, each timed:
-    prompts -> rollout (sample G completions per prompt) -> rewards (components, penalties)
-    -> scoring (old log-probs + values; reference log-probs if the KL term is on)
-    -> advantages (GAE | group-normalised | leave-one-out) -> update (epochs x minibatches).
+One step reads as its stages, each timed (`train_step`):
+    prompts -> generate (sample G completions per prompt) -> rewards (components, penalties)
+    -> log-probs (old log-probs, values, reference log-probs: what the step's plan asks for)
+    -> advantages (the algorithm's estimator) -> update (epochs x minibatches of `core.rl_objective`).
+
+The algorithm (`vlm_rl.rl.algorithms`, `--algorithm`) only declares what it needs: whether it has a
+critic, where its KL enters (reward or loss), its advantage estimator. The trainer turns that and
+the config into one `StepPlan` per step and never branches on an algorithm's name.
+
+Several processes: every decision to skip (a non-finite reward, loss or gradient; no sample left
+after dynamic sampling) is agreed by an all-reduce, so all ranks skip together and their optimizer
+steps, schedulers and counters stay aligned. A skipped step still advances the step counter and the
+learning-rate schedule, and is counted in `train/skipped_steps`.
 
 Memory: one base model. The policy is base + LoRA; the reference is the same base with the
-adapter disabled; the PPO critic is a value head on the policy's trunk.
+adapter disabled; a critic is a value head on the policy's trunk.
 
 Speed (both exact up to float summation order): generation prefills each prompt once for its G
 samples (`vlm_rl.models.prefill`); the scoring and update passes repeat each prompt's images G
@@ -38,10 +47,12 @@ from transformers import ProcessorMixin, get_scheduler
 from vlm_rl.data.collators import PromptBatch, PromptCollator
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import share_image_encoding
+from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.rewards.compose import CombinedReward, NonFiniteRewardError
 from vlm_rl.rl import core
+from vlm_rl.rl.algorithms import StepPlan, get_algorithm, objective_settings
 from vlm_rl.rl.config import RLConfig
-from vlm_rl.rl.rollout import PolicyWithValue, Rollout, generate
+from vlm_rl.rl.rollout import Rollout, generate
 from vlm_rl.runlog import MetricsLogger, atomic_dir, save_config
 
 logger = logging.getLogger(__name__)
@@ -61,6 +72,11 @@ class KLController:
     target: float | None = None
     horizon: int = 10000
 
+    @property
+    def active(self) -> bool:
+        """The KL term is on: a reference pass is needed."""
+        return self.coef > 0 or self.target is not None
+
     def update(self, observed_kl: float, num_samples: int) -> None:
         if self.target is None:
             return
@@ -75,8 +91,16 @@ def _as_conversation(completion: str, prompt: Any) -> Any:
     return completion
 
 
+class SkippedStep(Exception):
+    """Raised inside a step that every rank agreed to skip; `reason` goes to the log."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 class RLTrainer:
-    """PPO / GRPO / RLOO for VLMs. Components come in built; the trainer owns only the loop."""
+    """RL for VLMs with any registered algorithm. Components come in built; the trainer owns the loop."""
 
     def __init__(
         self,
@@ -88,10 +112,12 @@ class RLTrainer:
         eval_dataset: datasets.Dataset | None = None,
         eval_metric: EvalMetric | None = None,
         accelerator: Accelerator | None = None,
+        value_head: torch.nn.Linear | None = None,
     ):
         if len(train_dataset) == 0:
             raise ValueError("the training prompt dataset is empty; check --dataset and its split")
         self.config = config
+        self.algorithm = get_algorithm(config.algorithm)
         self.accelerator = accelerator or make_accelerator(config.gradient_accumulation_steps)
         self.processor = processor
         self.reward = reward
@@ -102,17 +128,16 @@ class RLTrainer:
         self.output_dir = Path(config.output_dir)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.is_ppo = config.algorithm == "ppo"
         world = self.accelerator.num_processes
         if config.prompts_per_step % world:
             raise ValueError(
                 f"prompts_per_step ({config.prompts_per_step}) must be divisible by the {world} processes"
             )
 
-        value_head = None
-        if self.is_ppo:
-            hidden = policy.config.get_text_config().hidden_size
-            value_head = torch.nn.Linear(hidden, 1)
+        if not self.algorithm.uses_critic:
+            value_head = None
+        elif value_head is None:
+            value_head = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1)
             torch.nn.init.zeros_(value_head.weight)
             torch.nn.init.zeros_(value_head.bias)
         module = PolicyWithValue(policy, value_head)
@@ -170,6 +195,20 @@ class RLTrainer:
     def _batch(self, dataset: datasets.Dataset, indices: list[int]) -> PromptBatch:
         return self.collator([dataset[i] for i in indices])
 
+    def _all_ranks(self, ok: bool | torch.Tensor) -> bool:
+        """True when `ok` holds on every process (an all-reduce: every rank must call it)."""
+        ok = bool(ok)
+        if self.accelerator.num_processes == 1:
+            return ok
+        failures = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        return self.accelerator.reduce(failures, reduction="sum").item() == 0
+
+    def _max_over_ranks(self, value: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.long, device=self.device)
+        return int(self.accelerator.gather(tensor).max().item())
+
     @contextmanager
     def _reference(self):
         """The reference policy: the same base with the LoRA adapter disabled."""
@@ -186,8 +225,34 @@ class RLTrainer:
         for start in range(0, n, self.config.minibatch_size):
             yield order[start : start + self.config.minibatch_size]
 
+    # -- the plan of a step ----------------------------------------------------------------------
+    def plan(self, num_samples: int) -> StepPlan:
+        """What this step computes for its algorithm and config, decided before any scoring."""
+        return StepPlan(
+            values=self.algorithm.uses_critic,
+            ref_logprobs=self.kl.active,
+            old_logprobs=not self._update_is_one_optimizer_step(num_samples),
+            kl_in_loss=not self.algorithm.kl_in_reward,
+        )
+
+    def _update_is_one_optimizer_step(self, num_samples: int) -> bool:
+        """True when the update takes a single optimizer step over the whole rollout (one epoch,
+        every minibatch accumulated into it) and no critic or KL statistic needs the sampling
+        policy's log-probs beforehand: then old log-probs = the update pass's own, detached
+        (TRL's GRPOTrainer does the same), and the scoring pass is skipped."""
+        config = self.config
+        minibatches = -(-num_samples // config.minibatch_size)
+        return (
+            not self.algorithm.uses_critic
+            and config.ppo_epochs == 1
+            and minibatches <= config.gradient_accumulation_steps
+            # accelerate counts minibatches across RL steps: the optimizer may only step at the last
+            and self.accelerator.step % config.gradient_accumulation_steps == 0
+            and not self.kl.active
+        )
+
     # -- stages ---------------------------------------------------------------------------------
-    def rollout(self, batch: PromptBatch, greedy: bool = False, samples: int | None = None) -> Rollout:
+    def generate(self, batch: PromptBatch, greedy: bool = False, samples: int | None = None) -> Rollout:
         from trl.models.utils import unwrap_model_for_generation  # gathers ZeRO-3 shards for generation
 
         with unwrap_model_for_generation(self.module, self.accelerator) as unwrapped:
@@ -204,8 +269,9 @@ class RLTrainer:
                 greedy=greedy,
             )
 
-    def rewards(self, rollout: Rollout, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sequence rewards (N,) from the reward components, minus the missing-EOS penalty."""
+    def compute_rewards(self, rollout: Rollout, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sequence rewards (N,) from the reward components, minus the missing-EOS penalty.
+        Raises `NonFiniteRewardError` when a component returns NaN or inf."""
         index = rollout.prompt_index.tolist()
         prompts = [batch.prompts[i] for i in index]
         columns = {key: [values[i] for i in index] for key, values in batch.columns.items()}
@@ -214,159 +280,127 @@ class RLTrainer:
             _as_conversation(text, prompt) for text, prompt in zip(rollout.completions, prompts, strict=True)
         ]
         result = self.reward(prompts=prompts, completions=completions, **columns)
-        scores = result.total.clone()
-        scores -= self.config.missing_eos_penalty * (~rollout.ended).float()
-        return scores, result.metrics()
-
-    def _update_is_one_optimizer_step(self, rollout: Rollout) -> bool:
-        """True when the update takes a single optimizer step over the whole rollout (one epoch,
-        every minibatch accumulated into it) and no critic or KL statistic needs the sampling
-        policy's log-probs beforehand: then old log-probs = the update pass's own, detached
-        (TRL's GRPOTrainer does the same), and the scoring pass is skipped."""
-        config = self.config
-        minibatches = -(-len(rollout) // config.minibatch_size)
-        return (
-            not self.is_ppo
-            and config.ppo_epochs == 1
-            and minibatches <= config.gradient_accumulation_steps
-            # accelerate counts minibatches across RL steps: the optimizer may only step at the last
-            and self.accelerator.step % config.gradient_accumulation_steps == 0
-            and self.kl.coef == 0
-            and not config.adaptive_kl
-        )
+        rewards = result.total.clone()
+        rewards -= self.config.missing_eos_penalty * (~rollout.ended).float()
+        return rewards, result.metrics()
 
     @torch.no_grad()
-    def score(self, rollout: Rollout) -> None:
-        """Old log-probs and values (policy), and reference log-probs when the KL term is on.
-        Nothing to compute when the update is a single on-policy optimizer step."""
-        if self._update_is_one_optimizer_step(rollout):
-            rollout.old_logprobs = rollout.values = rollout.ref_logprobs = None
+    def compute_logprobs(self, rollout: Rollout, plan: StepPlan) -> None:
+        """The plan's scoring pass: old log-probs and values under the sampling policy, and
+        reference log-probs when the KL term is on. Nothing when the plan needs none of them."""
+        rollout.old_logprobs = rollout.values = rollout.ref_logprobs = None
+        if not plan.scoring_pass:
             return
         self.module.eval()
         old, values, ref = [], [], []
         for rows in self._minibatches(len(rollout), shuffle=False):
-            out = self._forward(rollout, rows, with_values=self.is_ppo)
+            out = self._forward(rollout, rows, with_values=plan.values)
             old.append(out["logprobs"])
-            if self.is_ppo:
+            if plan.values:
                 values.append(out["values"])
-            if self.kl.coef > 0 or self.config.adaptive_kl:
+            if plan.ref_logprobs:
                 with self._reference():
                     ref.append(self._forward(rollout, rows)["logprobs"])
         rollout.old_logprobs = torch.cat(old).cpu()
         rollout.values = torch.cat(values).cpu() if values else None
         rollout.ref_logprobs = torch.cat(ref).cpu() if ref else None
 
-    def advantages(self, rollout: Rollout) -> dict[str, float]:
-        config, mask = self.config, rollout.completion_mask.float()
+    def compute_advantages(self, rollout: Rollout) -> dict[str, float]:
+        """The algorithm's advantages (and value targets) into the rollout; returns statistics."""
         stats: dict[str, float] = {}
-        kl = None
+        token_kl = None
         if rollout.ref_logprobs is not None:
-            kl = core.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, config.kl_estimator)
-            stats["objective/kl"] = core.masked_sum(kl, mask, dim=1).mean().item()
-        rollout.sample_mask = torch.ones(len(rollout))
-        if self.is_ppo:
-            token_kl = kl if kl is not None else torch.zeros_like(mask)
-            rewards = core.token_rewards(rollout.scores, token_kl, mask, self.kl.coef)
-            advantages, returns = core.gae(rewards, rollout.values, mask, config.gamma, config.lam)
-            if config.whiten_advantages:
-                advantages = core.masked_whiten(advantages, mask)
-            rollout.advantages, rollout.returns = advantages, returns
-            stats["objective/explained_variance"] = core.explained_variance(
-                rollout.values, returns, mask
-            ).item()
-            stats["objective/value_mean"] = core.masked_mean(rollout.values, mask).item()
-        else:
-            G = config.samples_per_prompt
-            if config.algorithm == "grpo":
-                rollout.advantages = core.group_advantages(rollout.scores, G, config.scale_rewards)
-            else:
-                rollout.advantages = core.rloo_advantages(rollout.scores, G)
-            signal = core.groups_with_signal(rollout.scores, G)
-            stats["objective/groups_with_signal"] = signal.float().mean().item()
-            if config.dynamic_sampling:
-                rollout.sample_mask = signal.float()
-        return stats
+            token_kl = core.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, self.config.kl_estimator)
+            mask = rollout.completion_mask.float()
+            stats["objective/kl"] = core.masked_sum(token_kl, mask, dim=1).mean().item()
+        result = self.algorithm.advantages(rollout, self.config, token_kl, self.kl.coef)
+        rollout.advantages, rollout.returns = result.advantages, result.returns
+        rollout.sample_mask = (
+            result.sample_mask if result.sample_mask is not None else torch.ones(len(rollout))
+        )
+        return {**stats, **result.stats}
 
-    def update(self, rollout: Rollout) -> dict[str, float] | None:
-        """PPO epochs over shuffled minibatches. Returns None if a non-finite loss skipped the step."""
+    def update(self, rollout: Rollout, plan: StepPlan | None = None) -> dict[str, float]:
+        """Epochs over shuffled minibatches of `core.rl_objective`. Raises `SkippedStep` (weights
+        restored) when any rank meets a non-finite loss or gradient, or no rank has a sample left.
+
+        Ranks may hold different numbers of samples (dynamic sampling drops groups): every rank runs
+        the same number of minibatches, a rank out of samples running a zero-weight one, so the
+        gradient all-reduces and the optimizer steps stay matched.
+        """
         config = self.config
+        plan = plan or self.plan(len(rollout))
+        settings = objective_settings(config, self.algorithm, self.kl.coef)
         self.module.train()
         sums: dict[str, list[float]] = defaultdict(list)
-        snapshot = {id(p): p.detach().clone() for p in self.params}
         rows_all = torch.nonzero(rollout.sample_mask > 0).flatten()
-        if len(rows_all) == 0:
-            return {}
+        local_minibatches = -(-len(rows_all) // config.minibatch_size)
+        num_minibatches = self._max_over_ranks(local_minibatches)
+        if num_minibatches == 0:
+            raise SkippedStep("no sample left after dynamic sampling on any process")
+        snapshot = {id(p): p.detach().clone() for p in self.params}
         for _ in range(config.ppo_epochs):
-            for picked in self._minibatches(len(rows_all), shuffle=True):
-                rows = rows_all[picked]
+            minibatches = list(self._minibatches(len(rows_all), shuffle=True))
+            for index in range(num_minibatches):
+                padding = index >= len(minibatches)
+                rows = torch.zeros(1, dtype=torch.long) if padding else rows_all[minibatches[index]]
                 with self.accelerator.accumulate(self.module):
-                    out = self._forward(rollout, rows, with_entropy=True, with_values=self.is_ppo)
-                    mask = rollout.completion_mask[rows].to(self.device).float()
-                    advantages = rollout.advantages[rows].to(self.device)
-                    old = (
-                        out["logprobs"].detach()
-                        if rollout.old_logprobs is None  # on-policy single step: ratio 1, see score()
-                        else rollout.old_logprobs[rows].to(self.device)
-                    )
-                    policy_loss, stats = core.clipped_policy_loss(
-                        out["logprobs"],
-                        old,
-                        advantages,
-                        mask,
-                        config.clip_range,
-                        config.clip_range_high,
-                        config.loss_aggregation,
-                        config.max_new_tokens,
-                    )
-                    entropy = core.masked_mean(out["entropy"], mask)
-                    loss = policy_loss - config.entropy_coef * entropy
-                    if self.is_ppo:
-                        value_loss, value_clip = core.clipped_value_loss(
-                            out["values"],
-                            rollout.values[rows].to(self.device),
-                            rollout.returns[rows].to(self.device),
-                            mask,
-                            config.value_clip_range,
-                        )
-                        loss = loss + config.value_coef * value_loss
-                        sums["loss/value"].append(value_loss.item())
-                        sums["loss/value_clip_fraction"].append(value_clip.item())
-                    elif self.kl.coef > 0 and rollout.ref_logprobs is not None:
-                        kl = core.kl_penalty(
-                            out["logprobs"], rollout.ref_logprobs[rows].to(self.device), config.kl_estimator
-                        )
-                        kl_loss = core.aggregate(kl, mask, config.loss_aggregation, config.max_new_tokens)
-                        loss = loss + self.kl.coef * kl_loss
-                        sums["loss/kl"].append(kl_loss.item())
-                    if not torch.isfinite(loss):
-                        self._restore(snapshot)
-                        return None
+                    loss, stats = self._minibatch_loss(rollout, rows, plan, settings)
+                    if padding:
+                        loss = loss * 0.0
+                    if not self._all_ranks(torch.isfinite(loss)):
+                        self._abort(snapshot)
+                        raise SkippedStep("non-finite loss (weights left untouched)")
                     self.accelerator.backward(loss)
                     if self.accelerator.sync_gradients:
                         grad_norm = self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
-                        if not torch.isfinite(grad_norm):
-                            self._restore(snapshot)
-                            return None
+                        if not self._all_ranks(torch.isfinite(grad_norm)):
+                            self._abort(snapshot)
+                            raise SkippedStep("non-finite gradient (weights left untouched)")
                         sums["loss/grad_norm"].append(float(grad_norm))
                     self.optimizer.step()
                     self.optimizer.zero_grad()
-                sums["loss/policy"].append(policy_loss.item())
-                sums["loss/total"].append(loss.item())
-                sums["policy/entropy"].append(entropy.item())
-                sums["policy/clip_fraction"].append(stats["clip_fraction"].item())
-                sums["policy/approx_kl"].append(stats["approx_kl"].item())
-        self.scheduler.step()
+                if not padding:
+                    for key, value in stats.items():
+                        sums[key].append(value.item())
         return {k: float(np.mean(v)) for k, v in sums.items()}
 
-    def _restore(self, snapshot: dict[int, torch.Tensor]) -> None:
-        """Put the weights back as they were before this step (a non-finite loss or gradient)."""
+    def _minibatch_loss(
+        self, rollout: Rollout, rows: torch.Tensor, plan: StepPlan, settings: core.ObjectiveSettings
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`core.rl_objective` on the rollout's `rows`, with what the plan computed."""
+        out = self._forward(rollout, rows, with_entropy=True, with_values=plan.values)
+
+        def rollout_rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[rows].to(self.device)
+
+        # on-policy single step: old = the update's own log-probs, detached (ratio 1; see plan())
+        old = out["logprobs"].detach() if rollout.old_logprobs is None else rollout_rows(rollout.old_logprobs)
+        return core.rl_objective(
+            out["logprobs"],
+            old,
+            rollout_rows(rollout.advantages),
+            rollout_rows(rollout.completion_mask).float(),
+            settings,
+            entropy=out["entropy"],
+            values=out.get("values"),
+            old_values=rollout_rows(rollout.values),
+            returns=rollout_rows(rollout.returns),
+            ref_logprobs=rollout_rows(rollout.ref_logprobs) if plan.kl_in_loss else None,
+        )
+
+    def _abort(self, snapshot: dict[int, torch.Tensor]) -> None:
+        """Undo this step's updates: weights back as they were, gradients cleared, and accelerate's
+        accumulation counter realigned (the next step starts a fresh accumulation)."""
         with torch.no_grad():
             for p in self.params:
                 p.copy_(snapshot[id(p)])
                 p.grad = None  # the prepared optimizer's zero_grad is a no-op between accumulation syncs
+        self.accelerator.step = 0
 
     # -- one step -----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        """One RL step: its stages in order, each timed. Returns its metrics (mean over processes)."""
         timings: dict[str, float] = {}
 
         @contextmanager
@@ -377,39 +411,46 @@ class RLTrainer:
 
         step_start = time.perf_counter()
         batch = self._batch(self.train_dataset, self._prompt_indices(self.step))
-        # Scoring and update passes (and generation where the prefill is not shared) see each
-        # prompt's images G times: encode each distinct image once.
-        with share_image_encoding(self.unwrapped.policy) as image_encoding:
-            with timed("rollout"):
-                rollout = self.rollout(batch)
-            with timed("reward"):
-                try:
-                    rollout.scores, reward_metrics = self.rewards(rollout, batch)
-                except NonFiniteRewardError as error:
-                    logger.warning("step %d skipped: %s", self.step, error)
-                    self.skipped_steps += 1
-                    return {"train/skipped_steps": self.skipped_steps}
-            with timed("score"):
-                self.score(rollout)
-            with timed("advantages"):
-                objective = self.advantages(rollout)
-            with timed("update"):
-                update = self.update(rollout)
-        if update is None:
-            logger.warning("step %d skipped: non-finite loss or gradient (weights left untouched)", self.step)
+        try:
+            # Scoring and update passes (and generation where the prefill is not shared) see each
+            # prompt's images G times: encode each distinct image once.
+            with share_image_encoding(self.unwrapped.policy) as image_encoding:
+                with timed("rollout"):
+                    rollout = self.generate(batch)
+                with timed("reward"):
+                    rewards, reward_metrics, error = None, {}, None
+                    try:
+                        rewards, reward_metrics = self.compute_rewards(rollout, batch)
+                    except NonFiniteRewardError as raised:
+                        error = raised
+                    if not self._all_ranks(error is None):
+                        raise SkippedStep(str(error) if error else "non-finite reward on another process")
+                    rollout.rewards = rewards
+                plan = self.plan(len(rollout))
+                with timed("score"):
+                    self.compute_logprobs(rollout, plan)
+                with timed("advantages"):
+                    objective = self.compute_advantages(rollout)
+                with timed("update"):
+                    update = self.update(rollout, plan)
+        except SkippedStep as skip:
+            logger.warning("step %d skipped: %s", self.step, skip.reason)
             self.skipped_steps += 1
+            self.scheduler.step()
+            return self._gather_mean({"train/skipped_steps": self.skipped_steps})
+        self.scheduler.step()
         if "objective/kl" in objective:
             self.kl.update(objective["objective/kl"], len(rollout) * self.accelerator.num_processes)
         lengths = rollout.completion_mask.sum(1).float()
         elapsed = time.perf_counter() - step_start
         metrics = {
-            "reward/mean": rollout.scores.mean().item(),
-            "reward/std": rollout.scores.std().item() if len(rollout) > 1 else 0.0,
+            "reward/mean": rollout.rewards.mean().item(),
+            "reward/std": rollout.rewards.std().item() if len(rollout) > 1 else 0.0,
             **{k.replace("rewards/", "reward/"): v for k, v in reward_metrics.items()},
             "completions/mean_length": lengths.mean().item(),
             "completions/ended_fraction": rollout.ended.float().mean().item(),
             **objective,
-            **(update or {}),
+            **update,
             "objective/kl_coef": self.kl.coef,
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/skipped_steps": self.skipped_steps,
@@ -444,7 +485,7 @@ class RLTrainer:
                     "image_id": batch.columns.get("image_id", [None] * len(batch))[p],
                     "prompt": batch.prompts[p],
                     "completion": rollout.completions[i],
-                    "reward": float(rollout.scores[i]),
+                    "reward": float(rollout.rewards[i]),
                 }
                 f.write(json.dumps(record, default=str) + "\n")
 
@@ -461,10 +502,10 @@ class RLTrainer:
         for start in range(0, len(indices), batch_size):
             batch = self._batch(dataset, indices[start : start + batch_size])
             with share_image_encoding(self.unwrapped.policy):  # prompts may share an image
-                rollout = self.rollout(batch, greedy=True, samples=1)
-            scores, _ = self.rewards(rollout, batch)
+                rollout = self.generate(batch, greedy=True, samples=1)
+            rewards, _ = self.compute_rewards(rollout, batch)
             n = len(rollout)
-            totals["eval/reward"] += scores.sum().item()
+            totals["eval/reward"] += rewards.sum().item()
             if self.eval_metric is not None:
                 for key, value in self.eval_metric(rollout.completions, batch.columns).items():
                     totals[f"eval/{key}"] += value * n

@@ -1,0 +1,56 @@
+"""The policy and its critic as one module: per-token log-probs, entropies and values in one pass."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BatchFeature
+
+from vlm_rl.models.loading import vlm_trunk
+from vlm_rl.rl.core import entropy_from_logits, selective_log_softmax
+
+
+class PolicyWithValue(nn.Module):
+    """The policy (a LoRA-wrapped VLM) and, for PPO, a value head on the same trunk.
+
+    One forward pass over prompt + completion returns per-token log-probs of the completion
+    (logits computed only at completion positions), optionally entropies, and values. The critic
+    shares the policy's trunk: no second model in memory, and its value is read from the same
+    hidden state that predicts the token (V(s_t) before token t is generated).
+    """
+
+    def __init__(self, policy: nn.Module, value_head: nn.Linear | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    # Gradient checkpointing belongs to the policy (TRL's generation context toggles it).
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.policy.is_gradient_checkpointing
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.policy.gradient_checkpointing_disable()
+
+    def forward(
+        self,
+        inputs: BatchFeature,
+        completion_ids: torch.Tensor,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        with_values: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        hidden = vlm_trunk(self.policy)(**inputs).last_hidden_state  # (N, L, H)
+        T = completion_ids.shape[1]
+        hidden = hidden[:, -T - 1 : -1]  # states that predict each completion token
+        lm_head = self.policy.get_output_embeddings()
+        logits = lm_head(hidden).float() / temperature  # (N, T, V)
+        out = {"logprobs": selective_log_softmax(logits, completion_ids)}
+        if with_entropy:
+            out["entropy"] = entropy_from_logits(logits)
+        if with_values and self.value_head is not None:
+            out["values"] = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return out
