@@ -468,12 +468,17 @@ class RLTrainer:
         return self._gather_mean(metrics)
 
     def _gather_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric's mean over the processes that have it (a rank with no sample left after
+        dynamic sampling has no loss statistics, for instance)."""
         if self.accelerator.num_processes == 1:
             return metrics
-        keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-        values = self.accelerator.reduce(values, reduction="mean")
-        return dict(zip(keys, values.tolist(), strict=True))
+        from accelerate.utils import gather_object
+
+        keys = sorted(set(gather_object(sorted(metrics))))
+        present = torch.tensor([k in metrics for k in keys], dtype=torch.float64, device=self.device)
+        values = torch.tensor([metrics.get(k, 0.0) for k in keys], dtype=torch.float64, device=self.device)
+        totals = self.accelerator.reduce(torch.stack([values * present, present]), reduction="sum")
+        return {k: total / count for k, total, count in zip(keys, *totals.tolist(), strict=True) if count}
 
     def _write_samples(self, rollout: Rollout, batch: PromptBatch) -> None:
         path = self.output_dir / "samples.jsonl"
