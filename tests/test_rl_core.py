@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlm_rl.rl import core
 from vlm_rl.rl.core import (
     aggregate,
     clipped_policy_loss,
@@ -400,3 +401,35 @@ def test_explained_variance() -> None:
     # residuals [0, 0, 0, 2]: var 3 / 3 = 1; Var[returns] = 5 / 3 -> 1 - 3 / 5 = 0.4
     values = torch.tensor([[1.0, 2.0, 3.0, 2.0, -7.0]])
     close(explained_variance(values, returns, mask), torch.tensor(0.4))
+
+
+def test_rl_objective_sums_its_terms_by_hand():
+    """ratio 1 (old = current), advantages [2, 1] per sequence, 2 tokens each:
+    policy = -(2 + 2 + 1 + 1) / 4 = -1.5; entropy bonus -0.1 * 0.5; value 0.5 * (1 - 3)^2 = 2 (times
+    0.5); KL k1 = logp - ref = 1 at every token (times 0.2): total -1.5 - 0.05 + 1.0 + 0.2 = -0.35."""
+    logprobs = torch.zeros(2, 2, requires_grad=True)
+    settings = core.ObjectiveSettings(entropy_coef=0.1, value_coef=0.5, kl_coef=0.2, kl_estimator="k1")
+    loss, stats = core.rl_objective(
+        logprobs,
+        logprobs.detach(),
+        torch.tensor([2.0, 1.0]),
+        torch.ones(2, 2),
+        settings,
+        entropy=torch.full((2, 2), 0.5),
+        values=torch.ones(2, 2),
+        old_values=torch.ones(2, 2),
+        returns=torch.full((2, 2), 3.0),
+        ref_logprobs=torch.full((2, 2), -1.0),
+    )
+    assert loss.item() == pytest.approx(-0.35)
+    assert stats["loss/policy"].item() == pytest.approx(-1.5)
+    assert stats["loss/value"].item() == pytest.approx(2.0)
+    assert stats["loss/kl"].item() == pytest.approx(1.0)
+    assert stats["policy/entropy"].item() == pytest.approx(0.5)
+    assert stats["loss/total"].item() == pytest.approx(-0.35)
+    # Each term is present only when its inputs are: PPO (KL in the reward) passes no reference.
+    loss, stats = core.rl_objective(
+        logprobs, logprobs.detach(), torch.tensor([2.0, 1.0]), torch.ones(2, 2), settings
+    )
+    assert loss.item() == pytest.approx(-1.5)
+    assert {"loss/value", "loss/kl", "policy/entropy"}.isdisjoint(stats)

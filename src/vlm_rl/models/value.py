@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import BatchFeature
@@ -54,3 +56,26 @@ class PolicyWithValue(nn.Module):
         if with_values and self.value_head is not None:
             out["values"] = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return out
+
+
+VALUE_HEAD_NAME = "value_head.safetensors"
+
+
+def save_value_head(value_head: nn.Linear, folder: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}
+    save_file(state, str(Path(folder) / VALUE_HEAD_NAME))
+
+
+def load_value_head(folder: str | Path) -> nn.Linear | None:
+    """The value head saved beside an adapter (a PPO run's final/ or checkpoint adapter/), or None."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / VALUE_HEAD_NAME
+    if not path.is_file():
+        return None
+    state = load_file(str(path))
+    head = nn.Linear(state["weight"].shape[1], 1)
+    head.load_state_dict(state)
+    return head

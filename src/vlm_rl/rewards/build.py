@@ -1,8 +1,17 @@
-"""Build the combined reward of an RL run from names and weights (the config's reward fields)."""
+"""Build the combined reward of an RL run from names and weights (the config's reward fields).
+
+A reward function is named as TRL's CLI names them: a built-in rule reward (`RULE_REWARDS`, e.g.
+``exact_match``) or an import path, ``my_pkg.rewards:fn`` or ``my_pkg.rewards.fn``, of any function
+with the signature ``fn(prompts, completions, **columns) -> list[float | None]``.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,27 +38,61 @@ def load_reward_model(path: str, device: torch.device | str = "cpu") -> RewardMo
     return model
 
 
+def resolve_reward_function(spec: str) -> tuple[str, Callable]:
+    """(log name, function) for a built-in rule reward name or an import path ("pkg.mod:fn" or
+    "pkg.mod.fn"; the current folder is searched too, so a local my_rewards.py works)."""
+    if spec in RULE_REWARDS:
+        return spec, RULE_REWARDS[spec]
+    if ":" in spec:
+        module_name, _, attribute = spec.partition(":")
+    elif "." in spec:
+        module_name, _, attribute = spec.rpartition(".")
+    else:
+        raise ValueError(
+            f"unknown reward function {spec!r}: not a built-in rule reward ({', '.join(sorted(RULE_REWARDS))}) "
+            "nor an import path such as my_pkg.rewards:my_reward"
+        )
+    try:
+        module = _import(module_name)
+    except ImportError as error:
+        raise ValueError(f"reward function {spec!r}: cannot import {module_name!r} ({error})") from error
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"reward function {spec!r}: {module_name!r} has no function {attribute!r}")
+    return attribute, function
+
+
+def _import(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        if os.getcwd() in sys.path:
+            raise
+        sys.path.append(os.getcwd())
+        return importlib.import_module(module_name)
+
+
 def build_reward(
     *,
     reward_model_path: str | None = None,
     reward_model_weight: float = 1.0,
-    rule_rewards: list[str] | tuple[str, ...] = (),
-    rule_reward_weights: list[float] | tuple[float, ...] | None = None,
+    reward_funcs: list[str] | tuple[str, ...] = (),
+    reward_weights: list[float] | tuple[float, ...] | None = None,
     normalize: bool = False,
     device: torch.device | str = "cpu",
 ) -> CombinedReward:
-    """A CombinedReward from a reward-model path and rule-reward names with their weights."""
-    weights = list(rule_reward_weights) if rule_reward_weights else [1.0] * len(rule_rewards)
+    """A CombinedReward from a reward-model path and reward functions (names or import paths) with
+    their weights."""
+    weights = list(reward_weights) if reward_weights else [1.0] * len(reward_funcs)
     components = []
-    for name, weight in zip(rule_rewards, weights, strict=True):
-        if name not in RULE_REWARDS:
-            raise ValueError(f"unknown rule reward {name!r}; choose among {sorted(RULE_REWARDS)}")
-        components.append(RewardComponent(name, RULE_REWARDS[name], weight=weight, normalize=normalize))
+    for spec, weight in zip(reward_funcs, weights, strict=True):
+        name, function = resolve_reward_function(spec)
+        components.append(RewardComponent(name, function, weight=weight, normalize=normalize))
     if reward_model_path:
         reward_model = load_reward_model(reward_model_path, device)
         components.append(
             RewardComponent("reward_model", reward_model, weight=reward_model_weight, normalize=normalize)
         )
     if not components:
-        raise ValueError("no reward: give --reward_model_path and/or --rule_rewards")
+        raise ValueError("no reward: give --reward_model_path and/or --reward_funcs")
     return CombinedReward(components)

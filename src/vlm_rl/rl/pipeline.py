@@ -7,6 +7,7 @@ names its held-out task metric; `run_rl` does the rest the same way for every al
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -14,11 +15,14 @@ from accelerate import Accelerator
 from vlm_rl.data.loaders import load_task_dataset
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import load_model, wrap_with_lora
+from vlm_rl.models.value import load_value_head
 from vlm_rl.rewards.build import build_reward
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
 from vlm_rl.rl.trainer import EvalMetric, RLTrainer
 from vlm_rl.sft import supervised_warm_start
+
+logger = logging.getLogger(__name__)
 
 
 def start(config: RLConfig) -> Accelerator:
@@ -36,11 +40,33 @@ def reward_from_config(config: RLConfig, device: torch.device) -> CombinedReward
     return build_reward(
         reward_model_path=config.reward_model_path,
         reward_model_weight=config.reward_model_weight,
-        rule_rewards=config.rule_rewards,
-        rule_reward_weights=config.rule_reward_weights,
+        reward_funcs=config.rule_rewards,
+        reward_weights=config.rule_reward_weights,
         normalize=config.normalize_rewards,
         device=device,
     )
+
+
+def build_policy(config: RLConfig, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear | None]:
+    """The policy RL starts from: a fresh LoRA adapter on `model`, or with `config.init_adapter` a
+    saved one (e.g. an SFT adapter, or an earlier run's final/), trainable; with it the saved value
+    head, if the folder has one (a PPO run's). Returns (policy, value head or None)."""
+    if not config.init_adapter:
+        policy = wrap_with_lora(
+            model, r=config.lora_r, alpha=config.lora_alpha, train_projector=config.train_projector
+        )
+        return policy, None
+    from peft import PeftModel
+
+    folder = Path(config.init_adapter)
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"--init_adapter {config.init_adapter}: no LoRA adapter there (no adapter_config.json); pass a "
+            "saved adapter folder such as a run's final/ or a checkpoint's adapter/"
+        )
+    policy = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    logger.info("policy starts from the adapter in %s", folder)
+    return policy, load_value_head(folder)
 
 
 def run_rl(
@@ -64,9 +90,7 @@ def run_rl(
     """
     with accelerator.main_process_first():  # the first build of a tiny model writes the cache
         model, processor = load_model(config.model_name_or_path)
-    policy = wrap_with_lora(
-        model, r=config.lora_r, alpha=config.lora_alpha, train_projector=config.train_projector
-    )
+    policy, value_head = build_policy(config, model)
     train_dataset = load_task_dataset(
         config.dataset, "train", num_samples=config.max_train_prompts, seed=config.seed
     )
@@ -75,7 +99,7 @@ def run_rl(
     )
 
     trainer = RLTrainer(
-        config, policy, processor, reward, train_dataset, eval_dataset, eval_metric, accelerator
+        config, policy, processor, reward, train_dataset, eval_dataset, eval_metric, accelerator, value_head
     )
     base = trainer.evaluate() if warm.warm_start_steps and not config.resume_from_checkpoint else None
     if base is not None:

@@ -47,7 +47,7 @@ from transformers import ProcessorMixin, get_scheduler
 from vlm_rl.data.collators import PromptBatch, PromptCollator
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import share_image_encoding
-from vlm_rl.models.value import PolicyWithValue
+from vlm_rl.models.value import PolicyWithValue, save_value_head
 from vlm_rl.rewards.compose import CombinedReward, NonFiniteRewardError
 from vlm_rl.rl import core
 from vlm_rl.rl.algorithms import StepPlan, get_algorithm, objective_settings
@@ -59,8 +59,6 @@ logger = logging.getLogger(__name__)
 
 EvalMetric = Callable[[list[str], dict[str, list[Any]]], dict[str, float]]
 """(completions, columns) -> task metrics, e.g. caption accuracy judged by rule."""
-
-VALUE_HEAD_NAME = "value_head.safetensors"
 
 
 @dataclass
@@ -587,19 +585,14 @@ class RLTrainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def _save_adapter(self, path: Path) -> None:
-        """Policy adapter (+ processor files, + value head for PPO) into `path`."""
-        from safetensors.torch import save_file
-
+        """Policy adapter (+ processor files, + value head with a critic) into `path`."""
         unwrapped = self.unwrapped
         # Name the base as the user did ("tiny-llava", a hub id), not the local cache folder.
         unwrapped.policy.peft_config["default"].base_model_name_or_path = self.config.model_name_or_path
         unwrapped.policy.save_pretrained(str(path))
         self.processor.save_pretrained(str(path))
         if unwrapped.value_head is not None:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()},
-                str(path / VALUE_HEAD_NAME),
-            )
+            save_value_head(unwrapped.value_head, path)
 
     def save_final(self, metrics: dict[str, float] | None = None) -> Path:
         path = self.output_dir / "final"
