@@ -17,21 +17,11 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from vlm_rl.rewards.rules import normalize_text
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
 from vlm_rl.rl.pipeline import reward_from_config, run_rl, start
+from vlm_rl.tasks.easy_vqa import vqa_metrics
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "grpo_vqa.yaml"
-
-
-def vqa_metrics(completions: list[str], columns: dict[str, list]) -> dict[str, float]:
-    """Held-out task metric: the normalised answer equals the reference answer."""
-    if "answer" not in columns:
-        return {}
-    correct = [
-        normalize_text(c) == normalize_text(a) for c, a in zip(completions, columns["answer"], strict=True)
-    ]
-    return {"accuracy": sum(correct) / max(len(correct), 1)}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,24 +18,13 @@ from pathlib import Path
 from accelerate import Accelerator
 from trl import TrlParser
 
-from vlm_rl.rewards.rules import caption_accuracy
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
 from vlm_rl.rl.pipeline import reward_from_config, run_rl, start
+from vlm_rl.tasks.easy_vqa import caption_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "recipes" / "configs" / "ppo_caption.yaml"
 DEFAULT_REWARD_MODEL = ROOT / "reward_models" / "caption_preference" / "final"
-
-
-def caption_metrics(completions: list[str], columns: dict[str, list]) -> dict[str, float]:
-    """Held-out task metric: the caption is exactly "<color> <shape>" of the image (easy-vqa labels)."""
-    if not {"color", "shape"} <= columns.keys():
-        return {}
-    correct = [
-        caption_accuracy(c, color, shape)
-        for c, color, shape in zip(completions, columns["color"], columns["shape"], strict=True)
-    ]
-    return {"caption_accuracy": sum(correct) / max(len(correct), 1)}
 
 
 def ensure_default_reward_model(path: Path, accelerator: Accelerator) -> None:

@@ -61,7 +61,7 @@ def tiny_model(_tiny_builds: dict[tuple[str, int], tuple]) -> Callable[..., tupl
 
 @pytest.fixture(scope="session")
 def _easy_vqa_images() -> tuple[Image.Image, ...]:
-    from vlm_rl.data.easy_vqa import crop_to_shape, image_labels
+    from vlm_rl.tasks.easy_vqa import crop_to_shape, image_labels
 
     images, captions = [], set()
     for label in image_labels("train"):

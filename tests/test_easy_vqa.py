@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_rl.data.easy_vqa import (
+from vlm_rl.tasks.easy_vqa import (
     CAPTION_PROMPT,
     COLORS,
     SHAPES,
@@ -19,7 +19,7 @@ from vlm_rl.data.easy_vqa import (
     crop_to_shape,
     half_right_caption,
     image_labels,
-    load_easy_vqa,
+    load_dataset,
     vqa_dataset,
     wrong_caption,
 )
@@ -117,14 +117,14 @@ def _rows(dataset) -> list[tuple]:
 
 @pytest.mark.parametrize("task", ["caption", "caption_preference", "vqa"])
 def test_deterministic_given_seed_and_sized(task: str) -> None:
-    first = load_easy_vqa(task, "train", num_samples=12, seed=0)
-    again = load_easy_vqa(task, "train", num_samples=12, seed=0)
-    other = load_easy_vqa(task, "train", num_samples=12, seed=1)
+    first = load_dataset(task, "train", num_samples=12, seed=0)
+    again = load_dataset(task, "train", num_samples=12, seed=0)
+    other = load_dataset(task, "train", num_samples=12, seed=1)
     assert len(first) == len(again) == len(other) == 12
     assert _rows(first) == _rows(again)
     assert first["prompt"] == again["prompt"]
     assert first["image_id"] != other["image_id"]
-    assert len(load_easy_vqa(task, "test", num_samples=5, seed=0)) == 5
+    assert len(load_dataset(task, "test", num_samples=5, seed=0)) == 5
 
 
 def test_caption_rows_are_distinct_images_with_the_default_prompt() -> None:
@@ -248,7 +248,7 @@ def test_vqa_rows_pair_question_and_image() -> None:
 
 def test_unknown_task_or_split_is_refused() -> None:
     with pytest.raises(ValueError, match=r"'ocr'.*caption.*caption_preference.*vqa"):
-        load_easy_vqa("ocr")
+        load_dataset("ocr")
     with pytest.raises(ValueError, match="'val'"):
         caption_dataset("val")
 

@@ -9,8 +9,6 @@ import pytest
 from vlm_rl.rewards import rules
 from vlm_rl.rewards.rules import (
     RULE_REWARDS,
-    caption_accuracy,
-    caption_match,
     completion_text,
     contains_answer,
     exact_match,
@@ -18,6 +16,7 @@ from vlm_rl.rewards.rules import (
     length_penalty,
     normalize_text,
 )
+from vlm_rl.tasks.easy_vqa import caption_accuracy, caption_match
 
 
 def assistant(text: str) -> list[dict]:

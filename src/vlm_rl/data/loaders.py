@@ -19,6 +19,7 @@ import datasets
 import pyarrow as pa
 from PIL import Image
 
+from vlm_rl import tasks
 from vlm_rl.data.images import (
     DEFAULT_MAX_PIXELS,
     DataError,
@@ -261,17 +262,13 @@ def load_task_dataset(
     kind: DatasetKind = "prompt",
     num_samples: int | None = None,
     seed: int = 0,
-    **easy_vqa_options: Any,
+    **task_options: Any,
 ) -> datasets.Dataset:
-    """One entry point for every dataset flag: "easy-vqa:<task>" (built in; split "train"/"test"),
-    or anything `load_prompt_dataset` reads (JSONL, saved folder, hub name), then at most
-    `num_samples` rows drawn with `seed`."""
-    if name.startswith("easy-vqa:"):
-        from vlm_rl.data.easy_vqa import load_easy_vqa
-
-        return load_easy_vqa(
-            name.split(":", 1)[1], split, num_samples=num_samples, seed=seed, **easy_vqa_options
-        )
+    """One entry point for every dataset flag: a demo task's "<prefix>:<task>" ("easy-vqa:caption",
+    see `vlm_rl.tasks`; `task_options` go to its loader), or anything `load_prompt_dataset` reads
+    (JSONL, saved folder, hub name), then at most `num_samples` rows drawn with `seed`."""
+    if tasks.is_task_dataset(name):
+        return tasks.load_task(name, split, num_samples=num_samples, seed=seed, **task_options)
     dataset = load_prompt_dataset(name, split=split, kind=kind)
     if num_samples is not None and len(dataset) > num_samples:
         dataset = dataset.shuffle(seed=seed).select(range(num_samples))

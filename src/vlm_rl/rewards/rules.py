@@ -4,22 +4,21 @@ Every reward is ``fn(prompts, completions, **columns) -> list[float | None]``: `
 strings or assistant messages, ``columns`` hold one value per sample for each dataset column
 (``answer``, ``color``, ...) plus whatever else the trainer passes (``trainer_state``,
 ``completion_ids``, ...), and None means "not applicable to this sample".
-`RULE_REWARDS` lets a config name a rule reward by string.
+`RULE_REWARDS` lets a config name a rule reward by string: the generic ones here and the demo
+tasks' (`vlm_rl.tasks`, such as easy-vqa's ``caption_match``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from vlm_rl.data.easy_vqa import COLORS, SHAPES
+from vlm_rl import tasks
 from vlm_rl.data.validation import completion_text
 
 __all__ = [
     "RULE_REWARDS",
-    "caption_accuracy",
-    "caption_match",
     "completion_text",
     "contains_answer",
     "exact_match",
@@ -134,51 +133,44 @@ def length_penalty(
     return reward
 
 
-def caption_match(
-    prompts: Sequence[Any],
-    completions: Sequence[Any],
-    color: Sequence[str | None],
-    shape: Sequence[str | None],
-    **kwargs: Any,
-) -> list[float | None]:
-    """easy-vqa caption reward: 0.5 for the right colour word plus 0.5 for the right shape word.
+class _RuleRewards(Mapping[str, RewardFunction]):
+    """Rule rewards by name: the generic ones given, then every task's (`vlm_rl.tasks.rule_rewards`).
 
-    A half counts only if its word is the only colour (or shape) word in the completion, so
-    listing every colour earns nothing. None where the sample has no colour or shape label.
-
-    >>> caption_match(
-    ...     ["Q"] * 5,
-    ...     ["Red circle.", "red blue circle", "circle", "", "blue square"],
-    ...     color=["red"] * 5,
-    ...     shape=["circle"] * 5,
-    ... )
-    [1.0, 0.5, 0.5, 0.0, 0.0]
+    Looking up a generic name imports no task; any other lookup, or listing the names, imports
+    the task modules.
     """
-    rewards: list[float | None] = []
-    for c, true_color, true_shape in zip(completions, color, shape, strict=True):
-        if true_color is None or true_shape is None:
-            rewards.append(None)
-            continue
-        words = set(normalize_text(completion_text(c)).split())
-        rewards.append(
-            0.5 * (words & set(COLORS) == {true_color}) + 0.5 * (words & set(SHAPES) == {true_shape})
-        )
-    return rewards
+
+    def __init__(self, generic: Mapping[str, RewardFunction]) -> None:
+        self._generic = dict(generic)
+
+    def _all(self) -> dict[str, RewardFunction]:
+        return {**tasks.rule_rewards(), **self._generic}
+
+    def __getitem__(self, name: str) -> RewardFunction:
+        return self._generic[name] if name in self._generic else self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
-def caption_accuracy(completion: str | Sequence[Any], color: str, shape: str) -> bool:
-    """True iff the normalised completion is exactly ``"<color> <shape>"``.
+RULE_REWARDS: Mapping[str, RewardFunction] = _RuleRewards(
+    {
+        "exact_match": exact_match,
+        "contains_answer": contains_answer,
+        "format_one_word": format_reward(r"\w+", name="format_one_word"),
+        "format_caption": format_reward(r"\w+ \w+", name="format_caption"),
+    }
+)
 
-    >>> caption_accuracy("Red circle.", "red", "circle"), caption_accuracy("a red circle", "red", "circle")
-    (True, False)
-    """
-    return normalize_text(completion_text(completion)) == f"{color} {shape}"
 
+def __getattr__(name: str) -> Any:
+    # Old import path of easy-vqa's caption reward and metric (now in vlm_rl.tasks.easy_vqa), kept
+    # for modules not yet moved; imported on first use so this module imports no task.
+    if name in ("caption_match", "caption_accuracy"):
+        from vlm_rl.tasks import easy_vqa
 
-RULE_REWARDS: dict[str, RewardFunction] = {
-    "exact_match": exact_match,
-    "contains_answer": contains_answer,
-    "caption_match": caption_match,
-    "format_one_word": format_reward(r"\w+", name="format_one_word"),
-    "format_caption": format_reward(r"\w+ \w+", name="format_caption"),
-}
+        return getattr(easy_vqa, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
