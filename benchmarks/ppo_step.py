@@ -3,10 +3,10 @@
     python benchmarks/ppo_step.py
     python benchmarks/ppo_step.py --prompts 4 --samples 4 --max-new-tokens 16 --steps 3 --threads 1
 
-Builds a random LLaVA-style VLM from configs (CLIP vision tower 256 wide x 6 layers on 224x224
-images with 28-pixel patches -> 64 visual tokens; Llama language model 512 wide x 8 layers; the
-tiny-llava word-level tokenizer), saves it to a temporary folder and loads it back with
-`vlm_rl.models.load_model`, so the normal code path runs. Prompts are easy-vqa captions on the
+Builds a random LLaVA-style VLM with the tiny models' recipe (`vlm_rl.models.build_vlm`: CLIP
+vision tower 256 wide x 6 layers on 224x224 images with 28-pixel patches -> 64 visual tokens;
+Llama language model 512 wide x 8 layers; the tiny-llava word-level tokenizer), saves it to a
+temporary folder and loads it back with `vlm_rl.models.load_model`, so the normal code path runs. Prompts are easy-vqa captions on the
 uncropped 64x64 images (the processor resizes them to 224); the reward is the `caption_match` rule.
 
 (a) Stage times come from `RLTrainer.train_step()`'s `time/*_s` metrics, averaged over `--steps`
@@ -67,39 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- model ------------------------------------------------------------------------------------------
 def build_model(path: Path) -> int:
     """Write the random mid-size LLaVA-style VLM + processor to `path`; returns its parameter count."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.llava import LlavaImageProcessorPil, LlavaProcessor
+    from vlm_rl.models import build_vlm
 
-    from vlm_rl.models import FAMILIES
-    from vlm_rl.models.tiny import LM_HEAD_INIT_STD, build_tokenizer
-
-    family = FAMILIES["llava"]
-    tokenizer = build_tokenizer(family)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION, image_size=IMAGE_SIZE, patch_size=PATCH),
-        text_config=LlamaConfig(**TEXT, vocab_size=len(tokenizer), max_position_embeddings=512),
-        image_token_index=tokenizer.convert_tokens_to_ids(family.image_token),
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    torch.nn.init.normal_(model.get_output_embeddings().weight, std=LM_HEAD_INIT_STD)
-    for cfg in (model.generation_config, model.config.get_text_config()):
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.bos_token_id = None
-    processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-        ),
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=tokenizer.chat_template,
+    model, processor = build_vlm(
+        "llava", seed=0, image_size=IMAGE_SIZE, patch=PATCH, vision=VISION, text=TEXT, max_positions=512
     )
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -158,11 +129,10 @@ def run_ppo(args: argparse.Namespace, device) -> dict:
     import torch
     import trl.models.utils  # noqa: F401  (imported by the first rollout: not step memory)
 
-    from vlm_rl.data.easy_vqa import caption_dataset
     from vlm_rl.rewards.compose import CombinedReward
-    from vlm_rl.rewards.rules import caption_match
     from vlm_rl.rl.config import RLConfig
     from vlm_rl.rl.trainer import RLTrainer
+    from vlm_rl.tasks.easy_vqa import caption_dataset, caption_match
 
     policy, processor = load_policy(args, device)
     dataset = caption_dataset("train", num_samples=args.prompts * (args.steps + 1), seed=0, crop=False)
@@ -199,8 +169,8 @@ def run_plain(args: argparse.Namespace, device) -> dict:
     import torch
 
     from vlm_rl.data.collators import PromptCollator
-    from vlm_rl.data.easy_vqa import caption_dataset
     from vlm_rl.models.inputs import append_completion, repeat_rows
+    from vlm_rl.tasks.easy_vqa import caption_dataset
 
     policy, processor = load_policy(args, device)
     dataset = caption_dataset("train", num_samples=args.prompts, seed=0, crop=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,13 +14,6 @@ import torch
 from torch import nn
 
 from vlm_rl.data.collators import PreferenceCollator, PromptCollator, encode, render_prompt
-from vlm_rl.data.easy_vqa import (
-    CAPTION_PROMPT,
-    COLORS,
-    SHAPES,
-    caption_preference_dataset,
-    vqa_dataset,
-)
 from vlm_rl.models import (
     TINY_MODELS,
     build_tiny,
@@ -30,8 +25,16 @@ from vlm_rl.models import (
     vlm_trunk,
     wrap_with_lora,
 )
+from vlm_rl.models.families import FAMILIES
 from vlm_rl.models.inputs import append_completion, repeat_rows, select_rows
-from vlm_rl.models.tiny import resolve_tiny_name
+from vlm_rl.models.tiny import build_tokenizer, build_vlm, resolve_tiny_name
+from vlm_rl.tasks.easy_vqa import (
+    CAPTION_PROMPT,
+    COLORS,
+    SHAPES,
+    caption_preference_dataset,
+    vqa_dataset,
+)
 
 NAMES = list(TINY_MODELS)
 
@@ -162,6 +165,44 @@ def test_task_prompts_tokenise_without_unknown_words(name: str, tiny_model: Call
 
 def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# sha256 of each tiny tokenizer's (token, id) list. Tiny models are cached on disk by
+# TINY_FORMAT_VERSION: a change of vocabulary (the demo tasks' words, their order) needs a bump.
+VOCABULARY_SHA256 = {
+    "llava": "e06137ef95684301",
+    "qwen2_5_vl": "e471468dc1f752a0",
+    "idefics3": "42c5cdd2f20a3a18",
+}
+
+
+@pytest.mark.parametrize("model_type", list(VOCABULARY_SHA256))
+def test_tiny_vocabulary_is_the_cached_one(model_type: str) -> None:
+    vocab = build_tokenizer(FAMILIES[model_type]).get_vocab()
+    listed = json.dumps(sorted(vocab.items(), key=lambda item: item[1]))
+    assert hashlib.sha256(listed.encode()).hexdigest()[:16] == VOCABULARY_SHA256[model_type]
+
+
+def test_build_vlm_sizes_replace_the_tiny_defaults(tiny_model: Callable) -> None:
+    tiny = tiny_model("tiny-llava")[0].state_dict()
+    default = build_vlm("llava")[0].state_dict()
+    assert list(tiny) == list(default) and all(torch.equal(tiny[k], default[k]) for k in tiny)
+    model, processor = build_vlm(
+        "llava",
+        image_size=64,
+        text=dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+    )
+    text, vision = model.config.get_text_config(), model.config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads) == (64, 1, 2)
+    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (64, 8, 64)  # patch, width kept
+    assert model.config.image_seq_length == (64 // 8) ** 2
+    assert processor.image_processor.crop_size == {"height": 64, "width": 64}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -4,7 +4,6 @@ without repeated work (each distinct image encoded once per call, each prompt pr
 from vlm_rl.models.families import FAMILIES, FamilyFacts, family_of
 from vlm_rl.models.image_encoding import ImageEncodingStats, image_encoder, share_image_encoding
 from vlm_rl.models.loading import (
-    ImageOnlyQwen2_5_VLProcessor,
     hidden_size,
     language_model_linear_names,
     load_model,
@@ -14,7 +13,8 @@ from vlm_rl.models.loading import (
     vlm_trunk,
     wrap_with_lora,
 )
-from vlm_rl.models.tiny import TINY_MODELS, build_tiny, ensure_tiny
+from vlm_rl.models.processors import ImageOnlyQwen2_5_VLProcessor
+from vlm_rl.models.tiny import TINY_MODELS, build_tiny, build_vlm, ensure_tiny
 
 __all__ = [
     "FAMILIES",
@@ -23,6 +23,7 @@ __all__ = [
     "ImageOnlyQwen2_5_VLProcessor",
     "TINY_MODELS",
     "build_tiny",
+    "build_vlm",
     "ensure_tiny",
     "family_of",
     "hidden_size",

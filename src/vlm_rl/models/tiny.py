@@ -1,8 +1,8 @@
 """The embedded default: tiny VLMs built offline from configs.
 
 Each tiny model is a real transformers VLM (LLaVA, Qwen2.5-VL or Idefics3 architecture) with random
-weights, a word-level tokenizer whose vocabulary covers the default easy-vqa tasks, and the
-family's real chat template. It is built once (deterministically from a seed), saved to a cache
+weights, a word-level tokenizer whose vocabulary covers the demo tasks (`vlm_rl.tasks.vocabulary`),
+and the family's real chat template. It is built once (deterministically from a seed), saved to a cache
 folder, and from then on loaded by `vlm_rl.models.load_model` exactly like a hub checkpoint:
 `--model_name_or_path tiny-llava`.
 
@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_model
@@ -25,6 +26,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from vlm_rl.models.families import FAMILIES, FamilyFacts, chat_template
+from vlm_rl.models.processors import ImageOnlyQwen2_5_VLProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +40,10 @@ TINY_MODELS: dict[str, str] = {
 IMAGE_SIZE = 32
 TINY_FORMAT_VERSION = 2  # bump when the recipe below changes, so stale caches are rebuilt
 
-# Words of the default tasks beyond easy-vqa's own questions and answers (task prompts, chat roles).
-TASK_WORDS = (
-    "describe the shape . what color and shape is it ? answer with one word . "
-    "this is a red green blue black gray teal yellow brown circle rectangle triangle yes no"
-)
-
 LM_HEAD_INIT_STD = 0.1
-_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+_TEXT = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+)
 _VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 
 
@@ -54,26 +52,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VLM_RL_CACHE", Path.home() / ".cache" / "vlm_rl"))
 
 
-def _word_corpus() -> list[str]:
-    import easy_vqa
-
-    texts = [TASK_WORDS]
-    for questions, answers, _ in (easy_vqa.get_train_questions(), easy_vqa.get_test_questions()):
-        texts.extend(questions)
-        texts.extend(answers)
-    return texts
-
-
 def build_tokenizer(family: FamilyFacts) -> PreTrainedTokenizerFast:
-    """A lowercase word-level tokenizer: the family's special tokens, then every word of the corpus.
+    """A lowercase word-level tokenizer: the family's special tokens, then every word of the demo
+    tasks' texts (`vlm_rl.tasks.vocabulary`) and of the family's chat template, sorted.
 
     One token per word keeps the default tasks short ("red circle" is two tokens) so a tiny model
     learns them in minutes; special tokens are matched before splitting, so chat templates render
     exactly as they do for the real family.
     """
+    from vlm_rl import tasks
+
     split = pre_tokenizers.Whitespace()
     words: set[str] = set(family.extra_vocab)
-    for text in _word_corpus():
+    for text in tasks.vocabulary():
         words.update(piece for piece, _ in split.pre_tokenize_str(text.lower()))
     vocab = {token: i for i, token in enumerate(family.special_tokens)}
     for word in sorted(words):
@@ -95,24 +86,33 @@ def build_tokenizer(family: FamilyFacts) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _build_llava(family: FamilyFacts, tokenizer):
+def build_llava(
+    family: FamilyFacts,
+    tokenizer,
+    *,
+    image_size: int,
+    patch: int,
+    vision: dict,
+    text: dict,
+    max_positions: int,
+):
+    """A random LLaVA-style model (CLIP vision tower, Llama language model) + processor for
+    `tokenizer`, every image resized to image_size x image_size, (image_size / patch)^2 visual
+    tokens. `vision` and `text` are the sub-configs' sizes."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava import LlavaImageProcessorPil, LlavaProcessor
 
-    patch = 8
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**_VISION, image_size=IMAGE_SIZE, patch_size=patch),
-        text_config=LlamaConfig(
-            **_TEXT, num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512
-        ),
+        vision_config=CLIPVisionConfig(**vision, image_size=image_size, patch_size=patch),
+        text_config=LlamaConfig(**text, vocab_size=len(tokenizer), max_position_embeddings=max_positions),
         image_token_index=tokenizer.convert_tokens_to_ids(family.image_token),
-        image_seq_length=(IMAGE_SIZE // patch) ** 2,
+        image_seq_length=(image_size // patch) ** 2,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
     model = LlavaForConditionalGeneration(config)
     image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
@@ -123,19 +123,6 @@ def _build_llava(family: FamilyFacts, tokenizer):
         chat_template=tokenizer.chat_template,
     )
     return model, processor
-
-
-def _build_qwen2_5_vl(family: FamilyFacts, tokenizer):
-    return build_qwen2_5_vl(
-        family,
-        tokenizer,
-        image_size=IMAGE_SIZE,
-        patch=4,
-        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1]),
-        text=dict(**_TEXT, num_key_value_heads=4),
-        window=IMAGE_SIZE,
-        max_positions=512,
-    )
 
 
 def build_qwen2_5_vl(
@@ -152,11 +139,9 @@ def build_qwen2_5_vl(
 ):
     """A random Qwen2.5-VL-style model + image-only processor for `tokenizer`, every image resized to
     image_size x image_size, (image_size / patch / merge)^2 visual tokens. `vision` and `text` are
-    the sub-configs' sizes. Used for tiny-qwen2.5-vl and the mid-size benchmark models."""
+    the sub-configs' sizes."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-
-    from vlm_rl.models.loading import ImageOnlyQwen2_5_VLProcessor
 
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     config = Qwen2_5_VLConfig(
@@ -208,7 +193,6 @@ def _build_idefics3(family: FamilyFacts, tokenizer):
         vision_config=dict(**_VISION, image_size=IMAGE_SIZE, patch_size=patch),
         text_config=LlamaConfig(
             **_TEXT,
-            num_key_value_heads=4,
             vocab_size=len(tokenizer),
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
@@ -231,16 +215,39 @@ def _build_idefics3(family: FamilyFacts, tokenizer):
     return model, processor
 
 
-_BUILDERS = {"llava": _build_llava, "qwen2_5_vl": _build_qwen2_5_vl, "idefics3": _build_idefics3}
+_BUILDERS = {"llava": build_llava, "qwen2_5_vl": build_qwen2_5_vl, "idefics3": _build_idefics3}
+_TINY_SIZES: dict[str, dict[str, Any]] = {
+    "llava": dict(image_size=IMAGE_SIZE, patch=8, vision=_VISION, text=_TEXT, max_positions=512),
+    "qwen2_5_vl": dict(
+        image_size=IMAGE_SIZE,
+        patch=4,
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1]),
+        text=_TEXT,
+        window=IMAGE_SIZE,
+        max_positions=512,
+    ),
+    "idefics3": {},
+}
 
 
 def build_tiny(name: str, seed: int = 0):
     """Build the tiny model `name` (a key of TINY_MODELS) in memory: (model, processor)."""
-    family = FAMILIES[TINY_MODELS[name]]
+    return build_vlm(TINY_MODELS[name], seed=seed)
+
+
+def build_vlm(model_type: str, *, seed: int = 0, **sizes: Any):
+    """A random VLM of family `model_type` ("llava", "qwen2_5_vl", "idefics3") with the tiny
+    word-level tokenizer, built deterministically from `seed`: (model in eval mode, processor).
+
+    `sizes` replace, one by one, the tiny default's arguments to the family's builder
+    (`build_llava`, `build_qwen2_5_vl`; Idefics3 takes none): with none this is the tiny default,
+    with others a bigger model of the same recipe (the benchmarks' mid-size models).
+    """
+    family = FAMILIES[model_type]
     tokenizer = build_tokenizer(family)
     with torch.random.fork_rng():  # leave the caller's random state untouched
         torch.manual_seed(seed)
-        model, processor = _BUILDERS[family.model_type](family, tokenizer)
+        model, processor = _BUILDERS[model_type](family, tokenizer, **(_TINY_SIZES[model_type] | sizes))
         # A LoRA-tuned policy cannot rescale the frozen final norm or LM head, so with the stock
         # init (std 0.02) its logits stay within about +-2.5 and its distribution near uniform
         # whatever it learns. A wider LM head (std 0.1: logits reach about +-13) lets it sharpen.
@@ -293,4 +300,14 @@ def resolve_tiny_name(model_name_or_path: str) -> tuple[str, int] | None:
     return None
 
 
-__all__ = ["TINY_MODELS", "IMAGE_SIZE", "build_tiny", "ensure_tiny", "cache_dir", "resolve_tiny_name"]
+__all__ = [
+    "TINY_MODELS",
+    "IMAGE_SIZE",
+    "build_llava",
+    "build_qwen2_5_vl",
+    "build_tiny",
+    "build_vlm",
+    "ensure_tiny",
+    "cache_dir",
+    "resolve_tiny_name",
+]
