@@ -1,0 +1,31 @@
+"""Visual environments for VLM agents: gymnasium envs played one (image, text) turn at a time.
+
+    env = make_env("frozenlake")              # a built-in | a gymnasium id | "pkg.module:Class"
+    turn = env.reset(seed=ENVS["frozenlake"].eval_seeds[0])
+    result = env.step("<action>down</action>")  # StepResult: turn, reward, terminated, truncated, ...
+
+Built-ins (`ENVS`): "frozenlake" (random maps), "numberline" (after RL4VLM), "cliffwalking"; each
+draws flat, model-friendly frames by default (`render="flat"`) and gymnasium's own on
+`render="env"`. Rendering is headless: SDL (pygame-ce, which gymnasium's toy-text frames use) is
+pointed at its dummy video and audio drivers unless the environment says otherwise.
+"""
+
+import os
+
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # before anything imports pygame
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+
+from vlm_rl.envs.adapter import ActionParser, StepResult, Turn, TurnEnv, words_of  # noqa: E402
+from vlm_rl.envs.registry import ENVS, EnvSpec, make_env, vocabulary  # noqa: E402
+
+__all__ = [
+    "ENVS",
+    "ActionParser",
+    "EnvSpec",
+    "StepResult",
+    "Turn",
+    "TurnEnv",
+    "make_env",
+    "vocabulary",
+    "words_of",
+]
