@@ -433,3 +433,64 @@ def test_rl_objective_sums_its_terms_by_hand():
     )
     assert loss.item() == pytest.approx(-1.5)
     assert {"loss/value", "loss/kl", "policy/entropy"}.isdisjoint(stats)
+
+
+# -- multi-turn credit assignment -------------------------------------------------------------------
+# Rows in a scrambled order: episode 0's second turn, episode 1's only turn, episode 0's first turn.
+EPISODE = torch.tensor([0, 1, 0])
+TURN = torch.tensor([1, 0, 0])
+
+
+def test_discounted_returns_per_episode():
+    # episode 0: rewards (turn 0, turn 1) = (0, 1) -> G = (0 + 0.9 * 1, 1) = (0.9, 1); episode 1: 2
+    returns = core.discounted_returns(torch.tensor([1.0, 2.0, 0.0]), EPISODE, TURN, gamma=0.9)
+    assert returns.tolist() == pytest.approx([1.0, 2.0, 0.9])
+
+
+def test_turn_level_gae_by_hand():
+    # episode 0: r = (0, 1), V = (0.5, 0.8), gamma 0.9, lam 0.5:
+    #   turn 1: delta = 1 - 0.8 = 0.2 -> A = 0.2; turn 0: delta = 0 + 0.9 * 0.8 - 0.5 = 0.22,
+    #   A = 0.22 + 0.9 * 0.5 * 0.2 = 0.31. Returns A + V = (0.81, 1.0).
+    # episode 1: r = 2, V = 1: A = 1, return 2.
+    rewards, values = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.8, 1.0, 0.5])
+    advantages, returns = core.turn_level_gae(rewards, values, EPISODE, TURN, gamma=0.9, lam=0.5)
+    assert advantages.tolist() == pytest.approx([0.2, 1.0, 0.31])
+    assert returns.tolist() == pytest.approx([1.0, 2.0, 0.81])
+
+
+def test_bi_level_gae_by_hand():
+    # One episode, two turns of two tokens. Turn values at the last token: V0 = 0.5, V1 = 0.8.
+    # Across turns (turn_gamma 0.9, turn_lam 1): A1 = 1 - 0.8 = 0.2, G1 = 1.0;
+    #   A0 = (0 + 0.9 * 0.8 - 0.5) + 0.9 * 0.2 = 0.40, G0 = 0.9.
+    # Inside turn 0 (gamma = lam = 1), last token rewarded G0 = 0.9, values (0.1, 0.5):
+    #   t1: 0.9 - 0.5 = 0.4; t0: (0 + 0.5 - 0.1) + 0.4 = 0.8; returns (0.9, 0.9).
+    # Inside turn 1, last token rewarded G1 = 1.0, values (0.2, 0.8): t1: 0.2; t0: 0.6 + 0.2 = 0.8.
+    values = torch.tensor([[0.1, 0.5], [0.2, 0.8]])
+    advantages, returns = core.bi_level_gae(
+        torch.tensor([0.0, 1.0]),
+        values,
+        torch.ones(2, 2),
+        torch.tensor([0, 0]),
+        torch.tensor([0, 1]),
+        turn_gamma=0.9,
+        turn_lam=1.0,
+        gamma=1.0,
+        lam=1.0,
+    )
+    torch.testing.assert_close(advantages, torch.tensor([[0.8, 0.4], [0.8, 0.2]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.9, 0.9], [1.0, 1.0]]))
+
+
+def test_indexed_group_advantages_and_step_groups():
+    # group 0 = rewards (1, 0): mean 0.5, std (unbiased) 0.7071 -> +-0.5 / 0.7072; groups of one -> 0
+    advantages = core.indexed_group_advantages(torch.tensor([1.0, 0.0, 3.0, 5.0]), torch.tensor([0, 0, 1, 2]))
+    assert advantages.tolist() == pytest.approx(
+        [0.5 / (math.sqrt(0.5) + 1e-4), -0.5 / (math.sqrt(0.5) + 1e-4), 0, 0]
+    )
+    unscaled = core.indexed_group_advantages(
+        torch.tensor([1.0, 0.0]), torch.tensor([7, 7]), scale_by_std=False
+    )
+    assert unscaled.tolist() == [0.5, -0.5]
+    # GiGPO anchor states: same observation within the same episode group -> same step group
+    groups = core.step_group_index(["a", "b", "a", "a"], torch.tensor([0, 0, 0, 1]))
+    assert groups.tolist() == [0, 1, 0, 2]

@@ -295,3 +295,113 @@ def rl_objective(
         stats["loss/kl"] = kl_loss.detach()
     stats["loss/total"] = loss.detach()
     return loss, stats
+
+
+# -- multi-turn episodes ---------------------------------------------------------------------------
+# A batch of agent turns: N rows, one per turn, each its own (prompt, completion) sample.
+# episode_index (N,) says which episode a turn belongs to and turn_index (N,) its position in it
+# (0, 1, ...); rows may come in any order. An episode's last turn is its last step: the value
+# after it is 0 (terminated, or truncated at the turn limit as VAGEN treats it).
+
+
+def _episode_rows(episode_index: torch.Tensor, turn_index: torch.Tensor) -> list[torch.Tensor]:
+    """Row indices of each episode, in turn order."""
+    rows = []
+    for episode in torch.unique(episode_index):
+        members = torch.nonzero(episode_index == episode).flatten()
+        rows.append(members[torch.argsort(turn_index[members])])
+    return rows
+
+
+def discounted_returns(
+    turn_rewards: torch.Tensor, episode_index: torch.Tensor, turn_index: torch.Tensor, gamma: float = 1.0
+) -> torch.Tensor:
+    """Return-to-go of each turn, G_k = r_k + gamma * G_{k+1} within its episode. (N,) -> (N,)."""
+    returns = torch.zeros_like(turn_rewards, dtype=torch.float)
+    for rows in _episode_rows(episode_index, turn_index):
+        running = 0.0
+        for row in reversed(rows.tolist()):
+            running = float(turn_rewards[row]) + gamma * running
+            returns[row] = running
+    return returns
+
+
+def turn_level_gae(
+    turn_rewards: torch.Tensor,
+    turn_values: torch.Tensor,
+    episode_index: torch.Tensor,
+    turn_index: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE with one step per turn (Schulman et al. 2016, eq. 16, over an episode's turns):
+    delta_k = r_k + gamma * V_{k+1} - V_k, A_k = delta_k + gamma * lam * A_{k+1}, V after the last
+    turn = 0. turn_rewards, turn_values, episode_index, turn_index: (N,) -> advantages, returns (N,)
+    (a turn's advantage is then shared by all its tokens, VAGEN's "turn-wise GAE")."""
+    advantages = torch.zeros_like(turn_values, dtype=torch.float)
+    for rows in _episode_rows(episode_index, turn_index):
+        next_value, next_advantage = 0.0, 0.0
+        for row in reversed(rows.tolist()):
+            delta = float(turn_rewards[row]) + gamma * next_value - float(turn_values[row])
+            next_advantage = delta + gamma * lam * next_advantage
+            advantages[row] = next_advantage
+            next_value = float(turn_values[row])
+    return advantages, advantages + turn_values.float()
+
+
+def bi_level_gae(
+    turn_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    episode_index: torch.Tensor,
+    turn_index: torch.Tensor,
+    turn_gamma: float = 0.95,
+    turn_lam: float = 1.0,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bi-level GAE (VAGEN, Wang et al. 2025): GAE across turns with the turn discount, the value of
+    a turn read at its last token; then token-level GAE inside each turn whose last token is
+    rewarded with the turn's return G_k = A_k + V_k (so each turn's tokens are credited toward
+    what the turn led to, and no value leaks across turns).
+    turn_rewards (N,), values/mask (N, T), episode_index/turn_index (N,) -> advantages, returns (N, T)."""
+    mask = mask.to(values.dtype)
+    last = (mask.long().sum(1) - 1).clamp(min=0)
+    turn_values = values[torch.arange(len(values)), last] * (mask.sum(1) > 0)
+    turn_advantages, _ = turn_level_gae(
+        turn_rewards, turn_values, episode_index, turn_index, turn_gamma, turn_lam
+    )
+    turn_returns = turn_advantages + turn_values
+    rewards = token_rewards(turn_returns, torch.zeros_like(values), mask, 0.0)
+    return gae(rewards, values, mask, gamma, lam)
+
+
+def indexed_group_advantages(
+    rewards: torch.Tensor, group_index: torch.Tensor, scale_by_std: bool = True
+) -> torch.Tensor:
+    """GRPO's group normalisation for groups given by an index rather than contiguous blocks:
+    (r - mean of its group) / (std of its group + 1e-4); a group of one gets 0 (no baseline).
+    Used for episodes (a group = G episodes from the same env seed) and for GiGPO's step groups.
+    rewards, group_index: (N,) -> (N,)."""
+    rewards = rewards.float()
+    advantages = torch.zeros_like(rewards)
+    for group in torch.unique(group_index):
+        members = group_index == group
+        if members.sum() < 2:
+            continue
+        centred = rewards[members] - rewards[members].mean()
+        advantages[members] = centred / (rewards[members].std() + 1e-4) if scale_by_std else centred
+    return advantages
+
+
+def step_group_index(observation_keys: list, episode_groups: torch.Tensor) -> torch.Tensor:
+    """GiGPO's anchor-state groups (Feng et al. 2025): turns of the same episode group whose
+    observations are identical (equal `observation_keys`, e.g. a hash of the frame) form a step
+    group. observation_keys: N hashables, episode_groups (N,) -> step group ids (N,)."""
+    ids: dict = {}
+    return torch.tensor(
+        [
+            ids.setdefault((int(g), key), len(ids))
+            for key, g in zip(observation_keys, episode_groups.tolist(), strict=True)
+        ]
+    )
