@@ -1,0 +1,361 @@
+"""The run folder: the one place that knows where a run (an RL or a reward-model output_dir) keeps what.
+
+    output_dir/
+        run_config.json              the resolved config (`save_config`)
+        metrics.jsonl                one JSON line per logging step (`MetricsLogger`)
+        tensorboard/                 the same scalars, when tensorboard is on
+        samples.jsonl                sampled completions with their rewards (RL runs)
+        checkpoints/step-000100/     trainer_state.json, adapter/, accelerate state (RL runs)
+        final/                       the trained model: vlm_rl_run.json (RL) or reward_config.json
+        best/                        the best evaluation's reward model (reward-model runs)
+        report.html                  a run report
+
+    run = RunFolder("runs/ppo_caption")
+    metrics_log = run.start(config)                   # main process: run_config.json, fresh metrics
+    manager = CheckpointManager(run, save_total_limit=2, is_main_process=True)
+
+Reward-model runs written before this layout kept their metrics in run/metrics.jsonl;
+`RunFolder.read_metrics` and `find_metrics_file` read those too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+RL_RUN_INFO_NAME = "vlm_rl_run.json"
+# Equal to vlm_rl.rewards.model.CONFIG_NAME (tested): importing that module costs torch and
+# transformers, which `vlm-rl evaluate` and `vlm-rl push` must not pay to read a JSON file.
+REWARD_CONFIG_NAME = "reward_config.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+ADAPTER_NAME = "adapter"
+CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+
+RunKind = Literal["rl", "reward_model"]
+
+
+class RunFolder:
+    """Paths and reading/writing of one run folder; nothing is created until something is written."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config_file = self.root / "run_config.json"
+        self.metrics_file = self.root / "metrics.jsonl"
+        self.legacy_metrics_file = self.root / "run" / "metrics.jsonl"  # reward-model runs before this layout
+        self.tensorboard_dir = self.root / "tensorboard"
+        self.samples_file = self.root / "samples.jsonl"
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.final_dir = self.root / "final"
+        self.best_dir = self.root / "best"
+        self.report_file = self.root / "report.html"
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+    # -- config and metrics ---------------------------------------------------------------------
+    def start(self, config: Any, *, tensorboard: bool = True, resume: bool = False) -> MetricsLogger:
+        """Begin writing the run (main process only): run_config.json, and a metrics logger.
+
+        A fresh run (not `resume`) in an existing folder starts metrics.jsonl and samples.jsonl
+        empty, so its rows never mix with an earlier run's.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.config_file)
+        if not resume:
+            self.samples_file.unlink(missing_ok=True)
+        return MetricsLogger(self.root, tensorboard=tensorboard, fresh=not resume)
+
+    def read_config(self) -> dict[str, Any]:
+        return read_json(self.config_file)
+
+    def find_metrics_file(self) -> Path | None:
+        """metrics.jsonl, else an older reward-model run's run/metrics.jsonl; None when neither exists."""
+        return next((path for path in (self.metrics_file, self.legacy_metrics_file) if path.is_file()), None)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The logged records in order (empty when the run has logged nothing yet)."""
+        path = self.find_metrics_file()
+        return _read_jsonl(path) if path is not None else []
+
+    # -- samples --------------------------------------------------------------------------------
+    def write_samples(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append one JSON line per sample (values JSON cannot hold are written as strings)."""
+        with self.samples_file.open("a") as f:
+            for record in records:
+                f.write(json.dumps(record, default=str) + "\n")
+
+    def read_samples(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.samples_file) if self.samples_file.is_file() else []
+
+    # -- saved models and the kind of run -------------------------------------------------------
+    def saved_model_info(self, folder: Path) -> Path | None:
+        """The file describing the model saved in `folder` (final/, best/): vlm_rl_run.json of an RL
+        policy or reward_config.json of a reward model; None when it holds neither."""
+        return next(
+            (folder / name for name in (RL_RUN_INFO_NAME, REWARD_CONFIG_NAME) if (folder / name).is_file()),
+            None,
+        )
+
+    @property
+    def kind(self) -> RunKind | None:
+        """The kind of run by what final/ holds ("rl", "reward_model"); None when unfinished or foreign."""
+        info = self.saved_model_info(self.final_dir)
+        if info is None:
+            return None
+        return "rl" if info.name == RL_RUN_INFO_NAME else "reward_model"
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step-{step:06d}"
+
+    def checkpoints(self) -> list[Path]:
+        """The complete checkpoints (step-NNNNNN folders; temporary ones are hidden), oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [
+            (int(match.group(1)), path)
+            for path in self.checkpoints_dir.iterdir()
+            if path.is_dir() and (match := CHECKPOINT_NAME.match(path.name))
+        ]
+        return [path for _, path in sorted(found)]
+
+    def resolve_checkpoint(self, name_or_path: str | Path) -> Path:
+        """The checkpoint folder named by "latest", a name ("step-000100") or a path.
+
+        Raises FileNotFoundError naming the saved checkpoints when there is no such checkpoint.
+        """
+        saved = self.checkpoints()
+        listing = ", ".join(path.name for path in saved) or "none"
+        if str(name_or_path) == "latest":
+            if not saved:
+                raise FileNotFoundError(f"no checkpoint to resume from in {self.checkpoints_dir}")
+            return saved[-1]
+        name = str(name_or_path)
+        path = self.checkpoints_dir / name if Path(name).name == name else Path(name)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"no checkpoint {name!r}: {path} does not exist; saved checkpoints in "
+                f"{self.checkpoints_dir}: {listing}"
+            )
+        if not (path / TRAINER_STATE_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not a vlm_rl checkpoint (no {TRAINER_STATE_NAME})")
+        return path
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint was saved at: its trainer_state.json, else its name (step-000100)."""
+    state_file = checkpoint / TRAINER_STATE_NAME
+    if state_file.is_file():
+        return read_json(state_file)["step"]
+    match = CHECKPOINT_NAME.match(checkpoint.name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not a checkpoint (no {TRAINER_STATE_NAME}, not named step-N)")
+    return int(match.group(1))
+
+
+# -- checkpoints: atomic saves, rotation, background uploads ------------------------------------
+class CheckpointManager:
+    """Writes checkpoints atomically, keeps the last `save_total_limit`, uploads in the background.
+
+    Under accelerate every process calls `begin` and saves into the folder it returns (with a
+    barrier between), then the main process alone calls `commit`, which renames the folder into
+    place and deletes the checkpoints beyond the limit. A checkpoint queued for upload (`upload`)
+    is never deleted before its upload returns; it is deleted then if it is beyond the limit.
+
+        tmp = manager.begin(step)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        if accelerator.is_main_process:
+            path = manager.commit(tmp, step)
+            manager.upload(path, push)    # push(path) runs in the upload thread
+        accelerator.wait_for_everyone()
+        ...
+        manager.wait_for_uploads()        # before the run ends
+    """
+
+    def __init__(self, run: RunFolder, save_total_limit: int, is_main_process: bool = True):
+        if save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be at least 1, got {save_total_limit}")
+        self.run = run
+        self.save_total_limit = save_total_limit
+        self.is_main_process = is_main_process
+        self._lock = threading.Lock()  # the upload thread rotates too
+        self._protected: dict[Path, int] = {}  # resolved checkpoint -> uploads queued or running
+        self._uploads: ThreadPoolExecutor | None = None
+        self._futures: list[Future] = []
+
+    @property
+    def pending(self) -> int:
+        """Uploads queued or running."""
+        return sum(not future.done() for future in self._futures)
+
+    def begin(self, step: int) -> Path:
+        """The temporary folder to save checkpoint `step` into; the main process empties a stale one
+        (a save interrupted earlier). Every process calls it; put a barrier after it."""
+        tmp = self.run.checkpoints_dir / f".{self.run.checkpoint_dir(step).name}.tmp"
+        if self.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, tmp: Path, step: int) -> Path:
+        """Rename the saved `tmp` into checkpoints/step-NNNNNN (replacing an earlier save of the same
+        step), then rotate. Main process only; returns the checkpoint folder."""
+        self._require_main("commit")
+        path = self.run.checkpoint_dir(step)
+        with self._lock:
+            _replace_dir(Path(tmp), path)
+        self._rotate()
+        return path
+
+    def upload(self, path: Path, fn: Callable[[Path], Any]) -> None:
+        """Queue `fn(path)` in the upload thread (one thread: uploads run in order while training
+        goes on). `path` is kept on disk until `fn` returns; an exception of `fn` is logged, never
+        raised. Main process only."""
+        self._require_main("upload")
+        path = Path(path)
+        with self._lock:
+            key = path.resolve()
+            self._protected[key] = self._protected.get(key, 0) + 1
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm_rl-upload")
+        self._futures.append(self._uploads.submit(self._run_upload, path, fn))
+
+    def wait_for_uploads(self) -> None:
+        """Block until every queued upload has returned (or failed and been logged)."""
+        for future in self._futures:
+            future.result()
+        self._futures.clear()
+        if self.is_main_process:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        """Delete the checkpoints older than the last `save_total_limit`, but none with an upload pending."""
+        with self._lock:
+            saved = self.run.checkpoints()
+            for old in saved[: max(0, len(saved) - self.save_total_limit)]:
+                if old.resolve() not in self._protected:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def _run_upload(self, path: Path, fn: Callable[[Path], Any]) -> None:
+        try:
+            fn(path)
+        except Exception:  # a vanished checkpoint, a bad repo id...: training goes on regardless
+            logger.exception("checkpoint %s: upload failed; the checkpoint is on disk", path.name)
+        finally:
+            with self._lock:
+                key = path.resolve()
+                self._protected[key] -= 1
+                if not self._protected[key]:
+                    del self._protected[key]
+            self._rotate()
+
+    def _require_main(self, what: str) -> None:
+        if not self.is_main_process:
+            raise RuntimeError(f"CheckpointManager.{what} is for the main process only")
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Rename `tmp` onto `path`; a `path` already there is moved aside first and deleted after."""
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Write a folder atomically: yields a temporary sibling, renamed onto `path` only on success.
+
+    An interrupted or failing write leaves any previous `path` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, path)
+
+
+# -- files --------------------------------------------------------------------------------------
+class MetricsLogger:
+    """Appends one JSON line per logging step to `run_dir/metrics.jsonl` and mirrors scalars to
+    tensorboard (`run_dir/tensorboard`). Only the main process should create one."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, fresh: bool = True):
+        run = RunFolder(run_dir)
+        run.root.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run.root
+        self.path = run.metrics_file
+        if fresh:  # a new run (not a resumed one) must not mix its rows with an earlier run's
+            self.path.unlink(missing_ok=True)
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(run.tensorboard_dir))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `run_dir/metrics.jsonl` (see `RunFolder.read_metrics` for either layout)."""
+    return _read_jsonl(RunFolder(run_dir).metrics_file)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write a (dataclass) config as JSON, the resolved settings of a run."""
+    data = asdict(config) if is_dataclass(config) else dict(config)
+    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A run file's JSON; the errors say the run folder is incomplete or damaged."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the run folder is incomplete or was not written by vlm_rl"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the run folder is damaged") from err
