@@ -93,8 +93,35 @@ class PPO:
     def advantages(self, rollout, config, token_kl, kl_coef) -> Advantages:
         mask = rollout.completion_mask.float()
         token_kl = token_kl if token_kl is not None else torch.zeros_like(mask)
-        rewards = core.token_rewards(rollout.rewards, token_kl, mask, kl_coef)
-        advantages, returns = core.gae(rewards, rollout.values, mask, config.gamma, config.lam)
+        if not rollout.is_multi_turn:  # one turn: bi-level GAE reduces to this token-level GAE
+            rewards = core.token_rewards(rollout.rewards, token_kl, mask, kl_coef)
+            advantages, returns = core.gae(rewards, rollout.values, mask, config.gamma, config.lam)
+        elif config.turn_credit == "bi_level":
+            advantages, returns = core.bi_level_gae(
+                rollout.rewards,
+                rollout.values,
+                mask,
+                rollout.episode_index,
+                rollout.turn_index,
+                config.turn_gamma,
+                config.turn_lam,
+                config.gamma,
+                config.lam,
+                token_kl,
+                kl_coef,
+            )
+        else:  # "turn": one GAE step per turn, V(s_k) read before the turn's first token
+            turn_rewards = rollout.rewards - kl_coef * core.masked_sum(token_kl, mask, dim=1)
+            turn_advantages, turn_returns = core.turn_level_gae(
+                turn_rewards,
+                rollout.values[:, 0],
+                rollout.episode_index,
+                rollout.turn_index,
+                config.turn_gamma,
+                config.turn_lam,
+            )
+            advantages = turn_advantages.unsqueeze(1) * mask
+            returns = turn_returns.unsqueeze(1) * mask
         if config.whiten_advantages:
             advantages = core.masked_whiten(advantages, mask)
         stats = {
@@ -106,21 +133,32 @@ class PPO:
 
 GroupEstimator = Callable[[torch.Tensor, int, "RLConfig"], torch.Tensor]
 """(rewards (N,) in contiguous groups, group size, config) -> advantages (N,)."""
+EpisodeEstimator = Callable[[torch.Tensor, torch.Tensor, "RLConfig"], torch.Tensor]
+"""(episode returns (E,), group index (E,), config) -> advantages (E,)."""
 
 
 @dataclass(frozen=True)
 class GroupBaseline:
-    """Critic-free methods whose baseline comes from the other samples of the same prompt;
-    KL (when on) is a loss term. `estimator` is the only thing GRPO and RLOO differ in."""
+    """Critic-free methods whose baseline comes from the other samples of the same prompt (or, for
+    agents, the other episodes of the same env seed); KL (when on) is a loss term. The estimators
+    are the only thing GRPO and RLOO differ in.
+
+    Agent turns: an episode's advantage (its return against its group's) is shared by all its
+    turns, plus with `step_group_weight` > 0 GiGPO's step-level advantage (Feng et al. 2025): turns
+    that saw the same observation in a group's episodes are compared by their discounted
+    return-to-go."""
 
     name: str
     estimator: GroupEstimator
+    episode_estimator: EpisodeEstimator
     uses_critic: bool = False
     kl_in_reward: bool = False
     default_kl_estimator: core.KLEstimator = "k3"
     min_samples_per_prompt: int = 2
 
     def advantages(self, rollout, config, token_kl, kl_coef) -> Advantages:
+        if rollout.is_multi_turn:
+            return self._episode_advantages(rollout, config)
         group_size = config.samples_per_prompt
         signal = core.groups_with_signal(rollout.rewards, group_size)
         return Advantages(
@@ -129,6 +167,24 @@ class GroupBaseline:
             sample_mask=signal.float() if config.dynamic_sampling else None,
             stats={"objective/groups_with_signal": signal.float().mean().item()},
         )
+
+    def _episode_advantages(self, rollout, config) -> Advantages:
+        _, returns, inverse = core.episode_totals(rollout.rewards, rollout.episode_index)
+        episode_groups = torch.zeros(len(returns), dtype=torch.long).scatter_(0, inverse, rollout.group_index)
+        advantages = self.episode_estimator(returns, episode_groups, config)[inverse]
+        stats = {}
+        if config.step_group_weight > 0:
+            step_groups = core.step_group_index(rollout.observation_keys, rollout.group_index)
+            to_go = core.discounted_returns(
+                rollout.rewards, rollout.episode_index, rollout.turn_index, config.turn_gamma
+            )
+            step = core.indexed_group_advantages(to_go, step_groups, config.scale_rewards)
+            advantages = advantages + config.step_group_weight * step
+            sizes = torch.bincount(step_groups)[step_groups]
+            stats["objective/step_grouped_fraction"] = (sizes > 1).float().mean().item()
+        varies = [len(set(returns[episode_groups == g].tolist())) > 1 for g in torch.unique(episode_groups)]
+        stats["objective/groups_with_signal"] = sum(varies) / max(len(varies), 1)
+        return Advantages(advantages, stats=stats)
 
 
 def objective_settings(config: RLConfig, algorithm: Algorithm, kl_coef: float) -> core.ObjectiveSettings:
@@ -166,7 +222,15 @@ def get_algorithm(name: str) -> Algorithm:
 register_algorithm(PPO())
 register_algorithm(
     GroupBaseline(
-        "grpo", lambda rewards, size, config: core.group_advantages(rewards, size, config.scale_rewards)
+        "grpo",
+        lambda rewards, size, config: core.group_advantages(rewards, size, config.scale_rewards),
+        lambda returns, groups, config: core.indexed_group_advantages(returns, groups, config.scale_rewards),
     )
 )
-register_algorithm(GroupBaseline("rloo", lambda rewards, size, config: core.rloo_advantages(rewards, size)))
+register_algorithm(
+    GroupBaseline(
+        "rloo",
+        lambda rewards, size, config: core.rloo_advantages(rewards, size),
+        lambda returns, groups, config: core.indexed_rloo_advantages(returns, groups),
+    )
+)

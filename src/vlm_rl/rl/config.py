@@ -85,6 +85,19 @@ class RLConfig:
     gamma: float = _f(1.0, "Discount factor.")
     lam: float = _f(0.95, "GAE lambda.")
     whiten_advantages: bool = _f(True, "Whiten PPO advantages over the batch.")
+    # Agents (multi-turn episodes)
+    turn_credit: Literal["bi_level", "turn"] = _f(
+        "bi_level",
+        "PPO over turns: bi_level (VAGEN: GAE across turns, then tokens inside a turn) or turn "
+        "(one GAE step per turn, its advantage shared by the turn's tokens).",
+    )
+    turn_gamma: float = _f(0.95, "Discount across turns (agents).")
+    turn_lam: float = _f(0.95, "GAE lambda across turns (agents).")
+    step_group_weight: float = _f(
+        0.0,
+        "GRPO/RLOO agents: weight of GiGPO's step-level advantage (turns with identical observations "
+        "in a group compared by return-to-go); 0 = episode-level advantages only.",
+    )
     # Group methods (GRPO/RLOO)
     scale_rewards: bool = _f(True, "GRPO: divide by the group's reward std (False = Dr. GRPO).")
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal (no learning signal).")

@@ -359,11 +359,14 @@ def bi_level_gae(
     turn_lam: float = 1.0,
     gamma: float = 1.0,
     lam: float = 1.0,
+    token_kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bi-level GAE (VAGEN, Wang et al. 2025): GAE across turns with the turn discount, the value of
     a turn read at its last token; then token-level GAE inside each turn whose last token is
     rewarded with the turn's return G_k = A_k + V_k (so each turn's tokens are credited toward
-    what the turn led to, and no value leaks across turns).
+    what the turn led to, and no value leaks across turns). `token_kl` (N, T), when given, adds
+    -kl_coef * KL at every token as in single-turn PPO (`token_rewards`).
     turn_rewards (N,), values/mask (N, T), episode_index/turn_index (N,) -> advantages, returns (N, T)."""
     mask = mask.to(values.dtype)
     last = (mask.long().sum(1) - 1).clamp(min=0)
@@ -372,7 +375,8 @@ def bi_level_gae(
         turn_rewards, turn_values, episode_index, turn_index, turn_gamma, turn_lam
     )
     turn_returns = turn_advantages + turn_values
-    rewards = token_rewards(turn_returns, torch.zeros_like(values), mask, 0.0)
+    kl = token_kl if token_kl is not None else torch.zeros_like(values)
+    rewards = token_rewards(turn_returns, kl, mask, kl_coef)
     return gae(rewards, values, mask, gamma, lam)
 
 
@@ -392,6 +396,31 @@ def indexed_group_advantages(
         centred = rewards[members] - rewards[members].mean()
         advantages[members] = centred / (rewards[members].std() + 1e-4) if scale_by_std else centred
     return advantages
+
+
+def indexed_rloo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """RLOO's leave-one-out baseline for groups given by an index: r_i minus the mean of the other
+    members of its group; a group of one gets 0. rewards, group_index: (N,) -> (N,)."""
+    rewards = rewards.float()
+    advantages = torch.zeros_like(rewards)
+    for group in torch.unique(group_index):
+        members = group_index == group
+        k = int(members.sum())
+        if k < 2:
+            continue
+        group_rewards = rewards[members]
+        advantages[members] = group_rewards - (group_rewards.sum() - group_rewards) / (k - 1)
+    return advantages
+
+
+def episode_totals(
+    turn_rewards: torch.Tensor, episode_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each episode's summed reward: (episode ids (E,), totals (E,), inverse (N,): each turn's
+    position in ids, so `totals[inverse]` gives every turn its episode's total)."""
+    ids, inverse = torch.unique(episode_index, return_inverse=True)
+    totals = torch.zeros(len(ids)).index_add_(0, inverse, turn_rewards.float())
+    return ids, totals, inverse
 
 
 def step_group_index(observation_keys: list, episode_groups: torch.Tensor) -> torch.Tensor:

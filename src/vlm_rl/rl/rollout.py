@@ -47,6 +47,19 @@ class Rollout:
     """(N, T) value targets (PPO)."""
     sample_mask: torch.Tensor | None = None
     """(N,) 1 for samples that take part in the update (dynamic sampling drops the others)."""
+    # Agent turns (vlm_rl.rl.agent): None for single-turn samples, each an episode of one turn.
+    episode_index: torch.Tensor | None = None
+    """(N,) the episode each turn belongs to."""
+    turn_index: torch.Tensor | None = None
+    """(N,) the turn's position in its episode (0, 1, ...)."""
+    group_index: torch.Tensor | None = None
+    """(N,) the episode's group (episodes of the same env seed, for group baselines)."""
+    observation_keys: list[str] | None = None
+    """A hash of what the policy saw on each turn (GiGPO's step groups)."""
+
+    @property
+    def is_multi_turn(self) -> bool:
+        return self.episode_index is not None
 
     def __len__(self) -> int:
         return len(self.prompt_index)
