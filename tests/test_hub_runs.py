@@ -24,7 +24,7 @@ from test_hub import (
 
 from vlm_rl.hub import HubError, push_run
 from vlm_rl.rl.config import RLConfig
-from vlm_rl.runlog import MetricsLogger, save_config
+from vlm_rl.run_folder import MetricsLogger, save_config
 
 REPO = "tester/ppo-caption"
 ADAPTER_BYTES = b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"w":{"dtype":"F32"}}' + bytes(range(256)) * 8
@@ -102,15 +102,18 @@ def rl_run_folder(root: Path, name: str = "ppo_caption") -> Path:
     return run_dir
 
 
-def reward_model_run_folder(root: Path, name: str = "caption_preference") -> Path:
-    """A finished 20-step reward-model run: best evaluation at step 10 (0.9), final at step 20 (0.85)."""
+def reward_model_run_folder(root: Path, name: str = "caption_preference", *, legacy: bool = False) -> Path:
+    """A finished 20-step reward-model run: best evaluation at step 10 (0.9), final at step 20 (0.85).
+
+    legacy: metrics in run/metrics.jsonl, where reward-model runs kept them before sharing the RL layout.
+    """
     from vlm_rl.rewards.trainer import RewardTrainingConfig
 
     run_dir = root / name
     run_dir.mkdir(parents=True)
     config = RewardTrainingConfig(max_steps=20, center_rewards_coefficient=0.1, output_dir=str(run_dir))
     save_config(config, run_dir / "run_config.json")
-    metrics_log = MetricsLogger(run_dir / "run", tensorboard=False)
+    metrics_log = MetricsLogger(run_dir / "run" if legacy else run_dir, tensorboard=False)
     metrics_log.log({"eval/accuracy": 0.5, "eval/margin": 0.0, "eval/pairs": 40}, step=0)
     for step, accuracy in ((10, 0.9), (20, 0.85)):
         metrics_log.log({"train/loss": 0.7 - step / 100, "train/accuracy": accuracy - 0.05}, step=step)
@@ -218,8 +221,10 @@ def test_push_run_of_a_checkpoint_pushes_its_adapter_with_the_metrics_of_its_ste
 
 
 # -- reward-model runs ------------------------------------------------------------------------
-def test_push_run_of_a_reward_model_run_pushes_final_or_best(hub: LocalHub, tmp_path: Path):
-    run_dir = reward_model_run_folder(tmp_path)
+@pytest.mark.parametrize("legacy", [False, True], ids=["metrics.jsonl", "old-layout-run/metrics.jsonl"])
+def test_push_run_of_a_reward_model_run_pushes_final_or_best(hub: LocalHub, tmp_path: Path, legacy: bool):
+    run_dir = reward_model_run_folder(tmp_path, legacy=legacy)
+    assert (run_dir / "run").is_dir() == legacy
     before = digest(run_dir)
 
     push_run(run_dir, "tester/rm", token=TOKEN)
@@ -460,6 +465,53 @@ def test_a_failed_push_says_how_to_retry_with_the_same_options(
     assert message.endswith(
         f"retry: vlm-rl push '{run_dir}' --repo-id {REPO} --private --revision 'exp 1' --checkpoint step-000002"
     )
+
+
+@pytest.mark.parametrize("hub_fails", [False, True], ids=["hub up", "hub 500"])
+def test_push_checkpoint_through_the_checkpoint_manager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, hub_fails: bool
+):
+    """`CheckpointManager.upload(path, partial(push_checkpoint, config))`, as the RL trainer queues a
+    checkpoint push: a slow hub, and a newer checkpoint saved meanwhile that would rotate the queued
+    one away (save_total_limit=1). The queued checkpoint is pushed whole, then rotated; a failing hub
+    is logged with the retry command."""
+    from functools import partial
+
+    from vlm_rl.hub import push_checkpoint
+    from vlm_rl.run_folder import CheckpointManager, RunFolder
+
+    run_dir = rl_run_folder(tmp_path)
+    run = RunFolder(run_dir)
+    queued = run.checkpoint_dir(2)
+    expected = folder_files(queued / "adapter")
+    config = RLConfig(output_dir=str(run_dir), push_to_hub=True, hub_model_id=REPO, hub_revision="training")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with LocalHub(token=TOKEN, delay_s=0.2, fail_with=500 if hub_fails else None) as local_hub:
+        monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
+        manager = CheckpointManager(run, save_total_limit=1)
+        with caplog.at_level("INFO", logger="vlm_rl"):
+            manager.upload(queued, partial(push_checkpoint, config))
+            tmp = manager.begin(3)
+            write_files(tmp, {"trainer_state.json": '{"step": 3}'})
+            manager.commit(tmp, 3)
+            assert queued.is_dir() and manager.pending == 1  # kept while its upload is on its way
+            manager.wait_for_uploads()
+        outcomes = [r for r in caplog.records if r.getMessage().startswith("checkpoint step-000002: ")]
+        if hub_fails:
+            assert local_hub.commits == []
+            assert [r.levelname for r in outcomes] == ["WARNING"]
+            assert "server error (500" in outcomes[0].getMessage()
+            retry = (
+                f"retry: vlm-rl push {run_dir} --repo-id {REPO} --revision training --checkpoint step-000002"
+            )
+            assert retry in outcomes[0].getMessage()
+        else:
+            assert [(c.summary, c.branch) for c in local_hub.commits] == [
+                ("vlm_rl ppo run 'ppo_caption' step 2", "training")
+            ]
+            assert pushed_files(local_hub, REPO, "training") == expected
+            assert [r.levelname for r in outcomes] == ["INFO"]
+    assert [path.name for path in run.checkpoints()] == ["step-000003"]  # rotated once pushed
 
 
 def test_checkpoint_uploads_run_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
