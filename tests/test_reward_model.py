@@ -24,7 +24,7 @@ from vlm_rl.data import DataError
 from vlm_rl.data.easy_vqa import CAPTION_PROMPT, caption_dataset, caption_preference_dataset
 from vlm_rl.rewards.model import CONFIG_NAME, HEAD_NAME, RewardModel, last_token_index
 from vlm_rl.rewards.trainer import RewardTrainingConfig, bradley_terry_loss, train_reward_model
-from vlm_rl.runlog import read_metrics
+from vlm_rl.run_folder import RunFolder, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "train_reward_model.py"
@@ -141,7 +141,8 @@ def test_training_learns_held_out_preferences(trained: TrainedRun) -> None:
     assert metrics["eval/accuracy"] > metrics["eval/accuracy_before"] + MIN_GAIN, metrics
     assert metrics["eval/margin"] > 0
 
-    rows = read_metrics(trained.output_dir / "run")
+    rows = read_metrics(trained.output_dir)  # metrics.jsonl at the top, as in RL runs
+    assert not (trained.output_dir / "run").exists()
     train_rows = [row for row in rows if "train/loss" in row]
     eval_rows = [row for row in rows if "eval/accuracy" in row]
     assert len(train_rows) >= 5
@@ -355,7 +356,7 @@ def assert_two_processes_trained(result: subprocess.CompletedProcess, output_dir
     run_config = json.loads((output_dir / "run_config.json").read_text())
     pairs = 64 * run_config["pairs_per_image"]
     one_process_steps = math.ceil(pairs / run_config["per_device_batch_size"])
-    rows = read_metrics(output_dir / "run")
+    rows = read_metrics(output_dir)
     steps = [row["step"] for row in rows if "train/loss" in row]
     # Two ranks split each epoch: half the optimizer steps of one process on the same data, and one
     # metrics row per step (a second "main" process would write every row twice).
@@ -389,7 +390,7 @@ def test_two_process_learning_rate_decays_to_zero(two_process_run: tuple) -> Non
     result, output_dir = two_process_run
     assert result.returncode == 0
     peak = json.loads((output_dir / "run_config.json").read_text())["learning_rate"]
-    last = [row for row in read_metrics(output_dir / "run") if "train/lr" in row][-1]
+    last = [row for row in read_metrics(output_dir) if "train/lr" in row][-1]
     assert last["train/lr"] < 0.05 * peak, last
 
 
@@ -446,7 +447,7 @@ def test_bad_preference_data_fails_before_training(case: str, tmp_path: Path) ->
         train_reward_model(bad_config(dataset, output_dir))
     assert str(dataset) in str(error.value)
     assert not (output_dir / "final").exists()
-    assert not (output_dir / "run").exists()
+    assert not RunFolder(output_dir).metrics_file.exists()
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -29,7 +29,7 @@ from vlm_rl.data.collators import PreferenceBatch, PreferenceCollator
 from vlm_rl.data.loaders import load_task_dataset
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.rewards.model import RewardModel, RewardScorer
-from vlm_rl.runlog import MetricsLogger, atomic_dir, save_config
+from vlm_rl.run_folder import RunFolder, atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
         torch.set_num_threads(config.num_threads)
     accelerator = make_accelerator(config.gradient_accumulation_steps)
     set_seed(config.seed)
-    output_dir = Path(config.output_dir)
+    run = RunFolder(config.output_dir)
 
     # Data (validated before any training starts)
     options = {}
@@ -235,15 +235,13 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
     )
 
     metrics_log = None
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "run_config.json")
-        metrics_log = MetricsLogger(output_dir / "run", tensorboard=config.report_to_tensorboard)
+    if accelerator.is_main_process:  # the same layout as RL runs: metrics.jsonl at the top
+        metrics_log = run.start(config, tensorboard=config.report_to_tensorboard)
 
-    def save(name: str) -> None:
+    def save(folder: Path) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            with atomic_dir(output_dir / name) as tmp:
+            with atomic_dir(folder) as tmp:
                 reward_model.save_pretrained(tmp, scorer=accelerator.unwrap_model(scorer))
 
     initial = evaluate(scorer, eval_loader, accelerator)
@@ -296,12 +294,12 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
                 if final["eval/accuracy"] > best_accuracy:
                     best_accuracy = final["eval/accuracy"]
                     reward_model.config["eval_accuracy"] = best_accuracy
-                    save("best")
+                    save(run.best_dir)
             if step >= max_steps:
                 break
     progress.close()
     reward_model.config["eval_accuracy"] = final["eval/accuracy"]
-    save("final")
+    save(run.final_dir)
     if metrics_log:
         metrics_log.close()
     final = {**final, "eval/accuracy_before": initial["eval/accuracy"], "train/steps": step}
