@@ -114,12 +114,15 @@ def test_evaluate_summarises_an_rl_run(tmp_path: Path):
     )
 
 
-def test_evaluate_summarises_a_reward_model_run(tmp_path: Path):
-    run_dir = reward_model_run_folder(tmp_path)
+@pytest.mark.parametrize("legacy", [False, True], ids=["metrics.jsonl", "old-layout-run/metrics.jsonl"])
+def test_evaluate_summarises_a_reward_model_run(tmp_path: Path, legacy: bool):
+    run_dir = reward_model_run_folder(tmp_path, legacy=legacy)
 
     result = vlm_rl_cli("evaluate", str(run_dir))
 
     assert result.returncode == 0, result.stderr
+    metrics_file = run_dir / "run" / "metrics.jsonl" if legacy else run_dir / "metrics.jsonl"
+    assert result.stdout.startswith(f"{metrics_file}: 5 records, last step 20\n")
     assert "held-out evaluation, step 0 -> step 20:" in result.stdout
     assert "  eval/accuracy  0.5 -> 0.85" in result.stdout
     assert "training at step 20: train/accuracy 0.8, train/loss 0.5" in result.stdout
@@ -184,6 +187,19 @@ def test_push_of_a_checkpoint_to_a_branch(hub: LocalHub, tmp_path: Path):
     adapter = run_dir / "checkpoints" / "step-000002" / "adapter"
     assert pushed_files(hub, REPO, "step-2") == folder_files(adapter)
     assert [(c.summary, c.branch) for c in hub.commits] == [("vlm_rl ppo run 'ppo_caption' step 2", "step-2")]
+
+
+def test_push_of_a_reward_model_run_in_the_old_layout_reads_its_metrics(hub: LocalHub, tmp_path: Path):
+    run_dir = reward_model_run_folder(tmp_path / "runs", legacy=True)  # metrics in run/metrics.jsonl
+
+    result = vlm_rl_push(run_dir, hub.endpoint, env=cli_env(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert pushed_files(hub, REPO) == folder_files(run_dir / "final")
+    # The step and the first evaluation come from run/metrics.jsonl.
+    assert [c.summary for c in hub.commits] == ["vlm_rl reward model run 'caption_preference' step 20"]
+    readme = hub.files(REPO)["README.md"].decode()
+    assert "| `eval/accuracy_before` | 0.5 |" in readme and "| `steps_trained` | 20 |" in readme
 
 
 @pytest.mark.parametrize(

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import vlm_rl
-from vlm_rl.runlog import read_metrics
+from vlm_rl.run_folder import RL_RUN_INFO_NAME, RunFolder, read_json
 
 RECIPES = {
     # command: (file in recipes/, one-line help)
@@ -127,18 +126,16 @@ def run_recipe(command: str, recipe_argv: list[str]) -> int:
 # -- evaluate ---------------------------------------------------------------------------------
 def evaluate(run_dir: Path) -> int:
     """Print a run's held-out metrics (first and last evaluation), its last training reward and final metrics."""
-    metrics_file = next(
-        (path for path in (run_dir / "metrics.jsonl", run_dir / "run" / "metrics.jsonl") if path.is_file()),
-        None,
-    )
+    run = RunFolder(run_dir)
+    metrics_file = run.find_metrics_file()  # metrics.jsonl, or run/metrics.jsonl of an older run
     if metrics_file is None:
         print(
-            f"vlm-rl evaluate: no metrics.jsonl in {run_dir} or {run_dir / 'run'}: pass the output_dir of a "
-            "vlm_rl run (it writes metrics.jsonl from its first evaluation on)",
+            f"vlm-rl evaluate: no metrics.jsonl in {run.root} or {run.legacy_metrics_file.parent}: pass the "
+            "output_dir of a vlm_rl run (it writes metrics.jsonl from its first evaluation on)",
             file=sys.stderr,
         )
         return 1
-    records = read_metrics(metrics_file.parent)
+    records = run.read_metrics()
     print(f"{metrics_file}: {len(records)} records, last step {records[-1]['step'] if records else '-'}")
 
     evals = [record for record in records if any(key.startswith("eval/") for key in record)]
@@ -158,15 +155,15 @@ def evaluate(run_dir: Path) -> int:
         )
         print(f"training at step {training[-1]['step']}: {values}")
 
-    for name in ("final", "best"):
-        for saved in (run_dir / name / "vlm_rl_run.json", run_dir / name / "reward_config.json"):
-            if saved.is_file():
-                print(_saved_summary(saved, json.loads(saved.read_text())))
+    for folder in (run.final_dir, run.best_dir):
+        saved = run.saved_model_info(folder)
+        if saved is not None:
+            print(_saved_summary(saved, read_json(saved)))
     return 0
 
 
 def _saved_summary(path: Path, saved: dict[str, Any]) -> str:
-    if path.name == "vlm_rl_run.json":
+    if path.name == RL_RUN_INFO_NAME:
         metrics = ", ".join(
             f"{key} {_number(value)}" for key, value in sorted(saved.get("metrics", {}).items())
         )
