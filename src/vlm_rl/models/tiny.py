@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,20 @@ TINY_MODELS: dict[str, str] = {
     "tiny-llava": "llava",
     "tiny-qwen2.5-vl": "qwen2_5_vl",
     "tiny-idefics3": "idefics3",
+    "tiny-llava-agent": "llava",
 }
 """Names accepted as `model_name_or_path` for the embedded default, mapped to their family."""
+
+
+def _agent_words() -> list[str]:
+    from vlm_rl import envs  # the built-in environments' protocols
+
+    return envs.vocabulary()
+
+
+TINY_EXTRA_WORDS: dict[str, Callable[[], list[str]]] = {"tiny-llava-agent": _agent_words}
+"""Tiny models whose vocabulary holds more than the demo tasks' words (texts to take words from):
+tiny-llava-agent also knows every built-in environment's protocol (`vlm_rl.envs`)."""
 
 IMAGE_SIZE = 32
 TINY_FORMAT_VERSION = 2  # bump when the recipe below changes, so stale caches are rebuilt
@@ -52,9 +65,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VLM_RL_CACHE", Path.home() / ".cache" / "vlm_rl"))
 
 
-def build_tokenizer(family: FamilyFacts) -> PreTrainedTokenizerFast:
+def build_tokenizer(family: FamilyFacts, extra_texts: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """A lowercase word-level tokenizer: the family's special tokens, then every word of the demo
-    tasks' texts (`vlm_rl.tasks.vocabulary`) and of the family's chat template, sorted.
+    tasks' texts (`vlm_rl.tasks.vocabulary`), of `extra_texts` and of the family's chat template, sorted.
 
     One token per word keeps the default tasks short ("red circle" is two tokens) so a tiny model
     learns them in minutes; special tokens are matched before splitting, so chat templates render
@@ -64,7 +77,7 @@ def build_tokenizer(family: FamilyFacts) -> PreTrainedTokenizerFast:
 
     split = pre_tokenizers.Whitespace()
     words: set[str] = set(family.extra_vocab)
-    for text in tasks.vocabulary():
+    for text in [*tasks.vocabulary(), *extra_texts]:
         words.update(piece for piece, _ in split.pre_tokenize_str(text.lower()))
     vocab = {token: i for i, token in enumerate(family.special_tokens)}
     for word in sorted(words):
@@ -232,10 +245,11 @@ _TINY_SIZES: dict[str, dict[str, Any]] = {
 
 def build_tiny(name: str, seed: int = 0):
     """Build the tiny model `name` (a key of TINY_MODELS) in memory: (model, processor)."""
-    return build_vlm(TINY_MODELS[name], seed=seed)
+    extra = TINY_EXTRA_WORDS[name]() if name in TINY_EXTRA_WORDS else ()
+    return build_vlm(TINY_MODELS[name], seed=seed, extra_texts=extra)
 
 
-def build_vlm(model_type: str, *, seed: int = 0, **sizes: Any):
+def build_vlm(model_type: str, *, seed: int = 0, extra_texts: Sequence[str] = (), **sizes: Any):
     """A random VLM of family `model_type` ("llava", "qwen2_5_vl", "idefics3") with the tiny
     word-level tokenizer, built deterministically from `seed`: (model in eval mode, processor).
 
@@ -244,7 +258,7 @@ def build_vlm(model_type: str, *, seed: int = 0, **sizes: Any):
     with others a bigger model of the same recipe (the benchmarks' mid-size models).
     """
     family = FAMILIES[model_type]
-    tokenizer = build_tokenizer(family)
+    tokenizer = build_tokenizer(family, extra_texts)
     with torch.random.fork_rng():  # leave the caller's random state untouched
         torch.manual_seed(seed)
         model, processor = _BUILDERS[model_type](family, tokenizer, **(_TINY_SIZES[model_type] | sizes))

@@ -106,13 +106,13 @@ class RLTrainer:
         policy,
         processor: ProcessorMixin,
         reward: CombinedReward,
-        train_dataset: datasets.Dataset,
+        train_dataset: datasets.Dataset | None,
         eval_dataset: datasets.Dataset | None = None,
         eval_metric: EvalMetric | None = None,
         accelerator: Accelerator | None = None,
         value_head: torch.nn.Linear | None = None,
     ):
-        if len(train_dataset) == 0:
+        if train_dataset is not None and len(train_dataset) == 0:
             raise ValueError("the training prompt dataset is empty; check --dataset and its split")
         self.config = config
         self.algorithm = get_algorithm(config.algorithm)
@@ -179,7 +179,7 @@ class RLTrainer:
     def _prompt_indices(self, step: int) -> list[int]:
         """This process's prompts for `step`: a deterministic function of (seed, step), so a resumed
         run sees exactly the prompts an uninterrupted one would."""
-        per_step, n = self.config.prompts_per_step, len(self.train_dataset)
+        per_step, n = self.config.prompts_per_step, self.num_train_items
         start = step * per_step
         indices = []
         for position in range(start, start + per_step):
@@ -189,6 +189,11 @@ class RLTrainer:
             )
             indices.append(int(order[offset]))
         return indices[self.accelerator.process_index :: self.accelerator.num_processes]
+
+    @property
+    def num_train_items(self) -> int:
+        """How many distinct training prompts (or, for agents, environment seeds) there are."""
+        return len(self.train_dataset)
 
     def _batch(self, dataset: datasets.Dataset, indices: list[int]) -> PromptBatch:
         return self.collator([dataset[i] for i in indices])
@@ -397,6 +402,12 @@ class RLTrainer:
         self.accelerator.step = 0
 
     # -- one step -----------------------------------------------------------------------------
+    def sample(self, step: int) -> tuple[Rollout, PromptBatch, dict[str, float]]:
+        """The rollout stage: this process's prompts of `step` and their sampled completions (the
+        agent trainer plays episodes here instead). Returns (rollout, its prompts, metrics)."""
+        batch = self._batch(self.train_dataset, self._prompt_indices(step))
+        return self.generate(batch), batch, {}
+
     def train_step(self) -> dict[str, float]:
         """One RL step: its stages in order, each timed. Returns its metrics (mean over processes)."""
         timings: dict[str, float] = {}
@@ -408,13 +419,12 @@ class RLTrainer:
             timings[f"time/{name}_s"] = time.perf_counter() - start
 
         step_start = time.perf_counter()
-        batch = self._batch(self.train_dataset, self._prompt_indices(self.step))
         try:
             # Scoring and update passes (and generation where the prefill is not shared) see each
             # prompt's images G times: encode each distinct image once.
             with share_image_encoding(self.unwrapped.policy) as image_encoding:
                 with timed("rollout"):
-                    rollout = self.generate(batch)
+                    rollout, batch, sample_metrics = self.sample(self.step)
                 with timed("reward"):
                     rewards, reward_metrics, error = None, {}, None
                     try:
@@ -447,6 +457,7 @@ class RLTrainer:
             **{k.replace("rewards/", "reward/"): v for k, v in reward_metrics.items()},
             "completions/mean_length": lengths.mean().item(),
             "completions/ended_fraction": rollout.ended.float().mean().item(),
+            **sample_metrics,
             **objective,
             **update,
             "objective/kl_coef": self.kl.coef,

@@ -1,0 +1,341 @@
+"""Batched multi-turn rollouts: N episodes of a visual environment played together by a VLM.
+
+Each turn, the live episodes' prompts (their current frame(s) and text) go through ONE batched
+`generate` call; each reply is parsed into an action and stepped; finished episodes leave the
+batch. The result is a `Rollout` whose rows are turns (one row per turn of every episode, with
+`episode_index`, `turn_index` and `group_index`), so scoring, advantages and the update are the
+single-turn engine's: a single-turn task is an episode of one turn.
+
+Context per turn (`AgentContext`): the current frame only (default: the cheapest, and the
+episode's state is on the frame for the built-in environments), the last k frames, and/or a text
+history of the last m actions; the prompt is built from the current observation each turn, so the
+context length stays constant (as verl-agent does) whatever the episode length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from transformers import PreTrainedModel, ProcessorMixin
+
+from vlm_rl.data.collators import PromptBatch, PromptCollator
+from vlm_rl.envs.adapter import Turn, TurnEnv
+from vlm_rl.rewards.compose import CombinedReward
+from vlm_rl.rl.config import RLConfig
+from vlm_rl.rl.rollout import Rollout, generate
+from vlm_rl.rl.trainer import RLTrainer
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """What each turn's prompt holds besides the current frame and the instruction."""
+
+    frames: int = 1
+    """The last k frames (the current one last); earlier turns of a short episode have fewer."""
+    actions: int = 0
+    """A text history of the last m actions taken ("history : left down")."""
+
+
+@dataclass
+class Episode:
+    """One played episode, as recorded in the run folder."""
+
+    seed: int
+    group: int
+    frames: list[Image.Image] = field(default_factory=list)
+    """The frame shown at each turn, then the final frame."""
+    replies: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    """Environment reward of each turn (invalid-action penalties included)."""
+    invalid: list[bool] = field(default_factory=list)
+    success: bool = False
+    terminated: bool = False
+
+    @property
+    def turns(self) -> int:
+        return len(self.actions)
+
+    @property
+    def episode_return(self) -> float:
+        return float(sum(self.rewards))
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "group": self.group,
+            "replies": self.replies,
+            "actions": self.actions,
+            "rewards": self.rewards,
+            "invalid": self.invalid,
+            "success": self.success,
+            "return": self.episode_return,
+            "turns": self.turns,
+        }
+
+
+def turn_example(
+    turn: Turn, previous_frames: Sequence[Image.Image], past_actions: Sequence[str], context: AgentContext
+) -> dict:
+    """The conversational prompt of a turn under `context` (TRL's prompt + images format)."""
+    frames = (
+        [*previous_frames[len(previous_frames) - (context.frames - 1) :], turn.image]
+        if context.frames > 1
+        else [turn.image]
+    )
+    text = turn.text
+    if context.actions and past_actions:
+        text = f"{text} history : {' '.join(past_actions[-context.actions :])}"
+    content = [{"type": "image"} for _ in frames] + [{"type": "text", "text": text}]
+    return {"prompt": [{"role": "user", "content": content}], "images": frames}
+
+
+def observation_key(example: dict) -> str:
+    """A hash of what the policy sees on a turn (frames + text): equal keys = the same state for
+    GiGPO's step groups."""
+    digest = hashlib.sha1()
+    for image in example["images"]:
+        digest.update(image.tobytes())
+    digest.update(repr(example["prompt"]).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def play_episodes(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    envs: Sequence[TurnEnv],
+    seeds: Sequence[int],
+    groups: Sequence[int] | None = None,
+    *,
+    max_turns: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    context: AgentContext = AgentContext(),
+) -> tuple[Rollout, PromptBatch, list[Episode]]:
+    """Play one episode per env (env i reset with seeds[i]) to its end or `max_turns`.
+
+    Returns the turns as one `Rollout` (row order: turn 0 of every episode, then turn 1 of the
+    live ones, ...), the turns' prompts as a `PromptBatch` (row i of the rollout answers prompt i;
+    its `env_reward` column holds each turn's environment reward, penalties included: the
+    `env_reward` reward function reads it) and the episodes.
+    """
+    groups = list(groups) if groups is not None else list(range(len(envs)))
+    collator = PromptCollator(processor)
+    episodes = [Episode(seed=int(s), group=int(g)) for s, g in zip(seeds, groups, strict=True)]
+    turns = [env.reset(seed=int(seed)) for env, seed in zip(envs, seeds, strict=True)]
+    examples, rows = [], []  # every turn's prompt example, and its (episode, turn index)
+    completion_ids, completion_masks, ended, texts, rewards = [], [], [], [], []
+    live = list(range(len(envs)))
+    for turn_number in range(max_turns):
+        if not live:
+            break
+        batch_examples = [
+            turn_example(turns[i], episodes[i].frames, episodes[i].actions, context) for i in live
+        ]
+        batch = collator(batch_examples)
+        sampled = generate(
+            model,
+            processor,
+            batch.inputs,
+            torch.tensor([len(e["images"]) for e in batch_examples]),
+            samples_per_prompt=1,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+        )
+        still_live = []
+        for position, i in enumerate(live):
+            episode = episodes[i]
+            result = envs[i].step(sampled.completions[position])
+            episode.frames.append(turns[i].image)
+            episode.replies.append(sampled.completions[position])
+            episode.actions.append(result.action)
+            episode.rewards.append(result.reward)
+            episode.invalid.append(not result.valid)
+            examples.append(batch_examples[position])
+            rows.append((i, turn_number))
+            completion_ids.append(sampled.completion_ids[position])
+            completion_masks.append(sampled.completion_mask[position])
+            ended.append(sampled.ended[position])
+            texts.append(sampled.completions[position])
+            rewards.append(result.reward)
+            turns[i] = result.turn
+            if result.done:
+                episode.success, episode.terminated = bool(result.info.get("success")), result.terminated
+                episode.frames.append(result.turn.image)
+            else:
+                still_live.append(i)
+        live = still_live
+    for i in live:  # cut at max_turns
+        episodes[i].frames.append(turns[i].image)
+
+    pad_id = processor.tokenizer.pad_token_id
+    width = max(len(ids) for ids in completion_ids)
+
+    def padded(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+        return torch.stack([torch.nn.functional.pad(t, (0, width - len(t)), value=value) for t in tensors])
+
+    all_turns = collator(examples)
+    rollout = Rollout(
+        prompt_inputs=all_turns.inputs,
+        images_per_prompt=torch.tensor([len(e["images"]) for e in examples]),
+        prompt_index=torch.arange(len(examples)),
+        completion_ids=padded(completion_ids, pad_id),
+        completion_mask=padded(completion_masks, 0),
+        ended=torch.stack(ended),
+        completions=texts,
+        episode_index=torch.tensor([episode for episode, _ in rows]),
+        turn_index=torch.tensor([turn for _, turn in rows]),
+        group_index=torch.tensor([episodes[episode].group for episode, _ in rows]),
+        observation_keys=[observation_key(e) for e in examples],
+    )
+    all_turns.columns["env_reward"] = rewards
+    return rollout, all_turns, episodes
+
+
+def env_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], env_reward: Sequence[float], **columns: Any
+) -> list[float]:
+    """The environment's reward of each turn (invalid-action penalty included), as a reward
+    function, so it composes with a learned reward model on turns like any other component."""
+    return [float(r) for r in env_reward]
+
+
+class AgentTrainer(RLTrainer):
+    """The RL trainer over episodes: the rollout stage plays `prompts_per_step` environment seeds x
+    `samples_per_prompt` episodes each (a group, for GRPO/RLOO: the same seed, so the same map),
+    every other stage is `RLTrainer`'s over the episodes' turns. Held-out evaluation plays one
+    greedy episode per held-out seed."""
+
+    def __init__(
+        self,
+        config: RLConfig,
+        policy,
+        processor: ProcessorMixin,
+        reward: CombinedReward,
+        make_env: Callable[[], TurnEnv],
+        train_seeds: Sequence[int],
+        eval_seeds: Sequence[int] = (),
+        *,
+        max_turns: int,
+        context: AgentContext = AgentContext(),
+        accelerator: Accelerator | None = None,
+        value_head: torch.nn.Linear | None = None,
+    ):
+        super().__init__(
+            config, policy, processor, reward, None, accelerator=accelerator, value_head=value_head
+        )
+        if len(train_seeds) == 0:
+            raise ValueError("no training seeds: the environment's train_seeds range is empty")
+        self.make_env = make_env
+        self.train_seeds, self.eval_seeds = list(train_seeds), list(eval_seeds)
+        self.max_turns, self.context = max_turns, context
+        self._envs: list[TurnEnv] = []
+        self.last_episodes: list[Episode] = []
+
+    @property
+    def num_train_items(self) -> int:
+        return len(self.train_seeds)
+
+    def _env_pool(self, n: int) -> list[TurnEnv]:
+        while len(self._envs) < n:
+            self._envs.append(self.make_env())
+        return self._envs[:n]
+
+    def play(
+        self, seeds: Sequence[int], groups: Sequence[int], greedy: bool
+    ) -> tuple[Rollout, PromptBatch, list[Episode]]:
+        from trl.models.utils import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.module, self.accelerator) as unwrapped:
+            unwrapped.policy.eval()
+            return play_episodes(
+                unwrapped.policy,
+                self.processor,
+                self._env_pool(len(seeds)),
+                seeds,
+                groups,
+                max_turns=self.max_turns,
+                max_new_tokens=self.config.max_new_tokens,
+                temperature=self.config.temperature,
+                top_p=self.config.top_p,
+                greedy=greedy,
+                context=self.context,
+            )
+
+    def sample(self, step: int) -> tuple[Rollout, PromptBatch, dict[str, float]]:
+        G = self.config.samples_per_prompt
+        seeds = [self.train_seeds[i] for i in self._prompt_indices(step)]
+        groups = [position // G for position in range(len(seeds) * G)]
+        rollout, batch, episodes = self.play([s for s in seeds for _ in range(G)], groups, greedy=False)
+        self.last_episodes = episodes
+        return rollout, batch, {f"episodes/{k}": v for k, v in episode_metrics(episodes).items()}
+
+    @torch.no_grad()
+    def evaluate(self, dataset=None, batch_size: int = 64) -> dict[str, float]:
+        """One greedy episode per held-out seed: success rate, return, length, invalid-action rate."""
+        seeds = self.eval_seeds[self.accelerator.process_index :: self.accelerator.num_processes]
+        if not self.eval_seeds:
+            return {}
+        totals: dict[str, float] = {}
+        count = 0
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start : start + batch_size]
+            _, _, episodes = self.play(chunk, list(range(len(chunk))), greedy=True)
+            for key, value in episode_metrics(episodes).items():
+                totals[key] = totals.get(key, 0.0) + value * len(episodes)
+            count += len(episodes)
+        keys = sorted(episode_metrics([]).keys())
+        values = torch.tensor(
+            [totals.get(k, 0.0) for k in keys] + [count], dtype=torch.float64, device=self.device
+        )
+        values = self.accelerator.reduce(values, reduction="sum")
+        return {
+            f"eval/{k}": v / max(values[-1].item(), 1)
+            for k, v in zip(keys, values[:-1].tolist(), strict=True)
+        }
+
+    def _write_samples(self, rollout: Rollout, batch: PromptBatch) -> None:
+        """The step's episodes (replies, actions, rewards, success) into episodes.jsonl, and the
+        first few as film strips (the frames side by side) under episodes/."""
+        folder = self.output_dir / "episodes"
+        folder.mkdir(exist_ok=True)
+        with (self.output_dir / "episodes.jsonl").open("a") as f:
+            for number, episode in enumerate(self.last_episodes):
+                f.write(json.dumps({"step": self.step, "episode": number, **episode.record()}) + "\n")
+        for number, episode in enumerate(self.last_episodes[:4]):
+            film_strip(episode.frames).save(folder / f"step-{self.step:06d}-episode-{number}.png")
+
+
+def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Means over episodes: success rate, return, length (turns), invalid-action rate (per turn)."""
+    n = max(len(episodes), 1)
+    turns = sum(e.turns for e in episodes)
+    return {
+        "success_rate": sum(e.success for e in episodes) / n,
+        "return": sum(e.episode_return for e in episodes) / n,
+        "length": turns / n,
+        "invalid_action_rate": sum(sum(e.invalid) for e in episodes) / max(turns, 1),
+    }
+
+
+def film_strip(frames: Sequence[Image.Image]) -> Image.Image:
+    """Frames side by side, left to right (each at its own size, tops aligned)."""
+    width = sum(f.width for f in frames) + 2 * max(len(frames) - 1, 0)
+    strip = Image.new("RGB", (max(width, 1), max((f.height for f in frames), default=1)), (128, 128, 128))
+    x = 0
+    for frame in frames:
+        strip.paste(frame, (x, 0))
+        x += frame.width + 2
+    return strip
