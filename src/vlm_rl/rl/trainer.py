@@ -25,13 +25,12 @@ times, and within each call the vision encoder runs once per distinct image
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,15 @@ from vlm_rl.rl import core
 from vlm_rl.rl.algorithms import StepPlan, get_algorithm, objective_settings
 from vlm_rl.rl.config import RLConfig
 from vlm_rl.rl.rollout import Rollout, generate
-from vlm_rl.runlog import MetricsLogger, atomic_dir, save_config
+from vlm_rl.run_folder import (
+    ADAPTER_NAME,
+    RL_RUN_INFO_NAME,
+    TRAINER_STATE_NAME,
+    CheckpointManager,
+    MetricsLogger,
+    RunFolder,
+    atomic_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +171,10 @@ class RLTrainer:
         self.step = 0
         self.skipped_steps = 0
         self.metrics_log: MetricsLogger | None = None
-        self._uploads: ThreadPoolExecutor | None = None
-        self._pending_uploads: list[Future] = []
+        self.run = RunFolder(config.output_dir)
+        self.checkpoints = CheckpointManager(
+            self.run, config.save_total_limit, is_main_process=self.accelerator.is_main_process
+        )
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -490,18 +499,17 @@ class RLTrainer:
         return {k: total / count for k, total, count in zip(keys, *totals.tolist(), strict=True) if count}
 
     def _write_samples(self, rollout: Rollout, batch: PromptBatch) -> None:
-        path = self.output_dir / "samples.jsonl"
-        with path.open("a") as f:
-            for i in range(len(rollout)):
-                p = int(rollout.prompt_index[i])
-                record = {
-                    "step": self.step,
-                    "image_id": batch.columns.get("image_id", [None] * len(batch))[p],
-                    "prompt": batch.prompts[p],
-                    "completion": rollout.completions[i],
-                    "reward": float(rollout.rewards[i]),
-                }
-                f.write(json.dumps(record, default=str) + "\n")
+        image_ids = batch.columns.get("image_id", [None] * len(batch))
+        self.run.write_samples(
+            {
+                "step": self.step,
+                "image_id": image_ids[int(rollout.prompt_index[i])],
+                "prompt": batch.prompts[int(rollout.prompt_index[i])],
+                "completion": rollout.completions[i],
+                "reward": float(rollout.rewards[i]),
+            }
+            for i in range(len(rollout))
+        )
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -531,67 +539,35 @@ class RLTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """accelerate state (weights, optimizer, scheduler, RNG) + trainer state, written atomically."""
-        path = self.output_dir / "checkpoints" / f"step-{self.step:06d}"
+        """accelerate state (weights, optimizer, scheduler, RNG) + trainer state + the adapter, written
+        atomically by the run's `CheckpointManager` (which rotates, sparing pending uploads)."""
         self.accelerator.wait_for_everyone()
-        tmp = path.with_name(f".{path.name}.tmp")
-        if self.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+        tmp = self.checkpoints.begin(self.step)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        path = self.run.checkpoint_dir(self.step)
         if self.accelerator.is_main_process:
             state = {"step": self.step, "kl_coef": self.kl.coef, "skipped_steps": self.skipped_steps}
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
-            self._save_adapter(tmp / "adapter")
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
-            checkpoints = sorted((self.output_dir / "checkpoints").glob("step-*"))
-            for old in checkpoints[: max(0, len(checkpoints) - self.config.save_total_limit)]:
-                shutil.rmtree(old, ignore_errors=True)
+            (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state))
+            self._save_adapter(tmp / ADAPTER_NAME)
+            path = self.checkpoints.commit(tmp, self.step)
             if self.config.push_to_hub and self.config.hub_push_checkpoints:
-                self._push_checkpoint(path)
+                from vlm_rl.hub import push_checkpoint  # huggingface_hub is imported only when pushing
+
+                self.checkpoints.upload(path, functools.partial(push_checkpoint, self.config))
         self.accelerator.wait_for_everyone()
         return path
 
-    def _push_checkpoint(self, path: Path) -> None:
-        """Queue the upload of a checkpoint's adapter: one background thread uploads checkpoints in
-        order while training goes on (a slow hub never holds the processes at a barrier); `train`
-        waits for the queue before it returns."""
-        if self._uploads is None:
-            self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm_rl-push")
-        self._pending_uploads.append(self._uploads.submit(self._upload_checkpoint, path))
-
     def wait_for_uploads(self) -> None:
         """Block until every queued checkpoint upload has finished (or failed and been logged)."""
-        for future in self._pending_uploads:
-            future.result()
-        self._pending_uploads.clear()
-
-    def _upload_checkpoint(self, path: Path) -> None:
-        """Push a checkpoint's adapter with a card (commit "... step N"); a hub failure is logged
-        with the retry command and training goes on (the checkpoint is on disk)."""
-        from vlm_rl.hub import push_after_training  # huggingface_hub is imported only when pushing
-
-        try:
-            outcome = push_after_training(self.config, checkpoint=path.name)
-        except Exception:  # a bad repo id, a vanished checkpoint...: training goes on regardless
-            logger.exception("checkpoint %s: push failed; the checkpoint is on disk", path.name)
-            return
-        (logger.warning if outcome.startswith("push failed") else logger.info)(
-            "checkpoint %s: %s", path.name, outcome
-        )
+        self.checkpoints.wait_for_uploads()
 
     def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
-        if str(path) == "latest":
-            candidates = sorted((self.output_dir / "checkpoints").glob("step-*"))
-            if not candidates:
-                raise FileNotFoundError(f"no checkpoint to resume from in {self.output_dir / 'checkpoints'}")
-            path = candidates[-1]
-        if not (path / "trainer_state.json").exists():
-            raise FileNotFoundError(f"{path} is not a vlm_rl checkpoint (no trainer_state.json)")
+        path = self.run.resolve_checkpoint(path)
+        if not (path / TRAINER_STATE_NAME).exists():
+            raise FileNotFoundError(f"{path} is not a vlm_rl checkpoint (no {TRAINER_STATE_NAME})")
         self.accelerator.load_state(str(path))
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / TRAINER_STATE_NAME).read_text())
         self.step, self.kl.coef, self.skipped_steps = state["step"], state["kl_coef"], state["skipped_steps"]
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -606,7 +582,7 @@ class RLTrainer:
             save_value_head(unwrapped.value_head, path)
 
     def save_final(self, metrics: dict[str, float] | None = None) -> Path:
-        path = self.output_dir / "final"
+        path = self.run.final_dir
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             with atomic_dir(path) as tmp:
@@ -617,7 +593,7 @@ class RLTrainer:
                     "base_model": self.config.model_name_or_path,
                     "metrics": metrics or {},
                 }
-                (tmp / "vlm_rl_run.json").write_text(json.dumps(info, indent=2, default=str))
+                (tmp / RL_RUN_INFO_NAME).write_text(json.dumps(info, indent=2, default=str))
         self.accelerator.wait_for_everyone()
         return path
 
@@ -627,14 +603,9 @@ class RLTrainer:
         config = self.config
         if config.resume_from_checkpoint:
             self.load_checkpoint(config.resume_from_checkpoint)
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output_dir / "run_config.json")
-            resuming = bool(config.resume_from_checkpoint)
-            if not resuming:  # a fresh run in an existing folder starts fresh logs
-                (self.output_dir / "samples.jsonl").unlink(missing_ok=True)
-            self.metrics_log = MetricsLogger(
-                self.output_dir, tensorboard=config.report_to_tensorboard, fresh=not resuming
+        if self.accelerator.is_main_process:  # a fresh run in an existing folder starts fresh logs
+            self.metrics_log = self.run.start(
+                config, tensorboard=config.report_to_tensorboard, resume=bool(config.resume_from_checkpoint)
             )
         if self.accelerator.is_main_process:
             logger.info(
@@ -665,9 +636,9 @@ class RLTrainer:
         progress.close()
         after = self.evaluate()
         self._log(after)
-        if self._pending_uploads:
-            logger.info("waiting for %d checkpoint upload(s) to finish", len(self._pending_uploads))
-            self.wait_for_uploads()
+        if self.checkpoints.pending:
+            logger.info("waiting for %d checkpoint upload(s) to finish", self.checkpoints.pending)
+        self.wait_for_uploads()
         if self.metrics_log:
             self.metrics_log.close()
         return {"before": before, "after": after}
