@@ -11,7 +11,9 @@ Protocol:
 - success: the agent stands on the goal.
 
 Maps come from `generate_random_map(size, p, seed)` with the episode's seed, so every map has a
-path from start (top left) to goal (bottom right) and a seed always gives the same map.
+path from start (top left) to goal (bottom right) and a seed always gives the same map. Seeds are
+disjoint, layouts are not: at size 4 (p 0.8) the 10,000 train seeds hold only 1,593 distinct maps
+and 180 of the 200 eval maps also occur among them (a larger `size` or lower `p` repeats less).
 `render="flat"` (the default) draws the map as flat colours, one cell per 8x8 patch at 32x32
 (`vlm_rl.envs.grid.COLORS`: start blue, ice white, hole black, goal green, agent red);
 `render="env"` is gymnasium's sprite frame resized to `image_size`.
