@@ -61,7 +61,7 @@ def test_recipe_help_lists_the_config_fields_of_the_recipe(tmp_path: Path):
         ("ppo", "--config", str(config), "--help"): [
             "--samples_per_prompt",
             "--kl_coef",
-            "--rule_reward_weights",
+            "--reward_weights",
             "--hub_model_id",
             "Completions sampled per prompt (the group size of GRPO/RLOO). (default: 3)",
         ],

@@ -15,8 +15,8 @@ from transformers import ProcessorMixin
 
 from vlm_rl.data.collators import PromptCollator
 from vlm_rl.models.inputs import append_completion
-from vlm_rl.rl.core import masked_mean
 from vlm_rl.models.value import PolicyWithValue
+from vlm_rl.rl.core import masked_mean
 
 logger = logging.getLogger(__name__)
 

@@ -178,9 +178,10 @@ def _rl_run_upload(run: RunFolder, checkpoint: str | None) -> tuple[Path, dict[s
         metrics = _metrics_at_step(run, step)
         algorithm, base_model = config["algorithm"], config["model_name_or_path"]
 
-    components = dict(
-        zip(config.get("rule_rewards") or [], config.get("rule_reward_weights") or [], strict=True)
-    )
+    # Runs written before reward_funcs/reward_weights named them rule_rewards/rule_reward_weights.
+    names = config.get("reward_funcs", config.get("rule_rewards")) or []
+    weights = config.get("reward_weights", config.get("rule_reward_weights")) or []
+    components = dict(zip(names, weights, strict=True))
     if config.get("reward_model_path"):
         # The last two path parts: a hub id as is, a local folder without the user's directories.
         shown = "/".join(Path(config["reward_model_path"]).parts[-2:])

@@ -20,6 +20,7 @@ from transformers import (
 from vlm_rl.models.families import FamilyFacts, family_of
 from vlm_rl.models.processors import ImageOnlyQwen2_5_VLProcessor
 from vlm_rl.models.tiny import ensure_tiny, resolve_tiny_name
+from vlm_rl.run_folder import REWARD_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def load_policy(
         from vlm_rl.hub import download
 
         path = download(name, revision=revision, endpoint=endpoint)
-    if (path / "reward_config.json").is_file():
+    if (path / REWARD_CONFIG_NAME).is_file():
         raise ValueError(f"{path_or_repo} is a reward model: load it with RewardModel.from_pretrained")
     config_file = path / "adapter_config.json"
     if not config_file.is_file():

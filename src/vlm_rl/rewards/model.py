@@ -17,10 +17,12 @@ from transformers import ProcessorMixin
 from vlm_rl.data.collators import encode, prompt_completion_texts
 from vlm_rl.data.loaders import materialize_images
 from vlm_rl.models import hidden_size, load_model, share_image_encoding, vlm_trunk, wrap_with_lora
+from vlm_rl.run_folder import REWARD_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "reward_config.json"
+CONFIG_NAME = REWARD_CONFIG_NAME
+
 HEAD_NAME = "reward_head.safetensors"
 
 

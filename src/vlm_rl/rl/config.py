@@ -38,12 +38,13 @@ class RLConfig:
         None, "Learned reward model folder or hub id (None: rule rewards only)."
     )
     reward_model_weight: float = _f(1.0, "Weight of the reward model in the total reward.")
-    rule_rewards: list[str] = _f(
+    reward_funcs: list[str] = _f(
         None,
-        "Rule rewards by name (see vlm_rl.rewards.rules.RULE_REWARDS).",
+        "Reward functions: built-in rule names (vlm_rl.rewards.rules.RULE_REWARDS, e.g. exact_match) "
+        "or import paths (my_pkg.rewards:fn or my_pkg.rewards.fn), as TRL's CLI.",
     )
-    rule_reward_weights: list[float] = _f(
-        None, "Weights of the rule rewards, in the same order (default 1.0 each)."
+    reward_weights: list[float] = _f(
+        None, "Weights of the reward functions, in the same order (default 1.0 each)."
     )
     normalize_rewards: bool = _f(
         False, "Standardise each reward component across the batch before weighting."
@@ -156,12 +157,12 @@ class RLConfig:
             self.kl_estimator = algorithm.default_kl_estimator
         if self.output_dir is None:
             self.output_dir = f"runs/{self.algorithm}"
-        if self.rule_rewards is None:
-            self.rule_rewards = []
-        if self.rule_reward_weights is None:
-            self.rule_reward_weights = [1.0] * len(self.rule_rewards)
-        if len(self.rule_reward_weights) != len(self.rule_rewards):
-            raise ValueError("rule_reward_weights must give one weight per rule reward")
+        if self.reward_funcs is None:
+            self.reward_funcs = []
+        if self.reward_weights is None:
+            self.reward_weights = [1.0] * len(self.reward_funcs)
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError("--reward_weights must give one weight per reward function of --reward_funcs")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id")
         if self.hub_push_checkpoints and not self.push_to_hub:

@@ -40,8 +40,8 @@ def reward_from_config(config: RLConfig, device: torch.device) -> CombinedReward
     return build_reward(
         reward_model_path=config.reward_model_path,
         reward_model_weight=config.reward_model_weight,
-        reward_funcs=config.rule_rewards,
-        reward_weights=config.rule_reward_weights,
+        reward_funcs=config.reward_funcs,
+        reward_weights=config.reward_weights,
         normalize=config.normalize_rewards,
         device=device,
     )
