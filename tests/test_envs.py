@@ -162,3 +162,15 @@ def test_frozenlake_baselines_order():
     assert 0 < figures["random"] < figures["best_blind"] <= figures["best_sequence"] < 1
     assert figures["best_blind_probs"]["left"] == figures["best_blind_probs"]["up"] == 0.0
     assert len(figures["best_sequence_moves"]) == 8
+
+
+def test_frozenlake_held_out_maps_are_never_training_maps():
+    from gymnasium.envs.toy_text.frozen_lake import generate_random_map
+
+    from vlm_rl.envs import frozenlake
+
+    held_out = {tuple(generate_random_map(4, 0.8, seed=s)) for s in frozenlake.EVAL_SEEDS}
+    assert len(held_out) == len(frozenlake.EVAL_SEEDS) == 100  # distinct layouts
+    train = {tuple(generate_random_map(4, 0.8, seed=s)) for s in frozenlake.TRAIN_SEEDS[::7]}
+    assert not held_out & train
+    assert len(frozenlake.TRAIN_SEEDS) > 5000

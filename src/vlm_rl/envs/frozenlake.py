@@ -11,9 +11,10 @@ Protocol:
 - success: the agent stands on the goal.
 
 Maps come from `generate_random_map(size, p, seed)` with the episode's seed, so every map has a
-path from start (top left) to goal (bottom right) and a seed always gives the same map. Seeds are
-disjoint, layouts are not: at size 4 (p 0.8) the 10,000 train seeds hold only 1,593 distinct maps
-and 180 of the 200 eval maps also occur among them (a larger `size` or lower `p` repeats less).
+path from start (top left) to goal (bottom right) and a seed always gives the same map. 4x4 layouts
+repeat often (10,000 seeds draw only 1,593 distinct maps), so `EVAL_SEEDS` are 100 seeds with
+distinct layouts and `TRAIN_SEEDS` (6,735 of 0-9,999) exclude every seed that draws one of them:
+the held-out maps are never seen in training (at the default size 4 and p 0.8).
 `render="flat"` (the default) draws the map as flat colours, one cell per 8x8 patch at 32x32
 (`vlm_rl.envs.grid.COLORS`: start blue, ice white, hole black, goal green, agent red);
 `render="env"` is gymnasium's sprite frame resized to `image_size`.
@@ -33,8 +34,28 @@ from vlm_rl.envs.grid import draw_grid, shortest_first_moves
 INSTRUCTION = "frozen lake . reach the goal and avoid the holes . action : left , down , right or up ?"
 ACTIONS = ["left", "down", "right", "up"]
 ALIASES = {"west": "left", "south": "down", "east": "right", "north": "up"}
-TRAIN_SEEDS = range(0, 10_000)
-EVAL_SEEDS = range(100_000, 100_200)
+
+
+def _held_out_split(
+    size: int = 4, p: float = 0.8, eval_maps: int = 100
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(train seeds, held-out seeds) whose maps never coincide: 4x4 maps repeat often (10,000 seeds
+    draw only ~1,600 distinct layouts), so the held-out seeds are the first `eval_maps` seeds from
+    100,000 with distinct layouts, and the train seeds are those of 0-9,999 whose layout is none of
+    them. "Held-out" then means maps never seen in training (at the default size and p)."""
+    eval_seeds, eval_layouts = [], set()
+    seed = 100_000
+    while len(eval_seeds) < eval_maps:
+        layout = tuple(generate_random_map(size, p, seed=seed))
+        if layout not in eval_layouts:
+            eval_layouts.add(layout)
+            eval_seeds.append(seed)
+        seed += 1
+    train = tuple(s for s in range(10_000) if tuple(generate_random_map(size, p, seed=s)) not in eval_layouts)
+    return train, tuple(eval_seeds)
+
+
+TRAIN_SEEDS, EVAL_SEEDS = _held_out_split()
 
 
 class RandomFrozenLake(gymnasium.Env):
