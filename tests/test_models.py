@@ -27,7 +27,12 @@ from vlm_rl.models import (
 )
 from vlm_rl.models.families import FAMILIES
 from vlm_rl.models.inputs import append_completion, repeat_rows, select_rows
-from vlm_rl.models.tiny import build_tokenizer, build_vlm, resolve_tiny_name
+from vlm_rl.models.tiny import (
+    TINY_EXTRA_WORDS,
+    build_tokenizer,
+    build_vlm,
+    resolve_tiny_name,
+)
 from vlm_rl.tasks.easy_vqa import (
     CAPTION_PROMPT,
     COLORS,
@@ -36,7 +41,7 @@ from vlm_rl.tasks.easy_vqa import (
     vqa_dataset,
 )
 
-NAMES = list(TINY_MODELS)
+NAMES = [name for name in TINY_MODELS if name not in TINY_EXTRA_WORDS]  # one per family
 
 # Where each architecture keeps its parts (read off transformers' module trees, independently of
 # the family table under test). Qwen2.5-VL's projector (`merger`) lives inside `visual`.

@@ -9,9 +9,10 @@ from vlm_rl.data.collators import encode, render_prompt
 from vlm_rl.models import TINY_MODELS, image_encoder, load_model
 from vlm_rl.models.inputs import repeat_rows
 from vlm_rl.models.prefill import prefilled_cache, sampling_inputs
+from vlm_rl.models.tiny import TINY_EXTRA_WORDS
 from vlm_rl.rl.rollout import generate
 
-NAMES = list(TINY_MODELS)
+NAMES = [name for name in TINY_MODELS if name not in TINY_EXTRA_WORDS]  # one per family
 QUESTIONS = ("Describe the shape.", "is there a red shape in the image?")
 SAMPLES = 4
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import torch
 from accelerate import Accelerator
 from PIL import Image
@@ -339,3 +340,30 @@ def film_strip(frames: Sequence[Image.Image]) -> Image.Image:
         strip.paste(frame, (x, 0))
         x += frame.width + 2
     return strip
+
+
+def expert_dataset(
+    env: TurnEnv,
+    expert: Callable[[TurnEnv], str],
+    seeds: Sequence[int],
+    *,
+    context: AgentContext = AgentContext(),
+) -> datasets.Dataset:
+    """Every turn of the expert's episodes on `seeds` as supervised examples (prompt, images, the
+    expert's action word as `answer`), for the warm start (`vlm_rl.sft.supervised_warm_start`)."""
+    rows = []
+    for seed in seeds:
+        turn = env.reset(seed=int(seed))
+        frames: list[Image.Image] = []
+        actions: list[str] = []
+        while True:
+            example = turn_example(turn, frames, actions, context)
+            action = expert(env)
+            rows.append({**example, "answer": action})
+            result = env.step(action)
+            frames.append(turn.image)
+            actions.append(result.action)
+            if result.done:
+                break
+            turn = result.turn
+    return datasets.Dataset.from_list(rows)

@@ -176,3 +176,43 @@ class WarmStartConfig:
     warm_start_steps: int = _f(0, "Supervised steps before RL (0 = start RL from the base policy).")
     warm_start_learning_rate: float = _f(1e-3, "Learning rate of the warm start.")
     warm_start_batch_size: int = _f(32, "Prompts per warm-start step.")
+
+
+@dataclass
+class AgentConfig:
+    """The environment side of an agent run (recipes/ppo_agent.py); the RL side is `RLConfig`,
+    where `prompts_per_step` = environment seeds per step and `samples_per_prompt` = episodes per
+    seed (the group of GRPO/RLOO: the same map G times)."""
+
+    env: str = _f(
+        "frozenlake",
+        "Environment: a built-in (frozenlake, numberline, cliffwalking), a gymnasium id or pkg.module:Class.",
+    )
+    env_size: int | None = _f(None, "Built-in grid size (FrozenLake: 4 = the 4x4 random maps).")
+    slippery: bool = _f(False, "FrozenLake/CliffWalking: slippery moves.")
+    render: str = _f("flat", "Built-ins: flat (one cell per image patch) or env (gymnasium's own frames).")
+    max_turns: int | None = _f(None, "Turns per episode (default: the environment's).")
+    invalid_penalty: float = _f(0.1, "Reward subtracted on a turn whose reply holds no valid action.")
+    context_frames: int = _f(1, "Frames in each turn's prompt: the current one and k-1 before it.")
+    context_actions: int = _f(0, "Past actions listed in each turn's prompt (0 = none).")
+    eval_episodes: int = _f(100, "Held-out episodes (one per held-out seed) at each evaluation.")
+    expert_warm_start_seeds: int = _f(
+        500, "Training seeds whose expert (shortest-path) turns feed the supervised warm start."
+    )
+
+    def env_options(self) -> dict:
+        """Options for `vlm_rl.envs.make_env` (only those set; built-ins take size/slippery/render)."""
+        options: dict = {"invalid_penalty": self.invalid_penalty, "render": self.render}
+        if self.env_size is not None:
+            options["size"] = self.env_size
+        if self.slippery:
+            options["slippery"] = True
+        if self.max_turns is not None:
+            options["max_turns"] = self.max_turns
+        return options
+
+    def __post_init__(self):
+        if self.context_frames < 1:
+            raise ValueError("--context_frames must be >= 1 (the current frame)")
+        if self.context_actions < 0 or self.eval_episodes < 0:
+            raise ValueError("--context_actions and --eval_episodes must be >= 0")
