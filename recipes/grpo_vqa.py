@@ -6,44 +6,11 @@
     accelerate launch recipes/grpo_vqa.py --reward_model_path reward_models/caption_preference/final \
         --reward_model_weight 0.2          # a multi-objective example: rules + learned reward
 
-Reward: a verifiable exact-match reward on the one-word answer plus a format reward (one word),
-optionally a learned reward model as a weighted third component. With no arguments it runs
-offline on CPU (tiny LLaVA, optional short supervised warm start) and prints held-out accuracy
-before and after RL.
+The recipe is src/vlm_rl/recipes/grpo_vqa.py (`vlm-rl grpo` from an installed wheel is the same
+run); its default config is recipes/configs/grpo_vqa.yaml.
 """
 
-import sys
-from pathlib import Path
-
-from trl import TrlParser
-
-from vlm_rl.rl.config import RLConfig, WarmStartConfig
-from vlm_rl.rl.pipeline import reward_from_config, run_rl, start
-from vlm_rl.tasks.easy_vqa import vqa_metrics
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "grpo_vqa.yaml"
-
-
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    config, warm = TrlParser((RLConfig, WarmStartConfig)).parse_args_and_config(args=argv)
-    accelerator = start(config)
-
-    # Reward: exact match + format (+ the learned reward model if given)
-    reward = reward_from_config(config, accelerator.device)
-    # Policy, colour/shape questions (held out: unseen images), warm start, RL, report, push
-    return run_rl(
-        config,
-        warm,
-        reward,
-        vqa_metrics,
-        accelerator,
-        metric="accuracy",
-        held_out="questions on unseen images",
-    )
-
+from vlm_rl.recipes.grpo_vqa import main
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from test_hub import TOKEN, digest
 from test_hub_runs import folder_files, pushed_files, reward_model_run_folder, rl_run_folder
 
 import vlm_rl
+from vlm_rl import cli
+from vlm_rl.recipes import CONFIGS, project_dir
 
+ROOT = Path(__file__).resolve().parent.parent
 VLM_RL = [sys.executable, "-m", "vlm_rl.cli"]
 REPO = "tester/ppo-caption"
 
@@ -84,6 +88,64 @@ def test_recipe_help_lists_the_config_fields_of_the_recipe(tmp_path: Path):
         help_text = " ".join(stdout.split())  # argparse wraps lines
         for text in texts:
             assert text in help_text, f"{text!r} missing from `vlm-rl {' '.join(args)}`"
+
+
+@pytest.mark.parametrize(
+    ("command", "module"),
+    [
+        ("ppo", "ppo_caption"),
+        ("grpo", "grpo_vqa"),
+        ("train-reward-model", "train_reward_model"),
+        ("agent", "ppo_agent"),
+    ],
+)
+def test_a_recipe_command_calls_its_package_module_with_the_arguments_untouched(
+    monkeypatch: pytest.MonkeyPatch, command: str, module: str
+):
+    calls = []
+    recipe = types.ModuleType(f"vlm_rl.recipes.{module}")
+    recipe.main = lambda argv: calls.append((argv, sys.argv[0]))
+    monkeypatch.setitem(sys.modules, recipe.__name__, recipe)
+    argv = ["--config", "my.yaml", "--total_steps", "5", "--help"]
+
+    assert cli.main([command, *argv]) == 0
+    assert calls == [(argv, f"vlm-rl {command}")]  # sys.argv[0]: argparse's usage line
+    assert sys.argv[0] != f"vlm-rl {command}"  # restored
+    help_text = " ".join(cli.build_parser().format_help().split())
+    assert f"{command} " in help_text and f"(vlm_rl.recipes.{module})" in help_text
+
+
+def test_the_checkout_links_its_configs_to_the_package_and_keeps_its_reward_models(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    # One copy of each YAML: the documented checkout paths are links into the package data.
+    assert (ROOT / "recipes" / "configs").resolve() == CONFIGS
+    assert (
+        ROOT / "reward_models" / "caption_preference.yaml"
+    ).resolve() == CONFIGS / "caption_preference.yaml"
+    # From a checkout the default reward model stays in its reward_models/, whatever the current folder.
+    monkeypatch.chdir(tmp_path)
+    assert project_dir() == ROOT
+
+
+def test_ppo_trains_the_missing_default_reward_model_through_the_package_recipe(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    from vlm_rl.recipes import ppo_caption, train_reward_model
+
+    trained = []
+    monkeypatch.setattr(train_reward_model, "main", trained.append)
+    accelerator = types.SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    final = tmp_path / "reward_models" / "caption_preference" / "final"
+
+    ppo_caption.ensure_default_reward_model(final, accelerator)
+    assert trained == [["--output_dir", str(final.parent)]]
+    assert f"reward model {final} not found: training the default one first" in capsys.readouterr().out
+
+    final.mkdir(parents=True)
+    (final / "reward_config.json").write_text("{}")
+    ppo_caption.ensure_default_reward_model(final, accelerator)
+    assert len(trained) == 1  # there: not trained again
 
 
 def test_unknown_command_is_a_usage_error():

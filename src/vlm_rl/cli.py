@@ -1,24 +1,26 @@
 """The `vlm-rl` command: run a recipe, summarise a run folder, push a run to the hub.
 
-    vlm-rl ppo [--config recipes/configs/ppo_caption.yaml] [--total_steps 1000 ...]
+    vlm-rl ppo [--config my_ppo.yaml] [--total_steps 1000 ...]
     vlm-rl grpo [--algorithm rloo ...]
     vlm-rl train-reward-model [--output_dir reward_models/mine ...]
+    vlm-rl agent [--env numberline ...]
     vlm-rl ppo --help                      # every config field of the recipe
     vlm-rl evaluate runs/ppo_caption
     HF_TOKEN=hf_... vlm-rl push runs/ppo_caption --repo-id me/tiny-llava-ppo [--private] [--checkpoint step-000100]
     accelerate launch -m vlm_rl.cli grpo ...   # several processes
 
-A recipe command loads recipes/<recipe>.py from the source checkout (the recipes are not part of
-the installed package) and calls its `main` with every argument after the command, untouched, so
-`vlm-rl ppo ...` and `accelerate launch recipes/ppo_caption.py ...` are the same run. The token of
-`push` comes from $HF_TOKEN or `hf auth login`, never from the command line (shell history).
-This module is the command line: it is the one place in src/ that writes to stdout and stderr.
+A recipe command imports its module from vlm_rl.recipes (part of the installed package, with its
+default configs) and calls its `main` with every argument after the command, untouched, so
+`vlm-rl ppo ...` and a checkout's `accelerate launch recipes/ppo_caption.py ...` are the same run.
+The token of `push` comes from $HF_TOKEN or `hf auth login`, never from the command line (shell
+history). This module is the command line: it is the one place in src/ that writes to stdout and
+stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -28,10 +30,11 @@ import vlm_rl
 from vlm_rl.run_folder import RL_RUN_INFO_NAME, RunFolder, read_json
 
 RECIPES = {
-    # command: (file in recipes/, one-line help)
-    "ppo": ("ppo_caption.py", "PPO: caption easy-vqa shapes, rewarded by the learned reward model"),
-    "grpo": ("grpo_vqa.py", "GRPO or RLOO (--algorithm rloo): answer easy-vqa questions, rewarded by rule"),
-    "train-reward-model": ("train_reward_model.py", "train a multimodal reward model from preference pairs"),
+    # command: (module in vlm_rl.recipes, one-line help)
+    "ppo": ("ppo_caption", "PPO: caption easy-vqa shapes, rewarded by the learned reward model"),
+    "grpo": ("grpo_vqa", "GRPO or RLOO (--algorithm rloo): answer easy-vqa questions, rewarded by rule"),
+    "train-reward-model": ("train_reward_model", "train a multimodal reward model from preference pairs"),
+    "agent": ("ppo_agent", "PPO/GRPO agents in visual environments (FrozenLake, NumberLine, ...)"),
 }
 TRAINING_KEYS = ("reward/mean", "train/accuracy", "train/loss")
 
@@ -59,12 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vlm-rl {vlm_rl.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command, (filename, help) in RECIPES.items():
-        commands.add_parser(
-            command,
-            help=f"{help} (recipes/{filename})",
-            add_help=False,
-        )
+    for command, (module, help) in RECIPES.items():
+        commands.add_parser(command, help=f"{help} (vlm_rl.recipes.{module})", add_help=False)
 
     evaluate_parser = commands.add_parser(
         "evaluate", help="summarise a run folder's metrics (no model is loaded)"
@@ -92,32 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- recipes ----------------------------------------------------------------------------------
-def recipes_dir() -> Path:
-    """recipes/ of the source checkout this package is installed from (editable install or source tree)."""
-    return Path(vlm_rl.__file__).resolve().parents[2] / "recipes"
-
-
 def run_recipe(command: str, recipe_argv: list[str]) -> int:
-    filename, _ = RECIPES[command]
-    path = recipes_dir() / filename
-    if not path.is_file():
-        print(
-            f"vlm-rl {command}: {path} not found. The recipes ship with the source checkout, not with "
-            "the installed package: clone the vlm_rl repository and `pip install -e .` from it, or run "
-            f"`accelerate launch recipes/{filename}` there.",
-            file=sys.stderr,
-        )
-        return 1
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = (
-        module  # the name a recipe imports another by (ppo_caption -> train_reward_model)
-    )
-    spec.loader.exec_module(module)
+    module_name, _ = RECIPES[command]
+    # Imported here: a recipe pulls in torch, transformers and trl, which evaluate and push do not need.
+    recipe = importlib.import_module(f"vlm_rl.recipes.{module_name}")
     program = sys.argv
     sys.argv = [f"vlm-rl {command}", *recipe_argv]  # argparse's usage line then reads "vlm-rl ppo ..."
     try:
-        module.main(recipe_argv)
+        recipe.main(recipe_argv)
     finally:
         sys.argv = program
     return 0

@@ -1,0 +1,14 @@
+"""PPO (or GRPO/RLOO) for a VLM agent in a visual environment (FrozenLake, NumberLine, ...).
+
+    accelerate launch recipes/ppo_agent.py                      # FrozenLake random 4x4 maps, PPO
+    accelerate launch recipes/ppo_agent.py --algorithm grpo
+    accelerate launch recipes/ppo_agent.py --env numberline
+
+The recipe is src/vlm_rl/recipes/ppo_agent.py (`vlm-rl agent` from an installed wheel is the same
+run); its default config is recipes/configs/ppo_agent.yaml.
+"""
+
+from vlm_rl.recipes.ppo_agent import main
+
+if __name__ == "__main__":
+    main()
