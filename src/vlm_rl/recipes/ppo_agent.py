@@ -27,8 +27,7 @@ from vlm_rl.envs.baselines import frozenlake_baselines, success_rate
 from vlm_rl.models import load_model
 from vlm_rl.rl.agent import AgentContext, AgentTrainer, expert_dataset
 from vlm_rl.rl.config import AgentConfig, RLConfig, WarmStartConfig
-from vlm_rl.rl.pipeline import build_policy, reward_from_config, start
-from vlm_rl.sft import supervised_warm_start
+from vlm_rl.rl.pipeline import build_policy, reward_from_config, start, warm_start
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo_agent.yaml"
 
@@ -90,23 +89,17 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator=accelerator,
         value_head=value_head,
     )
-    base = None
-    if warm.warm_start_steps and not config.resume_from_checkpoint:
-        if spec is None or spec.expert is None:
-            raise ValueError(f"--warm_start_steps needs an expert; {agent.env!r} has none (use 0)")
-        base = trainer.evaluate()
-        expert_turns = expert_dataset(
+    if warm.warm_start_steps and (spec is None or spec.expert is None):
+        raise ValueError(f"--warm_start_steps needs an expert; {agent.env!r} has none (use 0)")
+    # Supervised warm start on expert (shortest-path) turns of training maps, then RL
+    base = warm_start(
+        trainer,
+        config,
+        warm,
+        lambda: expert_dataset(
             env, spec.expert, train_seeds[: agent.expert_warm_start_seeds], context=context
-        )
-        supervised_warm_start(
-            trainer.unwrapped.policy,
-            processor,
-            expert_turns,
-            steps=warm.warm_start_steps,
-            learning_rate=warm.warm_start_learning_rate,
-            batch_size=warm.warm_start_batch_size,
-            seed=config.seed,
-        )
+        ),
+    )
     result = trainer.train()
     final = trainer.save_final(result["after"])
 

@@ -7,8 +7,10 @@ names its held-out task metric; `run_rl` does the rest the same way for every al
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 
@@ -69,6 +71,27 @@ def build_policy(config: RLConfig, model: torch.nn.Module) -> tuple[torch.nn.Mod
     return policy, load_value_head(folder)
 
 
+def warm_start(
+    trainer: RLTrainer, config: RLConfig, warm: WarmStartConfig, dataset: Callable[[], datasets.Dataset]
+) -> dict[str, float] | None:
+    """The supervised warm start (SFT stage) before RL, when `warm.warm_start_steps` and not
+    resuming: evaluates the base policy first and returns its metrics (else None). `dataset`
+    builds the supervised examples (prompt, images, answer) only when they are needed."""
+    if not warm.warm_start_steps or config.resume_from_checkpoint:
+        return None
+    base = trainer.evaluate()
+    supervised_warm_start(
+        trainer.unwrapped.policy,
+        trainer.processor,
+        dataset(),
+        steps=warm.warm_start_steps,
+        learning_rate=warm.warm_start_learning_rate,
+        batch_size=warm.warm_start_batch_size,
+        seed=config.seed,
+    )
+    return base
+
+
 def run_rl(
     config: RLConfig,
     warm: WarmStartConfig,
@@ -101,17 +124,7 @@ def run_rl(
     trainer = RLTrainer(
         config, policy, processor, reward, train_dataset, eval_dataset, eval_metric, accelerator, value_head
     )
-    base = trainer.evaluate() if warm.warm_start_steps and not config.resume_from_checkpoint else None
-    if base is not None:
-        supervised_warm_start(
-            trainer.unwrapped.policy,
-            processor,
-            train_dataset,
-            steps=warm.warm_start_steps,
-            learning_rate=warm.warm_start_learning_rate,
-            batch_size=warm.warm_start_batch_size,
-            seed=config.seed,
-        )
+    base = warm_start(trainer, config, warm, lambda: train_dataset)
     result = trainer.train()
     final = trainer.save_final(result["after"])
 
