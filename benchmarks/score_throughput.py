@@ -37,8 +37,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    from vlm_rl.data.easy_vqa import caption_preference_dataset
     from vlm_rl.rewards.model import RewardModel
+    from vlm_rl.tasks.easy_vqa import caption_preference_dataset
 
     # Data: n triples, alternating true and wrong captions
     pairs = caption_preference_dataset("test", num_samples=(args.n + 1) // 2, seed=0)

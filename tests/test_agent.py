@@ -176,3 +176,27 @@ def test_ppo_agent_recipe_learns_to_read_held_out_maps(tmp_path):
     before, after = result["before"]["eval/success_rate"], result["after"]["eval/success_rate"]
     assert after >= before + 0.2, (before, after)
     assert after > result["baselines"]["best_blind"], (after, result["baselines"])
+
+
+def test_a_learned_reward_model_scores_each_turn(tmp_path):
+    """Env reward + a (here untrained) multimodal reward model on each turn's image and reply,
+    composed with weights: each component is logged, and the total is their weighted sum."""
+    from vlm_rl.rewards.compose import RewardComponent
+    from vlm_rl.rewards.model import RewardModel
+
+    reward_model = RewardModel.from_base("tiny-llava-agent", lora_r=4, lora_alpha=8)
+    reward = CombinedReward(
+        [RewardComponent("env_reward", env_reward), RewardComponent("reward_model", reward_model, weight=0.5)]
+    )
+    trainer = make_agent_trainer(tmp_path)
+    trainer.reward = reward
+    rollout, batch, _ = trainer.sample(0)
+    rewards, metrics = trainer.compute_rewards(rollout, batch)
+    assert {"rewards/env_reward/mean", "rewards/reward_model/mean"} <= metrics.keys()
+    turn_images = [batch.images[int(i)] for i in rollout.prompt_index]
+    scores = reward_model.score(
+        turn_images, [batch.prompts[int(i)] for i in rollout.prompt_index], rollout.completions
+    )
+    expected = torch.tensor(batch.columns["env_reward"]) + 0.5 * torch.tensor(scores)
+    expected -= trainer.config.missing_eos_penalty * (~rollout.ended).float()
+    torch.testing.assert_close(rewards, expected, rtol=1e-5, atol=1e-5)

@@ -364,7 +364,7 @@ def test_training_pushes_each_checkpoint_and_survives_a_failing_hub(
     run goes on with its checkpoints on disk."""
     from test_rl_trainer import make_trainer
 
-    from vlm_rl.data.easy_vqa import caption_dataset
+    from vlm_rl.tasks.easy_vqa import caption_dataset
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     prompts = caption_dataset("train", num_samples=8, seed=0)
@@ -412,8 +412,8 @@ def test_policy_round_trip_through_the_hub_gives_identical_outputs(
     import torch
     from test_rl_trainer import make_trainer
 
-    from vlm_rl.data.easy_vqa import caption_dataset
     from vlm_rl.models import load_policy
+    from vlm_rl.tasks.easy_vqa import caption_dataset
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     prompts = caption_dataset("train", num_samples=8, seed=0)
@@ -518,7 +518,7 @@ def test_checkpoint_uploads_run_in_the_background(tmp_path: Path, monkeypatch: p
     """A slow hub (0.5 s per request) does not hold save_checkpoint; wait_for_uploads collects it."""
     from test_rl_trainer import make_trainer
 
-    from vlm_rl.data.easy_vqa import caption_dataset
+    from vlm_rl.tasks.easy_vqa import caption_dataset
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     prompts = caption_dataset("train", num_samples=8, seed=0)

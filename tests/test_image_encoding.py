@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from vlm_rl.data.collators import encode, render_prompt
-from vlm_rl.data.easy_vqa import caption_dataset
 from vlm_rl.models import (
     FAMILIES,
     TINY_MODELS,
@@ -19,6 +18,7 @@ from vlm_rl.models import (
 )
 from vlm_rl.models.inputs import repeat_rows
 from vlm_rl.models.tiny import TINY_EXTRA_WORDS
+from vlm_rl.tasks.easy_vqa import caption_dataset
 
 NAMES = [name for name in TINY_MODELS if name not in TINY_EXTRA_WORDS]  # one per family
 # Rows of the test batch: (question, indices of its images). Images 0 and 1 appear three times
@@ -193,9 +193,9 @@ def test_nested_blocks_count_their_own_calls(easy_vqa_images: list) -> None:
 
 def test_grpo_step_reports_the_encodings_it_saved(tmp_path) -> None:
     from vlm_rl.rewards.compose import CombinedReward
-    from vlm_rl.rewards.rules import caption_match
     from vlm_rl.rl.config import RLConfig
     from vlm_rl.rl.trainer import RLTrainer
+    from vlm_rl.tasks.easy_vqa import caption_match
 
     torch.manual_seed(0)
     prompts, samples = 2, 4

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from vlm_rl.data import DataError
-from vlm_rl.data.easy_vqa import CAPTION_PROMPT, caption_dataset, caption_preference_dataset
 from vlm_rl.rewards.model import CONFIG_NAME, HEAD_NAME, RewardModel, last_token_index
 from vlm_rl.rewards.trainer import RewardTrainingConfig, bradley_terry_loss, train_reward_model
 from vlm_rl.run_folder import RunFolder, read_metrics
+from vlm_rl.tasks.easy_vqa import CAPTION_PROMPT, caption_dataset, caption_preference_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "train_reward_model.py"
@@ -232,7 +232,7 @@ def test_grpo_trainer_runs_with_reward_model_and_rule_reward(trained: TrainedRun
     from trl import GRPOConfig, GRPOTrainer
 
     from vlm_rl.models import load_model
-    from vlm_rl.rewards.rules import caption_match
+    from vlm_rl.tasks.easy_vqa import caption_match
 
     # TRL reloads the policy from `_name_or_path` (e.g. for a reference model): give it a real folder.
     policy, processor = load_model("tiny-llava")

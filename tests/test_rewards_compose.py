@@ -12,7 +12,8 @@ import torch
 
 from vlm_rl.rewards import compose
 from vlm_rl.rewards.compose import CombinedReward, RewardComponent, RewardError, RewardResult
-from vlm_rl.rewards.rules import RULE_REWARDS, caption_match, exact_match
+from vlm_rl.rewards.rules import RULE_REWARDS, exact_match
+from vlm_rl.tasks.easy_vqa import caption_match
 
 PROMPTS = ["Describe the shape."] * 4
 

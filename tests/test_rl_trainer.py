@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from vlm_rl.data.easy_vqa import caption_dataset
 from vlm_rl.models import load_model, wrap_with_lora
 from vlm_rl.rewards.compose import CombinedReward
-from vlm_rl.rewards.rules import caption_match, completion_text
+from vlm_rl.rewards.rules import completion_text
 from vlm_rl.rl.config import RLConfig
 from vlm_rl.rl.rollout import completion_mask_from_ids
 from vlm_rl.rl.trainer import RLTrainer, SkippedStep
+from vlm_rl.tasks.easy_vqa import caption_dataset, caption_match
 
 
 @pytest.fixture(scope="module")

@@ -105,16 +105,14 @@ def test_tiny_models_do_not_import_the_loader() -> None:
         assert first in _imported_modules(f"import {first}")
 
 
-def test_old_import_paths_are_the_same_objects() -> None:
-    from vlm_rl.data import easy_vqa as old_data
+def test_easy_vqa_lives_only_in_its_task_module() -> None:
+    import importlib.util
+
     from vlm_rl.models import ImageOnlyQwen2_5_VLProcessor, loading, processors
     from vlm_rl.rewards import rules
 
-    for name in old_data.__all__:
-        assert getattr(old_data, name) is getattr(easy_vqa, name)
-    assert rules.caption_match is easy_vqa.caption_match
-    assert rules.caption_accuracy is easy_vqa.caption_accuracy
+    assert importlib.util.find_spec("vlm_rl.data.easy_vqa") is None
+    assert not hasattr(rules, "caption_match") and not hasattr(rules, "caption_accuracy")
+    assert rules.RULE_REWARDS["caption_match"] is easy_vqa.caption_match  # found by name through the registry
     assert loading.ImageOnlyQwen2_5_VLProcessor is processors.ImageOnlyQwen2_5_VLProcessor
     assert ImageOnlyQwen2_5_VLProcessor is processors.ImageOnlyQwen2_5_VLProcessor
-    with pytest.raises(AttributeError, match="no_such_name"):
-        rules.no_such_name  # noqa: B018

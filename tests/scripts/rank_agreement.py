@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from vlm_rl.data.easy_vqa import caption_dataset
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import load_model, wrap_with_lora
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rewards.rules import completion_text
 from vlm_rl.rl.config import RLConfig
 from vlm_rl.rl.trainer import RLTrainer
+from vlm_rl.tasks.easy_vqa import caption_dataset
 
 
 def main(output_dir: Path, mode: str) -> None:

@@ -13,6 +13,7 @@ tiny LLaVA) on CPU and prints its held-out pairwise accuracy. The model is writt
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -20,17 +21,20 @@ from trl import TrlParser
 
 from vlm_rl.recipes import CONFIGS, recipe_args
 from vlm_rl.rewards.trainer import RewardTrainingConfig, train_reward_model
+from vlm_rl.tasks.easy_vqa import PreferenceOptions
 
 DEFAULT_CONFIG = CONFIGS / "caption_preference.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    (config,) = TrlParser((RewardTrainingConfig,)).parse_args_and_config(
+    config, pair_options = TrlParser((RewardTrainingConfig, PreferenceOptions)).parse_args_and_config(
         args=recipe_args(argv, DEFAULT_CONFIG)
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    metrics = train_reward_model(config)
+    # The demo pairs take their options; any other preference data is read as it is.
+    easy_vqa_pairs = config.dataset == "easy-vqa:caption_preference"
+    metrics = train_reward_model(config, dataclasses.asdict(pair_options) if easy_vqa_pairs else None)
 
     from accelerate import PartialState
 

@@ -99,7 +99,8 @@ class RewardResult:
 class CombinedReward:
     """A weighted sum of reward components, with TRL GRPOTrainer's None semantics and strict checks.
 
-    >>> from vlm_rl.rewards.rules import caption_match, format_reward
+    >>> from vlm_rl.rewards.rules import format_reward
+    >>> from vlm_rl.tasks.easy_vqa import caption_match
     >>> reward = CombinedReward([
     ...     RewardComponent("caption", caption_match, weight=2.0),
     ...     RewardComponent("two_words", format_reward(r"\\w+ \\w+"), weight=0.5),

@@ -164,13 +164,3 @@ RULE_REWARDS: Mapping[str, RewardFunction] = _RuleRewards(
         "format_caption": format_reward(r"\w+ \w+", name="format_caption"),
     }
 )
-
-
-def __getattr__(name: str) -> Any:
-    # Old import path of easy-vqa's caption reward and metric (now in vlm_rl.tasks.easy_vqa), kept
-    # for modules not yet moved; imported on first use so this module imports no task.
-    if name in ("caption_match", "caption_accuracy"):
-        from vlm_rl.tasks import easy_vqa
-
-        return getattr(easy_vqa, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,21 +54,6 @@ class RewardTrainingConfig:
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many training images/pairs."}
-    )
-    pairs_per_image: int = field(
-        default=1, metadata={"help": "easy-vqa preference tasks: pairs drawn per image."}
-    )
-    graded_fraction: float = field(
-        default=0.0,
-        metadata={
-            "help": "easy-vqa preference tasks: share of pairs preferring a half-right caption to a wrong one."
-        },
-    )
-    malformed_fraction: float = field(
-        default=0.0,
-        metadata={
-            "help": "easy-vqa preference tasks: share of rejected captions that are malformed strings."
-        },
     )
     max_eval_samples: int | None = field(
         default=400, metadata={"help": "Evaluate on at most this many held-out pairs."}
@@ -164,8 +150,14 @@ def evaluate(scorer: RewardScorer, loader: DataLoader, accelerator: Accelerator)
     }
 
 
-def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
-    """Train, evaluate and save a reward model; returns the final evaluation metrics."""
+def train_reward_model(
+    config: RewardTrainingConfig, dataset_options: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """Train, evaluate and save a reward model; returns the final evaluation metrics.
+
+    `dataset_options` go to a task dataset's builder (e.g. easy-vqa's
+    `tasks.easy_vqa.PreferenceOptions`: pairs per image, graded and malformed fractions), for the
+    held-out pairs too when they come from the same dataset; they are saved in run_config.json."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     accelerator = make_accelerator(config.gradient_accumulation_steps)
@@ -173,13 +165,7 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
     run = RunFolder(config.output_dir)
 
     # Data (validated before any training starts)
-    options = {}
-    if config.dataset.startswith("easy-vqa:caption_preference"):
-        options = {
-            "pairs_per_image": config.pairs_per_image,
-            "malformed_fraction": config.malformed_fraction,
-            "graded_fraction": config.graded_fraction,
-        }
+    options = dict(dataset_options or {})
     train_data = load_task_dataset(
         config.dataset,
         "train",
@@ -236,7 +222,7 @@ def train_reward_model(config: RewardTrainingConfig) -> dict[str, float]:
 
     metrics_log = None
     if accelerator.is_main_process:  # the same layout as RL runs: metrics.jsonl at the top
-        metrics_log = run.start(config, tensorboard=config.report_to_tensorboard)
+        metrics_log = run.start({**asdict(config), **options}, tensorboard=config.report_to_tensorboard)
 
     def save(folder: Path) -> None:
         accelerator.wait_for_everyone()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
 
@@ -290,6 +290,20 @@ def vqa_dataset(
     }
     string = datasets.Value("string")
     return datasets.Dataset.from_dict(rows, features=_features({"answer": string, "question_type": string}))
+
+
+@dataclass
+class PreferenceOptions:
+    """Options of the "easy-vqa:caption_preference" pairs (flags of the reward-model recipe)."""
+
+    pairs_per_image: int = field(default=1, metadata={"help": "easy-vqa preference pairs drawn per image."})
+    graded_fraction: float = field(
+        default=0.0,
+        metadata={"help": "easy-vqa: share of pairs preferring a half-right caption to a wrong one."},
+    )
+    malformed_fraction: float = field(
+        default=0.0, metadata={"help": "easy-vqa: share of rejected captions that are malformed strings."}
+    )
 
 
 def load_dataset(task: str, split: Split = "train", **kwargs) -> datasets.Dataset:
