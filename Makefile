@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/score_throughput.py
 	$(BIN)/python benchmarks/ppo_step.py
 	$(BIN)/python benchmarks/grpo_vs_trl.py
+	$(BIN)/python benchmarks/agent_rollout.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,138 @@
+"""Multi-turn agent rollout throughput: N episodes played together against one episode at a time.
+
+    python benchmarks/agent_rollout.py                         # make bench
+    python benchmarks/agent_rollout.py --episodes 64 --threads 1 --device cpu
+    python benchmarks/agent_rollout.py --model_name_or_path ./my-vlm --device cuda
+
+Both paths are `vlm_rl.rl.agent.play_episodes` on FrozenLake random 4x4 maps (the first
+`--episodes` training seeds), sampling at temperature 1 with the agent recipe's `max_new_tokens`:
+batched = one call over all N episodes (one `generate` per turn over the live episodes); one at a
+time = N calls with one environment each, on the same seeds. The policy is the model with a LoRA
+adapter whose B matrices are drawn at random (a zero B leaves the base model's replies), so
+episodes take varied, non-trivial paths. After a warm-up of each path, the two are timed over
+`--rounds` rounds in alternating order (batched first in even rounds), each round after the same
+torch seed. Sampled episodes differ between the paths (the random stream is consumed in another
+order), so rates are per environment step (a turn of one episode) and per completion token.
+Prints both rates and the batched / one-at-a-time ratio against the target (>= 5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+TARGET_RATIO = 5.0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model_name_or_path",
+        default="tiny-llava-agent",
+        help="The VLM: a tiny default name, hub id or folder.",
+    )
+    parser.add_argument("--episodes", type=int, default=64, help="Episodes (FrozenLake maps) per round.")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda.")
+    parser.add_argument("--max_new_tokens", type=int, default=2, help="Reply length limit per turn.")
+    parser.add_argument("--rounds", type=int, default=2, help="Timed rounds (alternating order).")
+    parser.add_argument("--lora_b_std", type=float, default=0.5, help="Std of the random LoRA B matrices.")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # OpenMP spin-waiting collapses on shared cores (see score_throughput.py); read when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    from vlm_rl.envs import ENVS, make_env
+    from vlm_rl.models import load_model, wrap_with_lora
+    from vlm_rl.rl.agent import play_episodes
+
+    device = torch.device(
+        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    spec = ENVS["frozenlake"]
+    seeds = list(spec.train_seeds[: args.episodes])
+    model, processor = load_model(args.model_name_or_path, device=device)
+    parameters = sum(p.numel() for p in model.parameters())
+    torch.manual_seed(0)  # LoRA A's initialisation
+    policy = wrap_with_lora(model, r=8, alpha=16)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * args.lora_b_std)
+    policy.eval()
+    envs = [make_env("frozenlake") for _ in seeds]
+    options = dict(max_turns=spec.max_turns, max_new_tokens=args.max_new_tokens, temperature=1.0)
+
+    def batched() -> list:
+        return [play_episodes(policy, processor, envs, seeds, **options)]
+
+    def one_at_a_time() -> list:
+        return [
+            play_episodes(policy, processor, [env], [seed], **options)
+            for env, seed in zip(envs, seeds, strict=True)
+        ]
+
+    def timed(play) -> dict[str, float]:
+        torch.manual_seed(1)
+        start = time.perf_counter()
+        results = play()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        episodes = [e for _, _, played in results for e in played]
+        return {
+            "seconds": seconds,
+            "env_steps": sum(len(rollout) for rollout, _, _ in results),
+            "tokens": sum(int(rollout.completion_mask.sum()) for rollout, _, _ in results),
+            "max_turns": max(e.turns for e in episodes),
+            "success": sum(e.success for e in episodes) / len(episodes),
+        }
+
+    paths = {"batched": batched, "one at a time": one_at_a_time}
+    for play in paths.values():  # warm-up: allocators, lazy imports, the processor's first calls
+        timed(play)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+    for round_number in range(args.rounds):
+        order = list(paths) if round_number % 2 == 0 else list(reversed(paths))
+        for name in order:
+            runs[name].append(timed(paths[name]))
+
+    print(
+        f"model {args.model_name_or_path}: {parameters / 1e6:.2f} M parameters (+ LoRA r=8, B ~ N(0, "
+        f"{args.lora_b_std}^2)); device {device}, threads {args.threads}"
+    )
+    print(
+        f"FrozenLake 4x4: {args.episodes} episodes per round, max {spec.max_turns} turns, max_new_tokens "
+        f"{args.max_new_tokens}, temperature 1; {args.rounds} rounds after a warm-up, alternating order"
+    )
+    rates: dict[str, tuple[float, float]] = {}
+    for name, measured in runs.items():
+        seconds = sum(r["seconds"] for r in measured)
+        steps, tokens = sum(r["env_steps"] for r in measured), sum(r["tokens"] for r in measured)
+        rates[name] = (steps / seconds, tokens / seconds)
+        turns = "/".join(str(int(r["env_steps"])) for r in measured)
+        longest = max(int(r["max_turns"]) for r in measured)
+        success = sum(r["success"] for r in measured) / len(measured)
+        print(
+            f"{name:<14} {steps / seconds:9.1f} env-steps/s {tokens / seconds:9.1f} completion tokens/s  "
+            f"({turns} turns per round, longest episode {longest}, success {success:.2f}, {seconds:.1f} s)"
+        )
+    ratio, token_ratio = (b / s for b, s in zip(rates["batched"], rates["one at a time"], strict=True))
+    verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
+    print(
+        f"batched / one at a time: {ratio:.2f}x env-steps/s, {token_ratio:.2f}x completion tokens/s "
+        f"(target >= {TARGET_RATIO:.0f}x: {verdict})"
+    )
+
+
+if __name__ == "__main__":
+    main()
