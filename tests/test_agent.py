@@ -200,3 +200,13 @@ def test_a_learned_reward_model_scores_each_turn(tmp_path):
     expected = torch.tensor(batch.columns["env_reward"]) + 0.5 * torch.tensor(scores)
     expected -= trainer.config.missing_eos_penalty * (~rollout.ended).float()
     torch.testing.assert_close(rewards, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_context_length_guard_names_the_flags():
+    from vlm_rl.rl.agent import check_context_length
+
+    model, _ = load_model("tiny-llava-agent")
+    limit = model.config.get_text_config().max_position_embeddings
+    check_context_length(model, limit)
+    with pytest.raises(ValueError, match="--context_frames, --context_actions or --max_new_tokens"):
+        check_context_length(model, limit + 1)

@@ -98,6 +98,16 @@ def turn_example(
     return {"prompt": [{"role": "user", "content": content}], "images": frames}
 
 
+def check_context_length(model: PreTrainedModel, length: int) -> None:
+    """The context-length guard: a turn's prompt plus its reply must fit the model's positions."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"a turn needs {length} positions (prompt + max_new_tokens) but the model has {limit}: lower "
+            "--context_frames, --context_actions or --max_new_tokens"
+        )
+
+
 def observation_key(example: dict) -> str:
     """A hash of what the policy sees on a turn (frames + text): equal keys = the same state for
     GiGPO's step groups."""
@@ -144,6 +154,7 @@ def play_episodes(
             turn_example(turns[i], episodes[i].frames, episodes[i].actions, context) for i in live
         ]
         batch = collator(batch_examples)
+        check_context_length(model, batch.inputs["input_ids"].shape[1] + max_new_tokens)
         sampled = generate(
             model,
             processor,
