@@ -1,7 +1,7 @@
 """PPO (or GRPO/RLOO) for a VLM agent in a visual environment (FrozenLake, NumberLine, ...).
 
     accelerate launch recipes/ppo_agent.py                      # FrozenLake random 4x4 maps, PPO
-    accelerate launch recipes/ppo_agent.py --algorithm grpo
+    accelerate launch recipes/ppo_agent.py --config recipes/configs/grpo_agent.yaml   # GRPO + GiGPO
     accelerate launch recipes/ppo_agent.py --env numberline
 
 The recipe is src/vlm_rl/recipes/ppo_agent.py (`vlm-rl agent` from an installed wheel is the same

@@ -1,7 +1,7 @@
 """PPO (or GRPO/RLOO) for a VLM agent in a visual environment, over multi-turn episodes.
 
     accelerate launch recipes/ppo_agent.py                      # FrozenLake random 4x4 maps, PPO
-    accelerate launch recipes/ppo_agent.py --algorithm grpo     # groups = 8 episodes of the same map
+    accelerate launch recipes/ppo_agent.py --config recipes/configs/grpo_agent.yaml   # GRPO + GiGPO
     accelerate launch recipes/ppo_agent.py --env numberline
     vlm-rl agent --env CliffWalking-v1 ...                      # a gymnasium id, or --env pkg.module:Class
 
