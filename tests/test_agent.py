@@ -102,7 +102,7 @@ def test_context_policy_adds_frames_and_action_history():
     assert len(turn_example(turn, [], [], AgentContext())["images"]) == 1
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
 def test_agent_steps_train_and_record_episodes(tmp_path, algorithm):
     trainer = make_agent_trainer(tmp_path, algorithm=algorithm)
     before = trainable_state(trainer)
