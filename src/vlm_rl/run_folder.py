@@ -5,6 +5,7 @@
         metrics.jsonl                one JSON line per logging step (`MetricsLogger`)
         tensorboard/                 the same scalars, when tensorboard is on
         samples.jsonl                sampled completions with their rewards (RL runs)
+        episodes.jsonl, episodes/    played episodes and their film strips (agent runs)
         checkpoints/step-000100/     trainer_state.json, adapter/, accelerate state (RL runs)
         final/                       the trained model: vlm_rl_run.json (RL) or reward_config.json
         best/                        the best evaluation's reward model (reward-model runs)
@@ -57,6 +58,8 @@ class RunFolder:
         self.legacy_metrics_file = self.root / "run" / "metrics.jsonl"  # reward-model runs before this layout
         self.tensorboard_dir = self.root / "tensorboard"
         self.samples_file = self.root / "samples.jsonl"
+        self.episodes_file = self.root / "episodes.jsonl"  # agent runs
+        self.episodes_dir = self.root / "episodes"  # agent runs' film strips
         self.checkpoints_dir = self.root / "checkpoints"
         self.final_dir = self.root / "final"
         self.best_dir = self.root / "best"
@@ -70,12 +73,13 @@ class RunFolder:
         """Begin writing the run (main process only): run_config.json, and a metrics logger.
 
         A fresh run (not `resume`) in an existing folder starts metrics.jsonl and samples.jsonl
-        empty, so its rows never mix with an earlier run's.
+        empty (episodes.jsonl too), so its rows never mix with an earlier run's.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(config, self.config_file)
         if not resume:
             self.samples_file.unlink(missing_ok=True)
+            self.episodes_file.unlink(missing_ok=True)
         return MetricsLogger(self.root, tensorboard=tensorboard, fresh=not resume)
 
     def read_config(self) -> dict[str, Any]:

@@ -17,19 +17,17 @@ held-out success before and after RL beside the random and image-blind baselines
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from trl import TrlParser
 
 from vlm_rl import envs
 from vlm_rl.envs.baselines import frozenlake_baselines, success_rate
 from vlm_rl.models import load_model
+from vlm_rl.recipes import CONFIGS, recipe_args
 from vlm_rl.rl.agent import AgentContext, AgentTrainer, expert_dataset
 from vlm_rl.rl.config import AgentConfig, RLConfig, WarmStartConfig
 from vlm_rl.rl.pipeline import build_policy, reward_from_config, start, warm_start
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo_agent.yaml"
+DEFAULT_CONFIG = CONFIGS / "ppo_agent.yaml"
 
 
 def baselines(agent: AgentConfig, env, eval_seeds: list[int]) -> dict[str, float]:
@@ -46,10 +44,9 @@ def baselines(agent: AgentConfig, env, eval_seeds: list[int]) -> dict[str, float
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    config, agent, warm = TrlParser((RLConfig, AgentConfig, WarmStartConfig)).parse_args_and_config(args=argv)
+    config, agent, warm = TrlParser((RLConfig, AgentConfig, WarmStartConfig)).parse_args_and_config(
+        args=recipe_args(argv, DEFAULT_CONFIG)
+    )
     accelerator = start(config)
 
     # Environment: built-in specs give train/held-out seeds and an expert; others use seed ranges
@@ -103,9 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = trainer.train()
     final = trainer.save_final(result["after"])
 
+    reference = baselines(agent, env, eval_seeds) if accelerator.is_main_process else {}
     if accelerator.is_main_process:
         before, after = result["before"], result["after"]
-        reference = baselines(agent, env, eval_seeds)
         shown = ", ".join(f"{name.replace('_', ' ')} {value:.3f}" for name, value in reference.items())
         if base is not None:
             print(
@@ -123,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             from vlm_rl.hub import push_after_training
 
             print(push_after_training(config))
-    return {**result, "baselines": baselines(agent, env, eval_seeds) if accelerator.is_main_process else {}}
+    return {**result, "baselines": reference}
 
 
 if __name__ == "__main__":

@@ -321,9 +321,9 @@ class AgentTrainer(RLTrainer):
     def _write_samples(self, rollout: Rollout, batch: PromptBatch) -> None:
         """The step's episodes (replies, actions, rewards, success) into episodes.jsonl, and the
         first few as film strips (the frames side by side) under episodes/."""
-        folder = self.output_dir / "episodes"
+        folder = self.run.episodes_dir
         folder.mkdir(exist_ok=True)
-        with (self.output_dir / "episodes.jsonl").open("a") as f:
+        with self.run.episodes_file.open("a") as f:
             for number, episode in enumerate(self.last_episodes):
                 f.write(json.dumps({"step": self.step, "episode": number, **episode.record()}) + "\n")
         for number, episode in enumerate(self.last_episodes[:4]):
