@@ -20,6 +20,15 @@ class RLConfig:
         "ppo (critic + GAE), grpo (group-normalised) or rloo (leave-one-out); any name registered "
         "with vlm_rl.rl.algorithms.register_algorithm.",
     )
+    trainer: Literal["native", "trl"] = _f(
+        "native",
+        "GRPO engine: native (vlm_rl's RLTrainer) or trl (TRL's GRPOTrainer fed by vlm_rl's policy, data, "
+        "rewards and held-out evaluation; --algorithm grpo, see vlm_rl.rl.trl_backend).",
+    )
+    use_vllm: bool = _f(False, "--trainer trl: generate with vLLM (TRL's use_vllm; needs GPU + vllm).")
+    vllm_mode: Literal["colocate", "server"] = _f(
+        "colocate", "--use_vllm: colocate (vLLM inside the training processes) or server (`trl vllm-serve`)."
+    )
     # Model
     model_name_or_path: str = _f("tiny-llava", "Policy base VLM: hub id, local folder or tiny default.")
     lora_r: int = _f(16, "LoRA rank on the language model's linear layers.")
@@ -167,6 +176,12 @@ class RLConfig:
             raise ValueError("--push_to_hub needs --hub_model_id")
         if self.hub_push_checkpoints and not self.push_to_hub:
             raise ValueError("--hub_push_checkpoints needs --push_to_hub (and --hub_model_id)")
+        if self.trainer == "trl" and self.algorithm != "grpo":
+            raise ValueError(
+                f"--trainer trl runs TRL's GRPOTrainer: it needs --algorithm grpo, not {self.algorithm}"
+            )
+        if self.use_vllm and self.trainer != "trl":
+            raise ValueError("--use_vllm needs --trainer trl (the native engine generates with transformers)")
 
 
 @dataclass

@@ -1,0 +1,341 @@
+"""GRPO on TRL's GRPOTrainer (`--trainer trl`), fed by vlm_rl's policy, data, rewards and evaluation.
+
+    vlm-rl grpo --trainer trl
+    accelerate launch recipes/grpo_vqa.py --trainer trl                    # the same, from a checkout
+    accelerate launch recipes/grpo_vqa.py --trainer trl --use_vllm true    # GPU + vllm: TRL's vLLM rollouts
+    ... --use_vllm true --vllm_mode server        # with `trl vllm-serve --model <policy folder>` running
+
+Why a second engine: TRL's brings vLLM generation (colocated or a server) and its loss variants;
+vlm_rl brings what TRL lacks for VLMs: the loader and structural LoRA targets (`build_policy`), the
+tasks, the rule rewards and the learned multimodal reward model, which needs the images (TRL hands
+every dataset column, `images` included, to each reward function), and the held-out evaluation.
+The held-out prompts are scored by `RLTrainer.evaluate` itself before and after training, so the
+closing line is computed exactly as the native engine's and the two compare directly.
+
+One RL step = one generation of prompts_per_step x samples_per_prompt completions (TRL's
+generation_batch_size), trained on in k = (samples per process / minibatch_size) x ppo_epochs /
+gradient_accumulation_steps optimizer steps. TRL counts optimizer steps, so every step-counted flag
+(total_steps, warmup_steps, logging_steps, save_steps, eval_steps) is multiplied by k; metrics.jsonl
+is written at RL steps, as the native engine's.
+
+    vlm_rl flag                     TRL GRPOConfig
+    samples_per_prompt              num_generations
+    prompts_per_step x samples      generation_batch_size; minibatch_size -> per_device_train_batch_size
+    ppo_epochs                      num_iterations
+    max_new_tokens                  max_completion_length
+    temperature, top_p              temperature, top_p (top_k 0 on both)
+    kl_coef, kl_importance_weighted beta, use_bias_correction_kl (TRL's KL is k3: kl_estimator k3)
+    clip_range, clip_range_high     epsilon, epsilon_high
+    loss_aggregation                loss_type: token -> dapo, sequence -> grpo, fixed -> dr_grpo
+    scale_rewards                   scale_rewards: group (True) / none (False)
+    entropy_coef                    entropy_coef
+    learning_rate, lr_scheduler_type, weight_decay, max_grad_norm, gradient_accumulation_steps, seed
+    reward (rules, reward model)    reward_funcs[0]: the CombinedReward; each component is logged as
+                                    rewards/<name>/mean through TRL's log_metric
+    missing_eos_penalty             reward_funcs[1]: missing_eos (-1 without EOS), weight = the penalty
+    use_vllm, vllm_mode             use_vllm, vllm_mode
+    output_dir                      run_config.json, metrics.jsonl, tensorboard/, final/ as native;
+                                    TRL's checkpoints in checkpoints/checkpoint-N (resume: latest|path)
+
+Not mapped (one error names every such flag set away from its default): dynamic_sampling,
+adaptive_kl (target_kl, kl_horizon), lr_decay_steps other than total_steps, kl_estimator other
+than k3, the PPO-only and agent-only fields, sample_log_steps, hub_push_checkpoints.
+Kept different: TRL's KL reference is a frozen copy of the starting adapter (native: the adapter
+disabled; the same policy for a fresh adapter, not for --init_adapter), and with --use_vllm vLLM
+samples (TRL only suppresses the image token there; without vLLM every special token but EOS is
+suppressed, as native). Both train in the model's own dtype (no autocast).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from accelerate import Accelerator
+from transformers import TrainerCallback
+
+from vlm_rl.data.collators import PromptCollator
+from vlm_rl.data.loaders import load_task_dataset
+from vlm_rl.models import load_model
+from vlm_rl.models.value import PolicyWithValue
+from vlm_rl.rewards.compose import CombinedReward
+from vlm_rl.rl.config import RLConfig, WarmStartConfig
+from vlm_rl.rl.pipeline import build_policy, warm_start
+from vlm_rl.rl.rollout import eos_token_ids, suppressed_tokens
+from vlm_rl.rl.trainer import EvalMetric, RLTrainer
+from vlm_rl.run_folder import MetricsLogger, RunFolder
+
+logger = logging.getLogger(__name__)
+
+LOSS_TYPES = {"token": "dapo", "sequence": "grpo", "fixed": "dr_grpo"}
+"""loss_aggregation -> TRL's loss_type (the same normalisations: DAPO, GRPO, Dr. GRPO)."""
+
+UNMAPPED = {
+    "dynamic_sampling": "TRL's GRPOTrainer trains on every group",
+    "adaptive_kl": "TRL's beta is fixed",
+    "target_kl": "adaptive KL only",
+    "kl_horizon": "adaptive KL only",
+    "value_coef": "PPO only",
+    "value_learning_rate": "PPO only",
+    "value_clip_range": "PPO only",
+    "gamma": "PPO only",
+    "lam": "PPO only",
+    "whiten_advantages": "PPO only",
+    "turn_credit": "agents only",
+    "turn_gamma": "agents only",
+    "turn_lam": "agents only",
+    "step_group_weight": "agents only",
+    "sample_log_steps": "TRL logs completions with its own log_completions",
+    "hub_push_checkpoints": "TRL's checkpoints are not pushed; --push_to_hub pushes final/",
+}
+"""RLConfig fields with no GRPOTrainer counterpart, and why."""
+
+
+def check_mappable(config: RLConfig) -> None:
+    """Raise one error naming every flag TRL's GRPOTrainer cannot honour (set away from its default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RLConfig)}
+    problems = [
+        f"--{name} ({why})" for name, why in UNMAPPED.items() if getattr(config, name) != defaults[name]
+    ]
+    if config.kl_estimator != "k3":
+        problems.append(f"--kl_estimator {config.kl_estimator} (TRL's KL is the k3 estimator)")
+    if config.lr_decay_steps not in (None, config.total_steps):
+        problems.append("--lr_decay_steps (TRL's schedule decays over total_steps)")
+    if problems:
+        raise ValueError(
+            f"--trainer trl cannot map {'; '.join(problems)}. Drop them, or run with --trainer native"
+        )
+
+
+def minibatch_plan(config: RLConfig, num_processes: int) -> tuple[int, int]:
+    """(per_device_train_batch_size, optimizer steps per RL step) for TRL, from the native batch flags.
+
+    A step's samples are split over the processes, then into equal minibatches of `minibatch_size`
+    (fewer samples: one minibatch); TRL cannot take a ragged last minibatch, nor an accumulation
+    window that straddles two generations.
+    """
+    samples = config.prompts_per_step * config.samples_per_prompt
+    if samples % num_processes:
+        raise ValueError(
+            f"--prompts_per_step x --samples_per_prompt ({samples}) must be divisible by the "
+            f"{num_processes} processes for --trainer trl"
+        )
+    local = samples // num_processes
+    batch = min(config.minibatch_size, local)
+    if local % batch:
+        raise ValueError(
+            f"--minibatch_size {config.minibatch_size} must divide the {local} samples per process of a "
+            "step for --trainer trl (TRL splits a generation into equal minibatches)"
+        )
+    minibatches = local // batch * config.ppo_epochs
+    if minibatches % config.gradient_accumulation_steps:
+        raise ValueError(
+            f"--gradient_accumulation_steps {config.gradient_accumulation_steps} must divide the {minibatches} "
+            "minibatches of a step (x ppo_epochs) for --trainer trl"
+        )
+    return batch, minibatches // config.gradient_accumulation_steps
+
+
+def grpo_config(
+    config: RLConfig, *, num_processes: int, use_cpu: bool, generation_kwargs: dict | None = None
+):
+    """The GRPOConfig that runs `config` (see the module docstring's table); raises on unmapped flags."""
+    from trl import GRPOConfig
+
+    check_mappable(config)
+    batch, k = minibatch_plan(config, num_processes)
+    return GRPOConfig(
+        output_dir=str(RunFolder(config.output_dir).checkpoints_dir),
+        use_cpu=use_cpu,
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=False,  # TRL's default is on; the native engine recomputes nothing
+        report_to="none",  # metrics.jsonl and tensorboard/ are written at RL steps by `_RunLog`
+        seed=config.seed,
+        max_steps=config.total_steps * k,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        generation_batch_size=config.prompts_per_step * config.samples_per_prompt,
+        num_iterations=config.ppo_epochs,
+        num_generations=config.samples_per_prompt,
+        max_completion_length=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        generation_kwargs=generation_kwargs,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps * k,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        beta=config.kl_coef,
+        use_bias_correction_kl=config.kl_importance_weighted,
+        epsilon=config.clip_range,
+        epsilon_high=config.clip_range_high,
+        loss_type=LOSS_TYPES[config.loss_aggregation],
+        scale_rewards="group" if config.scale_rewards else "none",
+        entropy_coef=config.entropy_coef,
+        reward_weights=[1.0, config.missing_eos_penalty],  # [CombinedReward, missing_eos]
+        use_vllm=config.use_vllm,
+        vllm_mode=config.vllm_mode,
+        logging_steps=config.logging_steps * k,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=max(config.save_steps, 1) * k,
+        save_total_limit=config.save_total_limit,
+    )
+
+
+def optimizer_steps_per_rl_step(args) -> int:
+    """k of a GRPOConfig: TRL steps (optimizer steps) per generation."""
+    return args.steps_per_generation * args.num_iterations // args.gradient_accumulation_steps
+
+
+def missing_eos(eos_ids: Sequence[int]) -> Callable[..., list[float]]:
+    """A TRL reward function: -1.0 for a completion with no EOS among its ids (it ran into
+    max_new_tokens), else 0.0. With reward weight `missing_eos_penalty` it subtracts the penalty the
+    native engine's `compute_rewards` subtracts."""
+    eos = set(eos_ids)
+
+    def reward(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
+        return [0.0 if eos.intersection(ids) else -1.0 for ids in columns["completion_ids"]]
+
+    reward.__name__ = reward.__qualname__ = "missing_eos"
+    return reward
+
+
+class TRLRun:
+    """What evaluation, the warm start and the final save read of an `RLTrainer`, over TRL's model.
+
+    The methods are RLTrainer's own, bound to this object rather than copied, so held-out numbers
+    come from the same greedy decoding, reward (with the missing-EOS penalty) and task metric as the
+    native engine's, and final/ is written the same way (`--init_adapter`, `vlm-rl push` read it).
+    """
+
+    evaluate = RLTrainer.evaluate
+    generate = RLTrainer.generate
+    compute_rewards = RLTrainer.compute_rewards
+    save_final = RLTrainer.save_final
+    _save_adapter = RLTrainer._save_adapter
+    _batch = RLTrainer._batch
+    unwrapped = RLTrainer.unwrapped
+    device = RLTrainer.device
+
+    def __init__(self, config: RLConfig, trainer, reward: CombinedReward, eval_dataset, eval_metric):
+        self.config = config
+        self.trainer = trainer
+        self.accelerator = trainer.accelerator
+        self.module = PolicyWithValue(trainer.model)
+        self.processor = trainer.processing_class
+        self.collator = PromptCollator(self.processor)
+        self.reward = reward
+        self.eval_dataset = eval_dataset
+        self.eval_metric = eval_metric
+        self.run = RunFolder(config.output_dir)
+        self.steps_per_rl_step = optimizer_steps_per_rl_step(trainer.args)
+        self.step = 0  # RL steps done (TRL's global_step / k)
+
+
+class _RunLog(TrainerCallback):
+    """TRL's logs and vlm_rl's periodic held-out evaluations into the run's metrics.jsonl, at RL steps."""
+
+    def __init__(self, run: TRLRun, metrics_log: MetricsLogger | None):
+        self.run = run
+        self.metrics_log = metrics_log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.metrics_log is not None and logs:
+            self.metrics_log.log(logs, step=state.global_step // self.run.steps_per_rl_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step, within = divmod(state.global_step, self.run.steps_per_rl_step)
+        every = self.run.config.eval_steps
+        if not within and every and step % every == 0 and state.global_step < state.max_steps:
+            training = self.run.module.training
+            metrics = self.run.evaluate()  # every process: the metrics are reduced over all of them
+            self.run.module.train(training)  # TRL files its step's metrics under the model's mode
+            if self.metrics_log is not None:
+                self.metrics_log.log(metrics, step=step)
+
+
+def run_trl(
+    config: RLConfig,
+    warm: WarmStartConfig,
+    reward: CombinedReward,
+    eval_metric: EvalMetric,
+    accelerator: Accelerator,
+    *,
+    metric: str,
+    held_out: str,
+) -> dict:
+    """`vlm_rl.rl.pipeline.run_rl` on TRL's GRPOTrainer: the same policy, prompts, warm start, reward,
+    held-out report and push. Returns {"before", "after"} held-out metrics."""
+    from trl import GRPOTrainer
+
+    check_mappable(config)  # before anything is loaded
+    with accelerator.main_process_first():  # the first build of a tiny model writes the cache
+        model, processor = load_model(config.model_name_or_path)
+    policy, _ = build_policy(config, model)
+    train_dataset = load_task_dataset(
+        config.dataset, "train", num_samples=config.max_train_prompts, seed=config.seed
+    )
+    eval_dataset = load_task_dataset(
+        config.dataset, "test", num_samples=config.max_eval_prompts, seed=config.seed
+    )
+    eos = eos_token_ids(model, processor)
+    args = grpo_config(
+        config,
+        num_processes=accelerator.num_processes,
+        use_cpu=accelerator.device.type == "cpu",
+        # vLLM takes no suppress_tokens; transformers' generate gets the native engine's list
+        generation_kwargs=None if config.use_vllm else {"suppress_tokens": suppressed_tokens(processor, eos)},
+    )
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=[reward.as_reward_function(), missing_eos(eos)],
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=processor,
+    )
+    run = TRLRun(config, trainer, reward, eval_dataset, eval_metric)
+    resume = config.resume_from_checkpoint
+    metrics_log = None
+    if accelerator.is_main_process:
+        metrics_log = run.run.start(config, tensorboard=config.report_to_tensorboard, resume=bool(resume))
+    trainer.add_callback(_RunLog(run, metrics_log))
+    logger.info(
+        "GRPO on TRL's GRPOTrainer, %d process(es), k=%d", accelerator.num_processes, run.steps_per_rl_step
+    )
+
+    base = warm_start(run, config, warm, lambda: train_dataset)
+    before = run.evaluate()
+    if metrics_log is not None:
+        metrics_log.log(before, step=0)
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    run.step = trainer.state.global_step // run.steps_per_rl_step
+    after = run.evaluate()
+    final = run.save_final(after)
+    if metrics_log is not None:
+        metrics_log.log(after, step=run.step)
+        metrics_log.close()
+
+    if accelerator.is_main_process:
+        label = metric.replace("_", " ")
+
+        def score(metrics: dict) -> str:
+            return f"{metrics.get(f'eval/{metric}', float('nan')):.3f}"
+
+        if base is not None:
+            print(
+                f"base policy: {label} {score(base)}; after the {warm.warm_start_steps}-step warm start: {score(before)}"
+            )
+        print(
+            f"TRL GRPOTrainer, held-out ({len(eval_dataset)} {held_out}): {label} {score(before)} -> "
+            f"{score(after)}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; adapter "
+            f"saved to {final}"
+        )
+        if config.push_to_hub:
+            from vlm_rl.hub import push_after_training
+
+            print(push_after_training(config))
+    return {"before": before, "after": after}
