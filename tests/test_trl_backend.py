@@ -124,3 +124,26 @@ def test_missing_eos_scores_completions_without_an_eos_id():
     completion_ids = [[5, 2], [5, 6, 7], [5, 6, 6], []]
     assert reward(["Q"] * 4, ["a"] * 4, completion_ids=completion_ids) == [0.0, 0.0, -1.0, -1.0]
     assert reward.__name__ == "missing_eos"
+
+
+def test_trl_run_resumes_from_its_latest_checkpoint(tmp_path):
+    from vlm_rl.recipes import grpo_vqa
+
+    args = ["--trainer", "trl", "--output_dir", str(tmp_path), "--warm_start_steps", "0", "--eval_steps", "0"]
+    args += [
+        "--max_train_prompts",
+        "64",
+        "--max_eval_prompts",
+        "16",
+        "--save_steps",
+        "2",
+        "--num_threads",
+        "1",
+    ]
+    args += ["--report_to_tensorboard", "false"]
+    first = grpo_vqa.main([*args, "--total_steps", "2"])
+    resumed = grpo_vqa.main([*args, "--total_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert first["after"] != first["before"]  # the policy moved, so the next line can tell them apart
+    # "before" of the resumed run is evaluated after TRL loaded checkpoint-2: the first run's end.
+    assert resumed["before"] == first["after"]
+    assert json.loads((tmp_path / "final" / "vlm_rl_run.json").read_text())["step"] == 3

@@ -237,11 +237,26 @@ class TRLRun:
 
 
 class _RunLog(TrainerCallback):
-    """TRL's logs and vlm_rl's periodic held-out evaluations into the run's metrics.jsonl, at RL steps."""
+    """vlm_rl's held-out evaluations (at the start of training, after any checkpoint is loaded, and
+    every eval_steps) and TRL's logs into the run's metrics.jsonl, at RL steps."""
 
     def __init__(self, run: TRLRun, metrics_log: MetricsLogger | None):
         self.run = run
         self.metrics_log = metrics_log
+        self.before: dict[str, float] = {}
+
+    def evaluate(self, state) -> dict[str, float]:
+        """Every process (the metrics are reduced over all); the model's mode is kept, as TRL files a
+        step's metrics under it."""
+        training = self.run.module.training
+        metrics = self.run.evaluate()
+        self.run.module.train(training)
+        if self.metrics_log is not None:
+            self.metrics_log.log(metrics, step=state.global_step // self.run.steps_per_rl_step)
+        return metrics
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.before = self.evaluate(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.metrics_log is not None and logs:
@@ -251,11 +266,7 @@ class _RunLog(TrainerCallback):
         step, within = divmod(state.global_step, self.run.steps_per_rl_step)
         every = self.run.config.eval_steps
         if not within and every and step % every == 0 and state.global_step < state.max_steps:
-            training = self.run.module.training
-            metrics = self.run.evaluate()  # every process: the metrics are reduced over all of them
-            self.run.module.train(training)  # TRL files its step's metrics under the model's mode
-            if self.metrics_log is not None:
-                self.metrics_log.log(metrics, step=step)
+            self.evaluate(state)
 
 
 def run_trl(
@@ -302,21 +313,18 @@ def run_trl(
     metrics_log = None
     if accelerator.is_main_process:
         metrics_log = run.run.start(config, tensorboard=config.report_to_tensorboard, resume=bool(resume))
-    trainer.add_callback(_RunLog(run, metrics_log))
+    run_log = _RunLog(run, metrics_log)
+    trainer.add_callback(run_log)
     logger.info(
         "GRPO on TRL's GRPOTrainer, %d process(es), k=%d", accelerator.num_processes, run.steps_per_rl_step
     )
 
     base = warm_start(run, config, warm, lambda: train_dataset)
-    before = run.evaluate()
-    if metrics_log is not None:
-        metrics_log.log(before, step=0)
     trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    before, after = run_log.before, run_log.evaluate(trainer.state)
     run.step = trainer.state.global_step // run.steps_per_rl_step
-    after = run.evaluate()
     final = run.save_final(after)
     if metrics_log is not None:
-        metrics_log.log(after, step=run.step)
         metrics_log.close()
 
     if accelerator.is_main_process:
