@@ -223,7 +223,6 @@ class TRLRun:
 
     def __init__(self, config: RLConfig, trainer, reward: CombinedReward, eval_dataset, eval_metric):
         self.config = config
-        self.trainer = trainer
         self.accelerator = trainer.accelerator
         self.module = PolicyWithValue(trainer.model)
         self.processor = trainer.processing_class
