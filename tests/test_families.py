@@ -27,7 +27,7 @@ from vlm_rl.models import (
 from vlm_rl.models.families import completion_token_type
 from vlm_rl.models.inputs import repeat_rows
 from vlm_rl.models.prefill import prefilled_cache, sampling_inputs
-from vlm_rl.models.tiny import TINY_EXTRA_WORDS, UNLISTED_FAMILIES
+from vlm_rl.models.tiny import TINY_EXTRA_WORDS, UNLISTED_FAMILIES, build_vlm, ensure_tiny, resolve_tiny_name
 from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.rl.rollout import eos_token_ids, generate, suppressed_tokens
 
@@ -310,3 +310,18 @@ def test_the_cli_trains_a_new_family_by_its_tiny_name(tmp_path: Path, vlm_rl_cac
     assert "held-out (4 questions on unseen images): accuracy" in result.stdout
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert (out / "metrics.jsonl").read_text().count('"reward/mean"') == 2
+
+
+@pytest.mark.parametrize("name", NEW_NAMES)
+def test_each_tiny_name_resolves_with_a_seed(name: str) -> None:
+    assert resolve_tiny_name(f"{name}@seed2") == (name, 2)
+    assert resolve_tiny_name(name) == (name, 0)
+
+
+def test_an_unknown_tiny_name_lists_the_families() -> None:
+    with pytest.raises(
+        ValueError, match=r"'tiny-gemma'.*tiny-aya-vision.*tiny-gemma3.*tiny-paligemma.*tiny-qwen3-vl"
+    ):
+        ensure_tiny("tiny-gemma")
+    with pytest.raises(ValueError, match="the tiny gemma3 build takes no sizes"):
+        build_vlm("gemma3", image_size=64)
