@@ -10,15 +10,15 @@ takes seconds. One process runs the recipe with python; two run it under `accele
 --multi_gpu --num_processes 2` on the CPU (gloo ranks, as tests/test_reward_model.py launches them).
 
 Each case first runs once uninterrupted (the reference, which also measures when its checkpoints
-are written). Each trial then starts the same run in a fresh folder and SIGKILLs its whole process
-group (every rank) at one moment: odd trials after a random delay between the reference's first
-checkpoint and its end, even trials while a checkpoint is being written (its temporary folder
-exists: a random instant of the measured write time after it appears, on a random checkpoint
-after the first). `--kills-per-trial 2` kills the resumed run again at a random moment. The run
-is then resumed with `--resume_from_checkpoint latest` until it finishes (started afresh when the
-kill came before the first checkpoint; a kill that came after the run had ended is retried with a
-shorter delay), and every tensor of final/*.safetensors (adapter, value head, reward head; best/
-too for the reward model) must equal the reference's, bit for bit.
+are written and how long it runs). Each trial then starts the same run in a fresh folder and
+SIGKILLs its whole process group (every rank) at one moment: odd trials a random wall-clock delay
+after the run's first complete checkpoint (uniform over the rest of the reference's duration),
+even trials while a checkpoint is being written (a random instant within half the measured write
+time after its temporary folder appears, on a random checkpoint after the first).
+`--kills-per-trial 2` kills the resumed run again, at a random moment after its start. The run is
+resumed with `--resume_from_checkpoint latest` until it finishes (a kill that came after the run
+had ended is retried with a shorter delay), and every tensor of final/*.safetensors (adapter,
+value head, reward head; best/ too for the reward model) must equal the reference's, bit for bit.
 
 Prints one line per recipe and process count: "N/N bit-identical", the kills that landed, how many
 hit a checkpoint write and left a torn temporary folder, and the steps resumed from. Bit-identity
@@ -277,8 +277,13 @@ class Trial:
     mismatched: list[str] = field(default_factory=list)
 
 
-def kill_at_random(process: subprocess.Popen, delay: float) -> bool:
-    """SIGKILL after `delay` s unless the run ends first; True when the kill landed."""
+def kill_at_random(process: subprocess.Popen, run_dir: Path, delay: float, after_a_checkpoint: bool) -> bool:
+    """SIGKILL `delay` s after the start (`after_a_checkpoint`: after the run's first complete
+    checkpoint, so there is something to resume) unless the run ends first; True when it landed."""
+    while after_a_checkpoint and not complete_steps(run_dir):
+        if process.poll() is not None:
+            return False
+        time.sleep(POLL_S)
     deadline = time.monotonic() + delay
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -328,8 +333,13 @@ def run_trial(
             target = random.choice(reference.checkpoint_steps[1:])
             landed = kill_in_write(process, run_dir, target, max(reference.write_s / 2, 0.002))
         else:
-            low = reference.first_checkpoint_s if trial.kills == 0 else 0.2 * reference.first_checkpoint_s
-            landed = kill_at_random(process, random.uniform(low, reference.end_s) * shrink)
+            # the first kill: a random moment of the rest of the run once it has a checkpoint; a later
+            # one: any moment of the resumed run (before its first new checkpoint too)
+            first = trial.kills == 0
+            span = reference.end_s - reference.first_checkpoint_s if first else reference.end_s
+            landed = kill_at_random(
+                process, run_dir, random.uniform(0, span) * shrink, after_a_checkpoint=first
+            )
         if not landed:
             finish(process, log)
             if trial.kills:  # a later kill came after the end: the run is complete
