@@ -545,12 +545,12 @@ class RLTrainer:
         tmp = self.checkpoints.begin(self.step)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()  # every rank's RNG state is in tmp before it is renamed
         path = self.run.checkpoint_dir(self.step)
         if self.accelerator.is_main_process:
-            state = {"step": self.step, "kl_coef": self.kl.coef, "skipped_steps": self.skipped_steps}
-            (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state))
             self._save_adapter(tmp / ADAPTER_NAME)
-            path = self.checkpoints.commit(tmp, self.step)
+            state = {"step": self.step, "kl_coef": self.kl.coef, "skipped_steps": self.skipped_steps}
+            path = self.checkpoints.commit(tmp, self.step, state)  # trainer_state.json: the marker, last
             if self.config.push_to_hub and self.config.hub_push_checkpoints:
                 from vlm_rl.hub import push_checkpoint  # huggingface_hub is imported only when pushing
 
