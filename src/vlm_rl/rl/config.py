@@ -108,6 +108,12 @@ class RLConfig:
         "GRPO/RLOO agents: weight of GiGPO's step-level advantage (turns with identical observations "
         "in a group compared by return-to-go); 0 = episode-level advantages only.",
     )
+    # Speed
+    shared_prefix: bool = _f(
+        True,
+        "Scoring and update forward each prompt once for all its samples (their completions attend to "
+        "its KV cache; same log-probs and gradients); False: a forward per sample.",
+    )
     # Group methods (GRPO/RLOO)
     scale_rewards: bool = _f(True, "GRPO: divide by the group's reward std (False = Dr. GRPO).")
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal (no learning signal).")
