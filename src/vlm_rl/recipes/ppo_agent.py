@@ -124,4 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from vlm_rl.errors import run_entry_point
+
+    sys.exit(run_entry_point(main, sys.argv[1:], prog="ppo_agent.py"))

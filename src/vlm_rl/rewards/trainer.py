@@ -35,6 +35,7 @@ from transformers import get_scheduler
 from vlm_rl.data.collators import PreferenceBatch, PreferenceCollator
 from vlm_rl.data.loaders import load_task_dataset
 from vlm_rl.distributed import make_accelerator
+from vlm_rl.errors import ConfigError, check_ranges
 from vlm_rl.rewards.model import RewardModel, RewardScorer
 from vlm_rl.run_folder import TRAINER_STATE_NAME, CheckpointManager, RunFolder, atomic_dir
 
@@ -123,7 +124,36 @@ class RewardTrainingConfig:
 
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id")
+            raise ConfigError("--push_to_hub needs --hub_model_id")
+        self.validate()
+
+    def validate(self) -> None:
+        """Ranges of the numeric fields (before anything is loaded)."""
+        check_ranges(
+            self,
+            {
+                "max_train_samples": ">= 1",
+                "max_eval_samples": ">= 1",
+                "lora_r": ">= 1",
+                "lora_alpha": "> 0",
+                "learning_rate": "> 0",
+                "weight_decay": ">= 0",
+                "warmup_ratio": "[0, 1)",
+                "num_epochs": "> 0",
+                "max_steps": ">= 1",
+                "per_device_batch_size": ">= 1",
+                "gradient_accumulation_steps": ">= 1",
+                "max_grad_norm": "> 0",
+                "center_rewards_coefficient": ">= 0",
+                "eval_steps": ">= 0",
+                "logging_steps": ">= 1",
+                "seed": ">= 0",
+                "num_threads": ">= 1",
+            },
+        )
+        from vlm_rl.rl.config import _check_scheduler
+
+        _check_scheduler(self.lr_scheduler_type)
 
 
 def bradley_terry_loss(

@@ -46,6 +46,7 @@ from transformers import ProcessorMixin, get_scheduler
 from vlm_rl.data.collators import PromptBatch, PromptCollator
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import share_image_encoding
+from vlm_rl.models.shared_prefix import PromptGroups
 from vlm_rl.models.value import PolicyWithValue, save_value_head
 from vlm_rl.rewards.compose import CombinedReward, NonFiniteRewardError
 from vlm_rl.rl import core
@@ -228,9 +229,30 @@ class RLTrainer:
             yield
 
     def _forward(self, rollout: Rollout, rows: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
-        inputs = rollout.model_inputs(rows).to(self.device)
         completion_ids = rollout.completion_ids[rows].to(self.device)
+        if self.config.shared_prefix:
+            inputs = PromptGroups.of_rows(
+                rollout.prompt_inputs,
+                rollout.images_per_prompt,
+                self._prompt_of_rows(rollout, rows),
+                rollout.completion_mask[rows],
+            ).to(self.device)
+        else:
+            inputs = rollout.model_inputs(rows).to(self.device)
         return self.module(inputs, completion_ids, temperature=self.config.temperature, **kwargs)
+
+    @staticmethod
+    def _prompt_of_rows(rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """(R,) the prompt each row continues, equal prompts merged: agent turns with the same
+        observation (`observation_keys`: same frames and text, e.g. the first turn of a group's
+        episodes) are one prompt, so their prefix is shared too."""
+        prompts = rollout.prompt_index[rows]
+        if rollout.observation_keys is None:
+            return prompts
+        first: dict[str, int] = {}
+        for row, prompt in enumerate(rollout.prompt_index.tolist()):
+            first.setdefault(rollout.observation_keys[row], prompt)
+        return torch.tensor([first[rollout.observation_keys[row]] for row in rows.tolist()], dtype=torch.long)
 
     def _minibatches(self, n: int, shuffle: bool) -> Iterator[torch.Tensor]:
         order = torch.randperm(n) if shuffle else torch.arange(n)
