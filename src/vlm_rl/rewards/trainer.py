@@ -147,6 +147,8 @@ class RewardTrainingConfig:
                 "center_rewards_coefficient": ">= 0",
                 "eval_steps": ">= 0",
                 "logging_steps": ">= 1",
+                "save_steps": ">= 0",
+                "save_total_limit": ">= 1",
                 "seed": ">= 0",
                 "num_threads": ">= 1",
             },
