@@ -594,3 +594,20 @@ def test_resume_without_a_checkpoint_names_the_folder(tmp_path: Path, vlm_rl_cac
     config = resume_config(tmp_path / "rm", resume_from_checkpoint="latest")
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from in .*rm/checkpoints"):
         train_reward_model(config)
+
+
+def test_recipe_checks_the_checkpoint_before_loading_a_model(tmp_path: Path) -> None:
+    from vlm_rl.errors import ConfigError, MissingPathError
+    from vlm_rl.recipes import train_reward_model as recipe
+
+    output_dir = tmp_path / "rm"
+    with pytest.raises(
+        MissingPathError, match=r"--resume_from_checkpoint latest: no checkpoint to resume from"
+    ):
+        recipe.main(["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
+    checkpoint = RunFolder(output_dir).checkpoint_dir(2)
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"step": 2}')
+    (output_dir / "run_config.json").write_text(json.dumps({"model_name_or_path": "tiny-llava", "lora_r": 8}))
+    with pytest.raises(ConfigError, match=r"started with --lora_r 8, this config says 16"):
+        recipe.main(["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"])
