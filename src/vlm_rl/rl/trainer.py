@@ -17,9 +17,10 @@ learning-rate schedule, and is counted in `train/skipped_steps`.
 Memory: one base model. The policy is base + LoRA; the reference is the same base with the
 adapter disabled; a critic is a value head on the policy's trunk.
 
-Speed (both exact up to float summation order): generation prefills each prompt once for its G
-samples (`vlm_rl.models.prefill`); the scoring and update passes repeat each prompt's images G
-times, and within each call the vision encoder runs once per distinct image
+Speed (all exact up to float summation order): generation prefills each prompt once for its G
+samples (`vlm_rl.models.prefill`); the scoring and update passes forward each prompt once for its
+G completions (`vlm_rl.models.shared_prefix`, `RLConfig.shared_prefix`); a frozen vision encoder
+encodes each distinct image once per step, its outputs reused by every pass
 (`vlm_rl.models.share_image_encoding`).
 """
 
@@ -451,9 +452,9 @@ class RLTrainer:
 
         step_start = time.perf_counter()
         try:
-            # Scoring and update passes (and generation where the prefill is not shared) see each
-            # prompt's images G times: encode each distinct image once.
-            with share_image_encoding(self.unwrapped.policy) as image_encoding:
+            # Generation, scoring and update see each prompt's images (G times each where a pass
+            # is not shared): a frozen vision encoder encodes each distinct image once per step.
+            with share_image_encoding(self.unwrapped.policy, remember=True) as image_encoding:
                 with timed("rollout"):
                     rollout, batch, sample_metrics = self.sample(self.step)
                 with timed("reward"):
