@@ -261,7 +261,7 @@ def _check_flags_reached(models: list, adapter_dir: Path) -> None:
 RL_ARGS = ["--warm_start_steps", "0", "--eval_steps", "0", "--save_steps", "0", "--total_steps", "1"]
 RL_ARGS += ["--max_train_prompts", "8", "--max_eval_prompts", "4", "--prompts_per_step", "2"]
 RL_ARGS += ["--samples_per_prompt", "2", "--minibatch_size", "4", "--num_threads", "1"]
-RL_ARGS += ["--report_to_tensorboard", "false", "--sample_log_steps", "0"]
+RL_ARGS += ["--report_to_tensorboard", "false"]
 
 
 @pytest.mark.parametrize("trainer", ["native", "trl"])
