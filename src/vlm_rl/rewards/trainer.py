@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from vlm_rl.data.collators import PreferenceBatch, PreferenceCollator
 from vlm_rl.data.loaders import load_task_dataset
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.errors import ConfigError, check_ranges
+from vlm_rl.models.loading import loading_kwargs
 from vlm_rl.rewards.model import RewardModel, RewardScorer
 from vlm_rl.run_folder import TRAINER_STATE_NAME, CheckpointManager, RunFolder, atomic_dir
 
@@ -72,6 +73,36 @@ class RewardTrainingConfig:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     train_projector: bool = field(
         default=True, metadata={"help": "Train the vision-to-text projector fully."}
+    )
+    # Model loading (vlm_rl.models.load_model / wrap_with_lora)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto",
+        metadata={
+            "help": "Weights' dtype: auto (the checkpoint's; the embedded models are fp32), bf16, fp16 or fp32."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute decoder activations in the backward pass (less memory)."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2, ... (default: auto)."},
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the backbone in 4-bit NF4 (bitsandbytes, CUDA)."}
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the backbone in 8-bit (bitsandbytes, CUDA)."}
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA only on the language model's linear layers with these names (e.g. q_proj v_proj)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run modelling code shipped with the checkpoint (trusted repos only)."},
     )
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -123,6 +154,8 @@ class RewardTrainingConfig:
     )
 
     def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("--push_to_hub needs --hub_model_id")
         self.validate()
@@ -260,6 +293,9 @@ def train_reward_model(
             lora_alpha=config.lora_alpha,
             train_projector=config.train_projector,
             seed=config.seed,
+            target_modules=config.lora_target_modules,
+            gradient_checkpointing=config.gradient_checkpointing,
+            **loading_kwargs(config),
         )
     reward_model.config["dataset"] = config.dataset
     collator = PreferenceCollator(reward_model.processor)
