@@ -37,6 +37,14 @@ class FamilyFacts:
     prefill_state: tuple[str, ...] = ()
     """Attributes of the base model holding per-row state that the prefill computes and decoding
     reads (Qwen2.5-VL's 3-D RoPE offsets); repeated for the samples along with the KV cache."""
+    shared_prefix: bool = False
+    """True when the scoring and update passes may forward each prompt once and run its samples'
+    completions on its KV cache (`models.shared_prefix`); set only where tests show the same
+    log-probs and gradients as a forward per sample. False: a forward per sample."""
+    position_ids_method: str | None = None
+    """Method of the base model that computes a full sequence's position ids from its text inputs
+    and image grids (Qwen2.5-VL's 3-D RoPE index); the shared-prefix pass takes the completion's
+    positions from it. None: the completion's positions continue the prompt's."""
     image_only_processor: bool = False
     """True when the stock processor needs torchvision for its video sub-processor: without
     torchvision an image-only processor is built instead (see `models.loading`)."""
@@ -73,6 +81,7 @@ FAMILIES: dict[str, FamilyFacts] = {
         # packed sequence) are recognised by that argument and left unshared.
         image_encoder="vision_tower",
         shared_prefill=True,
+        shared_prefix=True,
     ),
     "qwen2_5_vl": FamilyFacts(
         model_type="qwen2_5_vl",
@@ -87,6 +96,8 @@ FAMILIES: dict[str, FamilyFacts] = {
         image_encoder="visual",
         shared_prefill=True,
         prefill_state=("model.rope_deltas",),
+        shared_prefix=True,
+        position_ids_method="model.get_rope_index",
         image_only_processor=True,
         extra_vocab=("system", "user", "assistant", "you", "are", "a", "helpful", "."),
     ),
@@ -109,6 +120,7 @@ FAMILIES: dict[str, FamilyFacts] = {
         # Called with the real (sub-)images, one row each, and their `patch_attention_mask`.
         image_encoder="vision_model",
         shared_prefill=True,
+        shared_prefix=True,
         extra_vocab=("user", "assistant", ":"),
     ),
     "llava_onevision": FamilyFacts(
@@ -123,6 +135,7 @@ FAMILIES: dict[str, FamilyFacts] = {
         # by the model, not by the tower), so identical images give identical rows.
         image_encoder="vision_tower",
         shared_prefill=True,
+        shared_prefix=True,
         image_only_processor=True,
     ),
     "qwen2_vl": FamilyFacts(
@@ -136,6 +149,8 @@ FAMILIES: dict[str, FamilyFacts] = {
         image_encoder="visual",  # flattened patches split by `grid_thw`, as Qwen2.5-VL
         shared_prefill=True,
         prefill_state=("model.rope_deltas",),
+        shared_prefix=True,
+        position_ids_method="model.get_rope_index",
         image_only_processor=True,
         extra_vocab=("system", "user", "assistant", "you", "are", "a", "helpful", "."),
     ),
@@ -152,6 +167,8 @@ FAMILIES: dict[str, FamilyFacts] = {
         image_encoder="visual",
         shared_prefill=True,
         prefill_state=("model.rope_deltas",),
+        shared_prefix=True,
+        position_ids_method="model.get_rope_index",
         image_only_processor=True,
         extra_vocab=("user", "assistant"),
     ),
@@ -177,6 +194,7 @@ FAMILIES: dict[str, FamilyFacts] = {
         # Image tokens attend to each other bidirectionally (`token_type_ids`), text causally: a
         # prompt's head (all but its last, non-image token) has the same cache either way.
         shared_prefill=True,
+        shared_prefix=True,  # completions are text: causal over the prompt's cache
         extra_vocab=("user", "model"),
     ),
     "paligemma": FamilyFacts(
@@ -191,6 +209,9 @@ FAMILIES: dict[str, FamilyFacts] = {
         # Prefix-LM: image and prompt attend to each other bidirectionally, so every prompt token's
         # cache depends on the prompt's last token; a prefill of all but that token differs.
         shared_prefill=False,
+        # Scoring on the prompt's cache would be exact in attention (the answer is the causal
+        # suffix) but PaliGemma's positions are 1-based, which the shared-prefix pass does not know.
+        shared_prefix=False,
         completion_token_type=1,
     ),
 }

@@ -4,6 +4,7 @@
     accelerate launch recipes/train_reward_model.py              # the same, from a source checkout
     vlm-rl train-reward-model --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --dataset my_pairs.jsonl \
         --output_dir reward_models/mine
+    vlm-rl train-reward-model --resume_from_checkpoint latest   # after a crash: the same weights, bit for bit
 
 With no --config it trains the default reward model (configs/caption_preference.yaml, which a
 checkout also has as reward_models/caption_preference.yaml: easy-vqa caption pairs, the offline
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from vlm_rl.recipes import CONFIGS, recipe_args
+from vlm_rl.recipes import CONFIGS, check_resume, recipe_args
 from vlm_rl.rewards.trainer import RewardTrainingConfig, train_reward_model
 from vlm_rl.tasks.easy_vqa import PreferenceOptions
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args=recipe_args(argv, DEFAULT_CONFIG)
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Before any model loads: the checkpoint exists and was saved by a run of the same model shapes.
+    check_resume(config, ("model_name_or_path", "lora_r", "lora_alpha", "train_projector"))
 
     # The demo pairs take their options; any other preference data is read as it is.
     easy_vqa_pairs = config.dataset == "easy-vqa:caption_preference"
