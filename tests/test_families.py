@@ -28,11 +28,11 @@ from vlm_rl.models.families import completion_token_type
 from vlm_rl.models.inputs import repeat_rows
 from vlm_rl.models.prefill import prefilled_cache, sampling_inputs
 from vlm_rl.models.shared_prefix import PromptGroups, shares_prefix
-from vlm_rl.models.tiny import TINY_EXTRA_WORDS, UNLISTED_FAMILIES, build_vlm, ensure_tiny, resolve_tiny_name
+from vlm_rl.models.tiny import UNLISTED_FAMILIES, build_vlm, ensure_tiny, resolve_tiny_name, tiny_names
 from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.rl.rollout import eos_token_ids, generate, suppressed_tokens
 
-NAMES = [name for name in TINY_MODELS if name not in TINY_EXTRA_WORDS]  # one per family
+NAMES = tiny_names()  # one per family
 NEW_NAMES = [
     "tiny-llava-onevision",
     "tiny-qwen2-vl",
