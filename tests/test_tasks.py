@@ -114,5 +114,5 @@ def test_easy_vqa_lives_only_in_its_task_module() -> None:
     assert importlib.util.find_spec("vlm_rl.data.easy_vqa") is None
     assert not hasattr(rules, "caption_match") and not hasattr(rules, "caption_accuracy")
     assert rules.RULE_REWARDS["caption_match"] is easy_vqa.caption_match  # found by name through the registry
-    assert loading.ImageOnlyQwen2_5_VLProcessor is processors.ImageOnlyQwen2_5_VLProcessor
+    assert loading.load_image_only_processor is processors.load_image_only_processor
     assert ImageOnlyQwen2_5_VLProcessor is processors.ImageOnlyQwen2_5_VLProcessor
