@@ -6,6 +6,7 @@
     vlm-rl agent [--env numberline ...]
     vlm-rl ppo --help                      # every config field of the recipe
     vlm-rl evaluate runs/ppo_caption
+    vlm-rl report runs/ppo_caption          # -> runs/ppo_caption/report.html
     HF_TOKEN=hf_... vlm-rl push runs/ppo_caption --repo-id me/tiny-llava-ppo [--private] [--checkpoint step-000100]
     accelerate launch -m vlm_rl.cli grpo ...   # several processes
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "evaluate":
         return evaluate(args.run_dir)
+    if args.command == "report":
+        return report(args.run_dir)
     return push(args)
 
 
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="summarise a run folder's metrics (no model is loaded)"
     )
     evaluate_parser.add_argument("run_dir", type=Path, help="an RL or reward-model output_dir")
+
+    report_parser = commands.add_parser(
+        "report", help="write RUN_DIR/report.html: curves, held-out gallery, film strips (self-contained)"
+    )
+    report_parser.add_argument("run_dir", type=Path, help="an RL, agent or reward-model output_dir")
 
     push_parser = commands.add_parser(
         "push",
@@ -162,6 +170,20 @@ def _number(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# -- report -----------------------------------------------------------------------------------
+def report(run_dir: Path) -> int:
+    """Write the run's report.html and print its path; exit 2 with one line when it is no run folder."""
+    from vlm_rl.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"vlm-rl report: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
 
 
 # -- push -------------------------------------------------------------------------------------

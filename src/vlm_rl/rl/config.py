@@ -150,6 +150,15 @@ class RLConfig:
         False,
         "With --push_to_hub, also push each checkpoint's adapter as it is saved (a failed push is logged).",
     )
+    # Report
+    report_to: str = _f(
+        "tensorboard",
+        "Trackers mirroring metrics.jsonl, comma-separated: tensorboard, trackio (local), wandb (offline "
+        "unless $WANDB_MODE), or none. --report_to_tensorboard false drops tensorboard.",
+    )
+    report_steps: int = _f(
+        0, "Also write report.html every this many steps; 0 = only at the end (vlm_rl.report)."
+    )
 
     def __post_init__(self):
         if self.prompts_per_step < 1 or self.samples_per_prompt < 1:
@@ -182,6 +191,9 @@ class RLConfig:
             )
         if self.use_vllm and self.trainer != "trl":
             raise ValueError("--use_vllm needs --trainer trl (the native engine generates with transformers)")
+        from vlm_rl.run_folder import parse_report_to
+
+        parse_report_to(self.report_to)  # an unknown tracker fails here, before any model loads
 
 
 @dataclass
