@@ -164,7 +164,7 @@ def test_grpo_run_writes_a_report_that_chromium_renders(tmp_path):
     page = assert_page_matches_metrics(dom, run)
     assert page.select("body")[0]["data-kind"] == "rl"
     # the gallery: each held-out image embedded once per row, first and last evaluation side by side
-    rows = page.select("tr", "gallery-item")
+    rows = page.select("div", "gallery-item")
     assert [int(r["data-index"]) for r in rows] == [r["index"] for r in kept if r["step"] == 0]
     rewards = [float(b["data-value"]) for b in page.select("b", "reward")]
     first, last = ([r["reward"] for r in kept if r["step"] == s] for s in (0, 4))

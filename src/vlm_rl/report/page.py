@@ -100,6 +100,8 @@ svg.chart{border:1px solid #eee;background:#fcfcfc}
 svg .grid{stroke:#e6e6e6;stroke-width:1} svg .frame{fill:none;stroke:#bbb}
 svg .tick{font-size:10px;fill:#666} svg .axis{font-size:11px;fill:#444} svg .title{font-size:13px;font-weight:600;fill:#222}
 svg .legend{font-size:10.5px}
+.cards{display:flex;flex-wrap:wrap;gap:10px} .card{border:1px solid #ddd;padding:6px;width:285px;font-size:13px}
+.card-head{display:flex;gap:8px;margin-bottom:4px} .card table{width:100%} .card th{width:52px;font-weight:500}
 img.sample{width:64px;height:64px;image-rendering:pixelated;border:1px solid #ccc}
 .strip{display:flex;gap:4px;flex-wrap:wrap;margin:4px 0 12px}
 .frame{display:flex;flex-direction:column;align-items:center;font-size:11px}
@@ -338,14 +340,15 @@ def _first_and_last(records: list[dict[str, Any]]) -> tuple[int, int] | None:
     return (steps[0], steps[-1]) if steps else None
 
 
-def _reward_cell(record: dict[str, Any] | None) -> str:
+def _reward_cell(step: int, record: dict[str, Any] | None) -> str:
+    """One evaluation's completion of a gallery item: the text, its reward and components."""
     if record is None:
-        return '<td class="muted">-</td>'
+        return f'<tr><th>step {step}</th><td class="muted">-</td></tr>'
     components = ", ".join(f"{escape(k)} {number(v)}" for k, v in record.get("components", {}).items())
     return (
-        f'<td><div class="completion">{escape(record["completion"]) or "<i>(empty)</i>"}</div>'
-        f'<div>reward <b class="reward" data-value="{record["reward"]!r}">{number(record["reward"])}</b></div>'
-        f'<div class="muted">{components}</div></td>'
+        f'<tr><th>step {step}</th><td><span class="completion">{escape(record["completion"]) or "<i>(empty)</i>"}'
+        f'</span> · reward <b class="reward" data-value="{record["reward"]!r}">{number(record["reward"])}</b>'
+        f'<div class="muted">{components}</div></td></tr>'
     )
 
 
@@ -364,25 +367,26 @@ def _gallery(run: RunFolder) -> str:
         return f'<h2 id="gallery">Held-out gallery</h2>{NOTHING_KEPT}'
     first, last = steps
     by_step = {step: {r["index"]: r for r in records if r["step"] == step} for step in steps}
-    rows = []
+    cards = []
     for index, record in by_step[first].items():
         images = "".join(
             _image(run.eval_images_dir / name, "sample", f"held-out item {index}")
             for name in record["images"]
         )
         columns = ", ".join(f"{escape(k)}: {escape(str(v))}" for k, v in record.get("columns", {}).items())
-        rows.append(
-            f'<tr class="gallery-item" data-index="{index}"><td>{images}</td>'
-            f'<td>{escape(record["prompt"])}<div class="muted">{columns}</div></td>'
-            f"{_reward_cell(record)}{_reward_cell(by_step[last].get(index)) if last != first else ''}</tr>"
+        evaluations = _reward_cell(first, record)
+        if last != first:
+            evaluations += _reward_cell(last, by_step[last].get(index))
+        cards.append(
+            f'<div class="card gallery-item" data-index="{index}"><div class="card-head">{images}'
+            f'<div>{escape(record["prompt"])}<div class="muted">{columns}</div></div></div>'
+            f"<table>{evaluations}</table></div>"
         )
-    head = f"<th>image</th><th>prompt</th><th>first evaluation (step {first})</th>"
-    if last != first:
-        head += f"<th>last evaluation (step {last})</th>"
     return (
         '<h2 id="gallery">Held-out gallery</h2>'
-        f'<p class="muted">Greedy completions on the first held-out prompts, with their reward and components.</p>'
-        f'<table class="gallery"><tr>{head}</tr>{"".join(rows)}</table>'
+        f'<p class="muted">Greedy completions on the first held-out prompts at the first (step {first}) and '
+        f"last (step {last}) evaluation, with their reward and its components.</p>"
+        f'<div class="cards">{"".join(cards)}</div>'
     )
 
 
