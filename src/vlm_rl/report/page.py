@@ -99,7 +99,7 @@ th{background:#f5f5f5} .summary th{width:190px} .num{font-variant-numeric:tabula
 svg.chart{border:1px solid #eee;background:#fcfcfc}
 svg .grid{stroke:#e6e6e6;stroke-width:1} svg .frame{fill:none;stroke:#bbb}
 svg .tick{font-size:10px;fill:#666} svg .axis{font-size:11px;fill:#444} svg .title{font-size:13px;font-weight:600;fill:#222}
-svg .legend{font-size:10.5px}
+svg .legend{font-size:10.5px;paint-order:stroke;stroke:#fcfcfc;stroke-width:3px;stroke-linejoin:round}
 .cards{display:flex;flex-wrap:wrap;gap:10px} .card{border:1px solid #ddd;padding:6px;width:285px;font-size:13px}
 .card-head{display:flex;gap:8px;margin-bottom:4px} .card table{width:100%} .card th{width:52px;font-weight:500}
 img.sample{width:64px;height:64px;image-rendering:pixelated;border:1px solid #ccc}

@@ -15,6 +15,7 @@ from html import escape
 WIDTH, HEIGHT = 380, 200
 LEFT, RIGHT, TOP, BOTTOM = 52, 12, 26, 34
 MAX_POINTS = 800  # a longer series is thinned (evenly, keeping its last point)
+SMOOTH_FROM = 60  # a series with more points also gets its running mean drawn over it
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 Series = Sequence[tuple[float, float]]
@@ -50,6 +51,19 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     if ticks[-1] < high - step * 1e-6:
         ticks.append(round(value, 12))
     return ticks
+
+
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """The mean of each value and the up to `window - 1` before it.
+
+    >>> running_mean([0.0, 2.0, 4.0, 6.0], 2)
+    [0.0, 1.0, 3.0, 5.0]
+    """
+    means, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        means.append(total / min(i + 1, window))
+    return means
 
 
 def _thin(points: Series) -> list[tuple[float, float]]:
@@ -144,10 +158,20 @@ def line_chart(
             parts.append(f'<polygon points="{path}" fill="{color}" fill-opacity="0.15" stroke="none"/>')
         coords = " ".join(f"{frame.px(x):.1f},{frame.py(y):.1f}" for x, y in points)
         last = series[name][-1][1] if series[name] else points[-1][1]
+        smooth = len(points) > SMOOTH_FROM
         parts.append(
             f'<polyline class="series" data-key="{escape(name)}" data-last="{last!r}" points="{coords}" '
-            f'fill="none" stroke="{color}" stroke-width="1.6"/>'
+            f'fill="none" stroke="{color}" stroke-width="{1.0 if smooth else 1.6}" '
+            f'stroke-opacity="{0.3 if smooth else 1.0}"/>'
         )
+        if smooth:  # a noisy training curve: the raw values faint, their running mean on top
+            mean = running_mean([y for _, y in points], max(len(points) // 25, 2))
+            coords = " ".join(
+                f"{frame.px(x):.1f},{frame.py(y):.1f}" for (x, _), y in zip(points, mean, strict=True)
+            )
+            parts.append(
+                f'<polyline class="smoothed" points="{coords}" fill="none" stroke="{color}" stroke-width="1.8"/>'
+            )
         if len(points) == 1:
             x, y = frame.px(points[0][0]), frame.py(points[0][1])
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>')
