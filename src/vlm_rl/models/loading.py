@@ -17,6 +17,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from vlm_rl.errors import ModelNotFoundError, one_line
 from vlm_rl.models.families import FamilyFacts, family_of
 from vlm_rl.models.processors import ImageOnlyQwen2_5_VLProcessor
 from vlm_rl.models.tiny import ensure_tiny, resolve_tiny_name
@@ -71,15 +72,34 @@ def load_model(
         trust_remote_code: only for checkpoints that need custom code; off by default.
     """
     path = resolve_model_path(model_name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
-    )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            use_safetensors=True,  # never unpickle weights
+        )
+    except OSError as error:
+        raise _model_not_found(model_name_or_path, error) from error
     if device is not None:
         model.to(device)
     processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
+
+
+def _model_not_found(model_name_or_path: str, error: OSError) -> ModelNotFoundError:
+    """The error of a model that cannot be loaded: the id, why, and how to point at a local folder."""
+    reason = one_line(str(error)).split(". Check")[0]
+    if Path(model_name_or_path).is_dir() and not any(Path(model_name_or_path).glob("*.safetensors")):
+        reason = "no *.safetensors weights there (vlm_rl loads weights only from safetensors; convert a pickled checkpoint with `model.save_pretrained(dir)` in a trusted session)"
+    return ModelNotFoundError(
+        f"--model_name_or_path {model_name_or_path}: cannot load the model ({reason}); give a hub id that exists "
+        "(offline: one already in the hub cache), or a local folder holding config.json, model.safetensors "
+        "and the processor files"
+    )
 
 
 def family_facts(model: PreTrainedModel) -> FamilyFacts | None:

@@ -17,6 +17,8 @@ from typing import Any
 from vlm_rl.errors import ConfigError, MissingPathError, ModelNotFoundError, VlmRlError, closest, one_line
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+EMBEDDED_MODELS = ("smol-llava",)
+"""Model names built offline besides the tiny defaults (vlm_rl.models.smol_llava)."""
 
 
 def project_dir() -> Path:
@@ -98,7 +100,7 @@ def check_model_source(model_name_or_path: str, flag: str = "--model_name_or_pat
     """A tiny default name, a local model folder, or a hub id (which offline must be in the cache)."""
     from vlm_rl.models.tiny import TINY_MODELS, resolve_tiny_name
 
-    if resolve_tiny_name(model_name_or_path):
+    if resolve_tiny_name(model_name_or_path) or model_name_or_path in EMBEDDED_MODELS:
         return
     path = Path(model_name_or_path).expanduser()
     fix = (

@@ -27,11 +27,14 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from vlm_rl.data.collators import PreferenceBatch, PreferenceCollator
-from vlm_rl.data.loaders import load_task_dataset
+from vlm_rl.data.loaders import count_shared_images, load_eval_dataset, load_task_dataset
+from vlm_rl.data.validation import completion_text
 from vlm_rl.distributed import make_accelerator
-from vlm_rl.errors import ConfigError, check_ranges
+from vlm_rl.errors import ConfigError, DataError, check_ranges
+from vlm_rl.models.tiny import check_vocabulary
 from vlm_rl.rewards.model import RewardModel, RewardScorer
 from vlm_rl.run_folder import RunFolder, atomic_dir
+from vlm_rl.tasks import is_task_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +142,12 @@ class RewardTrainingConfig:
         _check_scheduler(self.lr_scheduler_type)
 
 
+def pair_texts(dataset, limit: int = 2000) -> list[str]:
+    """The prompt, chosen and rejected texts of at most `limit` preference rows."""
+    rows = dataset.select(range(min(limit, len(dataset))))
+    return [completion_text(value) for column in ("prompt", "chosen", "rejected") for value in rows[column]]
+
+
 def bradley_terry_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
@@ -204,18 +213,24 @@ def train_reward_model(
         seed=config.seed,
         **options,
     )
-    eval_name = config.eval_dataset or config.dataset
-    eval_options = options if eval_name == config.dataset else {}
-    eval_data = load_task_dataset(
-        eval_name,
-        "test",
+    if not is_task_dataset(config.dataset):
+        check_vocabulary(config.model_name_or_path, pair_texts(train_data), config.dataset)
+    eval_data, held_out = load_eval_dataset(  # no held-out split: the training pairs, and held_out False
+        config.dataset,
+        config.eval_dataset,
         kind="preference",
         num_samples=config.max_eval_samples,
         seed=config.seed,
-        **eval_options,
+        **options,
     )
     if len(train_data) == 0:
-        raise ValueError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
+        raise DataError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
+    data_report = {
+        "eval/held_out": float(held_out),
+        "eval/images_shared_with_training": float(count_shared_images(train_data, eval_data))
+        if held_out
+        else 0.0,
+    }
 
     # Model
     with accelerator.main_process_first():  # the first build of a tiny model writes the cache
@@ -318,5 +333,5 @@ def train_reward_model(
     save(run.final_dir)
     if metrics_log:
         metrics_log.close()
-    final = {**final, "eval/accuracy_before": initial["eval/accuracy"], "train/steps": step}
+    final = {**final, "eval/accuracy_before": initial["eval/accuracy"], "train/steps": step, **data_report}
     return final

@@ -57,12 +57,11 @@ from accelerate import Accelerator
 from transformers import TrainerCallback
 
 from vlm_rl.data.collators import PromptCollator
-from vlm_rl.data.loaders import load_task_dataset
 from vlm_rl.models import load_model
 from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
-from vlm_rl.rl.pipeline import build_policy, warm_start
+from vlm_rl.rl.pipeline import build_policy, load_rl_datasets, warm_start
 from vlm_rl.rl.rollout import eos_token_ids, suppressed_tokens
 from vlm_rl.rl.trainer import EvalMetric, RLTrainer
 from vlm_rl.run_folder import MetricsLogger, RunFolder
@@ -283,15 +282,10 @@ def run_trl(
     from trl import GRPOTrainer
 
     check_mappable(config)  # before anything is loaded
+    train_dataset, eval_dataset, held_out = load_rl_datasets(config, held_out)
     with accelerator.main_process_first():  # the first build of a tiny model writes the cache
         model, processor = load_model(config.model_name_or_path)
     policy, _ = build_policy(config, model)
-    train_dataset = load_task_dataset(
-        config.dataset, "train", num_samples=config.max_train_prompts, seed=config.seed
-    )
-    eval_dataset = load_task_dataset(
-        config.dataset, "test", num_samples=config.max_eval_prompts, seed=config.seed
-    )
     eos = eos_token_ids(model, processor)
     args = grpo_config(
         config,
@@ -337,7 +331,7 @@ def run_trl(
                 f"base policy: {label} {score(base)}; after the {warm.warm_start_steps}-step warm start: {score(before)}"
             )
         print(
-            f"TRL GRPOTrainer, held-out ({len(eval_dataset)} {held_out}): {label} {score(before)} -> "
+            f"TRL GRPOTrainer, {held_out}: {label} {score(before)} -> "
             f"{score(after)}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; adapter "
             f"saved to {final}"
         )
