@@ -394,7 +394,7 @@ CASES: list[Case] = [
         ["no_run", "not a folder"],
     ),
     # -- agents --------------------------------------------------------------------------------------
-    ("agent-unknown-env", _agent("--env", "frozenlak"), ["--env frozenlak", "'frozenlake'"]),
+    ("agent-unknown-env", _agent("--env", "frozenlak"), ["--env 'frozenlak'", "'frozenlake'"]),
     (
         "agent-action-words-do-not-fit",
         _agent("--env", "CliffWalking-v1", "--warm_start_steps", "0"),

@@ -100,7 +100,7 @@ def _make_other(
         env = gymnasium.make(name, **{"render_mode": "rgb_array", **env_kwargs})
     else:
         raise ConfigError(
-            f"--env {name}: unknown environment{closest(name, [*ENVS, *gymnasium.registry])}; choose a built-in "
+            f"--env {name!r}: unknown environment{closest(name, [*ENVS, *gymnasium.registry])}; choose a built-in "
             f"{sorted(ENVS)}, a gymnasium id (e.g. 'CliffWalking-v1') or an import path 'pkg.module:Class'"
         )
     return TurnEnv(env, actions=actions, instruction=instruction, **options)
