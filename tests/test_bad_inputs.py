@@ -324,7 +324,7 @@ CASES: list[Case] = [
     (
         "config-group-of-one",
         _flags("--samples_per_prompt", "1"),
-        ["--samples_per_prompt 1", "grpo needs >= 2"],
+        ["--samples_per_prompt 1", "grpo needs samples_per_prompt >= 2"],
     ),
     (
         "config-clip-high-below-low",

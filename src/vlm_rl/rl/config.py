@@ -176,7 +176,7 @@ class RLConfig:
         algorithm = get_algorithm(self.algorithm)
         if self.samples_per_prompt < algorithm.min_samples_per_prompt:
             raise ConfigError(
-                f"--samples_per_prompt {self.samples_per_prompt}: {self.algorithm} needs >= "
+                f"--samples_per_prompt {self.samples_per_prompt}: {self.algorithm} needs samples_per_prompt >= "
                 f"{algorithm.min_samples_per_prompt} (advantages come from the group)"
             )
         if self.kl_estimator is None:
