@@ -37,6 +37,14 @@ class FamilyFacts:
     prefill_state: tuple[str, ...] = ()
     """Attributes of the base model holding per-row state that the prefill computes and decoding
     reads (Qwen2.5-VL's 3-D RoPE offsets); repeated for the samples along with the KV cache."""
+    shared_prefix: bool = False
+    """True when the scoring and update passes may forward each prompt once and run its samples'
+    completions on its KV cache (`models.shared_prefix`); set only where tests show the same
+    log-probs and gradients as a forward per sample. False: a forward per sample."""
+    position_ids_method: str | None = None
+    """Method of the base model that computes a full sequence's position ids from its text inputs
+    and image grids (Qwen2.5-VL's 3-D RoPE index); the shared-prefix pass takes the completion's
+    positions from it. None: the completion's positions continue the prompt's."""
     image_only_processor: bool = False
     """True when the stock processor needs torchvision for its video sub-processor: without
     torchvision an image-only processor is built instead (see `models.loading`)."""
@@ -67,6 +75,7 @@ FAMILIES: dict[str, FamilyFacts] = {
         # packed sequence) are recognised by that argument and left unshared.
         image_encoder="vision_tower",
         shared_prefill=True,
+        shared_prefix=True,
     ),
     "qwen2_5_vl": FamilyFacts(
         model_type="qwen2_5_vl",
@@ -90,6 +99,8 @@ FAMILIES: dict[str, FamilyFacts] = {
         image_encoder="visual",
         shared_prefill=True,
         prefill_state=("model.rope_deltas",),
+        shared_prefix=True,
+        position_ids_method="model.get_rope_index",
         image_only_processor=True,
         extra_vocab=("system", "user", "assistant", "you", "are", "a", "helpful", "."),
     ),
@@ -112,6 +123,7 @@ FAMILIES: dict[str, FamilyFacts] = {
         # Called with the real (sub-)images, one row each, and their `patch_attention_mask`.
         image_encoder="vision_model",
         shared_prefill=True,
+        shared_prefix=True,
         extra_vocab=("user", "assistant", ":"),
     ),
 }

@@ -20,12 +20,11 @@ from __future__ import annotations
 from vlm_rl import envs
 from vlm_rl.envs.baselines import frozenlake_baselines, success_rate
 from vlm_rl.errors import ConfigError
-from vlm_rl.models import load_model
 from vlm_rl.models.tiny import check_vocabulary, resolve_tiny_name, tiny_vocabulary
 from vlm_rl.recipes import CONFIGS, check_rl_inputs, parse_config
 from vlm_rl.rl.agent import AgentContext, AgentTrainer, expert_dataset
 from vlm_rl.rl.config import AgentConfig, RLConfig, WarmStartConfig
-from vlm_rl.rl.pipeline import build_policy, reward_from_config, start, warm_start
+from vlm_rl.rl.pipeline import build_policy, load_base, reward_from_config, start, warm_start
 
 DEFAULT_CONFIG = CONFIGS / "ppo_agent.yaml"
 
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     context = AgentContext(frames=agent.context_frames, actions=agent.context_actions)
 
     # Policy and reward (environment reward + any reward functions / reward model on turns)
-    with accelerator.main_process_first():  # the first build of a tiny model writes the cache
-        model, processor = load_model(config.model_name_or_path)
+    model, processor = load_base(config, accelerator)
     policy, value_head = build_policy(config, model)
     reward = reward_from_config(config, accelerator.device)
 

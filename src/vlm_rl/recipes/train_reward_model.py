@@ -4,6 +4,7 @@
     accelerate launch recipes/train_reward_model.py              # the same, from a source checkout
     vlm-rl train-reward-model --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --dataset my_pairs.jsonl \
         --output_dir reward_models/mine
+    vlm-rl train-reward-model --resume_from_checkpoint latest   # after a crash: the same weights, bit for bit
 
 With no --config it trains the default reward model (configs/caption_preference.yaml, which a
 checkout also has as reward_models/caption_preference.yaml: easy-vqa caption pairs, the offline

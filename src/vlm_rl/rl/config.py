@@ -37,6 +37,30 @@ class RLConfig:
     lora_alpha: int = _f(32, "LoRA alpha.")
     train_projector: bool = _f(True, "Also train the vision-to-text projector (fully).")
     init_adapter: str | None = _f(None, "Start from this saved adapter folder (e.g. an SFT warm start).")
+    # Model loading (vlm_rl.models.load_model / wrap_with_lora; the reward model loads the same way)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto",
+        "Weights' dtype: auto (the checkpoint's; the embedded models are fp32), bf16, fp16 or fp32. "
+        "Training runs in it (no autocast); LoRA weights stay fp32.",
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Recompute each decoder layer's activations in the backward pass (less memory, more compute)."
+    )
+    attn_implementation: str | None = _f(
+        None, "Attention kernel: sdpa, eager, flash_attention_2, ... (default: transformers' choice)."
+    )
+    load_in_4bit: bool = _f(
+        False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA); projector and LM head unquantised."
+    )
+    load_in_8bit: bool = _f(False, "Load the base in 8-bit (bitsandbytes, CUDA).")
+    lora_target_modules: list[str] = _f(
+        None,
+        "LoRA only on the language model's linear layers with these names (e.g. q_proj v_proj); "
+        "default: all of them.",
+    )
+    trust_remote_code: bool = _f(
+        False, "Run modelling code shipped with the checkpoint (only for repositories you trust)."
+    )
     # Data
     dataset: str = _f(
         "easy-vqa:caption",
@@ -115,6 +139,12 @@ class RLConfig:
         "GRPO/RLOO agents: weight of GiGPO's step-level advantage (turns with identical observations "
         "in a group compared by return-to-go); 0 = episode-level advantages only.",
     )
+    # Speed
+    shared_prefix: bool = _f(
+        True,
+        "Scoring and update forward each prompt once for all its samples (their completions attend to "
+        "its KV cache; same log-probs and gradients); False: a forward per sample.",
+    )
     # Group methods (GRPO/RLOO)
     scale_rewards: bool = _f(True, "GRPO: divide by the group's reward std (False = Dr. GRPO).")
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal (no learning signal).")
@@ -164,6 +194,8 @@ class RLConfig:
         if self.reward_weights is None:
             self.reward_weights = [1.0] * len(self.reward_funcs)
         self.validate()
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
         from vlm_rl.rl.algorithms import ALGORITHMS, get_algorithm
 
         if self.algorithm not in ALGORITHMS:

@@ -13,11 +13,13 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
+from transformers import PreTrainedModel, ProcessorMixin
 
 from vlm_rl.data.loaders import count_shared_images, load_eval_dataset, load_task_dataset
 from vlm_rl.data.validation import completion_text
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import load_model, wrap_with_lora
+from vlm_rl.models.loading import loading_kwargs, prepare_for_training
 from vlm_rl.models.tiny import check_vocabulary
 from vlm_rl.models.value import load_value_head
 from vlm_rl.rewards.build import build_reward
@@ -49,19 +51,37 @@ def reward_from_config(config: RLConfig, device: torch.device) -> CombinedReward
         reward_weights=config.reward_weights,
         normalize=config.normalize_rewards,
         device=device,
+        loading=loading_kwargs(config),
     )
+
+
+def load_base(config: RLConfig, accelerator: Accelerator) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The base VLM and processor of `config.model_name_or_path`, loaded with the config's "Model
+    loading" options (dtype, attention kernel, 4/8-bit, trust_remote_code); both engines (native and
+    --trainer trl) and the agent recipe load it here."""
+    with accelerator.main_process_first():  # the first build of an embedded model writes the cache
+        return load_model(config.model_name_or_path, **loading_kwargs(config))
 
 
 def build_policy(config: RLConfig, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear | None]:
     """The policy RL starts from: a fresh LoRA adapter on `model`, or with `config.init_adapter` a
     saved one (e.g. an SFT adapter, or an earlier run's final/), trainable; with it the saved value
-    head, if the folder has one (a PPO run's). Returns (policy, value head or None)."""
+    head, if the folder has one (a PPO run's). Returns (policy, value head or None).
+    `config.lora_target_modules` and `config.gradient_checkpointing` apply to a fresh adapter; a
+    saved one keeps its targets (gradient checkpointing applies to it too)."""
     if not config.init_adapter:
         policy = wrap_with_lora(
-            model, r=config.lora_r, alpha=config.lora_alpha, train_projector=config.train_projector
+            model,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            train_projector=config.train_projector,
+            target_modules=config.lora_target_modules,
+            gradient_checkpointing=config.gradient_checkpointing,
         )
         return policy, None
     from peft import PeftModel
+
+    model = prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
 
     folder = Path(config.init_adapter)
     if not (folder / "adapter_config.json").is_file():
@@ -151,8 +171,7 @@ def run_rl(
     images"), then pushes the run when `config.push_to_hub`.
     """
     train_dataset, eval_dataset, held_out = load_rl_datasets(config, held_out)  # validated before the model
-    with accelerator.main_process_first():  # the first build of a tiny model writes the cache
-        model, processor = load_model(config.model_name_or_path)
+    model, processor = load_base(config, accelerator)
     policy, value_head = build_policy(config, model)
 
     trainer = RLTrainer(

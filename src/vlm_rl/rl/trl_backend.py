@@ -57,11 +57,10 @@ from accelerate import Accelerator
 from transformers import TrainerCallback
 
 from vlm_rl.data.collators import PromptCollator
-from vlm_rl.models import load_model
 from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
-from vlm_rl.rl.pipeline import build_policy, load_rl_datasets, warm_start
+from vlm_rl.rl.pipeline import build_policy, load_base, load_rl_datasets, warm_start
 from vlm_rl.rl.rollout import eos_token_ids, suppressed_tokens
 from vlm_rl.rl.trainer import EvalMetric, RLTrainer
 from vlm_rl.run_folder import MetricsLogger, RunFolder
@@ -150,7 +149,9 @@ def grpo_config(
         use_cpu=use_cpu,
         bf16=False,
         fp16=False,
-        activation_checkpointing=False,  # TRL's default is on; the native engine recomputes nothing
+        # TRL's default is on; as the native engine, recompute only with --gradient_checkpointing
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         report_to="none",  # metrics.jsonl and tensorboard/ are written at RL steps by `_RunLog`
         seed=config.seed,
         max_steps=config.total_steps * k,
@@ -283,8 +284,7 @@ def run_trl(
 
     check_mappable(config)  # before anything is loaded
     train_dataset, eval_dataset, held_out = load_rl_datasets(config, held_out)
-    with accelerator.main_process_first():  # the first build of a tiny model writes the cache
-        model, processor = load_model(config.model_name_or_path)
+    model, processor = load_base(config, accelerator)  # the native engine's loading and LoRA
     policy, _ = build_policy(config, model)
     eos = eos_token_ids(model, processor)
     args = grpo_config(
