@@ -58,6 +58,7 @@ from transformers import TrainerCallback
 
 from vlm_rl.data.collators import PromptCollator
 from vlm_rl.models.value import PolicyWithValue
+from vlm_rl.report import report_at_step
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
 from vlm_rl.rl.pipeline import build_policy, load_base, load_rl_datasets, warm_start
@@ -218,6 +219,7 @@ class TRLRun:
     save_final = RLTrainer.save_final
     _save_adapter = RLTrainer._save_adapter
     _batch = RLTrainer._batch
+    _keep_eval_samples = RLTrainer._keep_eval_samples
     unwrapped = RLTrainer.unwrapped
     device = RLTrainer.device
 
@@ -233,6 +235,7 @@ class TRLRun:
         self.run = RunFolder(config.output_dir)
         self.steps_per_rl_step = optimizer_steps_per_rl_step(trainer.args)
         self.step = 0  # RL steps done (TRL's global_step / k)
+        self.metrics_log: MetricsLogger | None = None  # main process: evaluations keep the report's gallery
 
 
 class _RunLog(TrainerCallback):
@@ -305,7 +308,10 @@ def run_trl(
     resume = config.resume_from_checkpoint
     metrics_log = None
     if accelerator.is_main_process:
-        metrics_log = run.run.start(config, tensorboard=config.report_to_tensorboard, resume=bool(resume))
+        metrics_log = run.run.start(
+            config, tensorboard=config.report_to_tensorboard, resume=bool(resume), report_to=config.report_to
+        )
+    run.metrics_log = metrics_log
     run_log = _RunLog(run, metrics_log)
     trainer.add_callback(run_log)
     logger.info(
@@ -319,6 +325,7 @@ def run_trl(
     final = run.save_final(after)
     if metrics_log is not None:
         metrics_log.close()
+        report_at_step(run.run.root, run.step, config.report_steps, final=True)
 
     if accelerator.is_main_process:
         label = metric.replace("_", " ")
