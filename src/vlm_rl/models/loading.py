@@ -20,7 +20,7 @@ from transformers import (
 
 from vlm_rl.errors import ModelNotFoundError, one_line
 from vlm_rl.models.families import FamilyFacts, family_of
-from vlm_rl.models.processors import ImageOnlyQwen2_5_VLProcessor
+from vlm_rl.models.processors import load_image_only_processor
 from vlm_rl.models.tiny import ensure_tiny, resolve_tiny_name
 from vlm_rl.run_folder import REWARD_CONFIG_NAME
 
@@ -118,13 +118,7 @@ def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False) 
         logger.info(
             "video sub-processor unavailable (%s); using an image-only %s processor", error, family.model_type
         )
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        processor = ImageOnlyQwen2_5_VLProcessor(
-            image_processor=AutoImageProcessor.from_pretrained(path, backend="pil"),
-            tokenizer=AutoTokenizer.from_pretrained(path),
-        )
-        processor.chat_template = processor.tokenizer.chat_template
+        processor = load_image_only_processor(family.model_type, path)
     processor.tokenizer.padding_side = "left"
     return processor
 
@@ -271,6 +265,17 @@ def prepare_for_training(model: PreTrainedModel, *, gradient_checkpointing: bool
     return model
 
 
+def _projector_parts(model: nn.Module, projector: list[str]) -> list[str]:
+    """peft `modules_to_save` names of the projector modules (a list's elements: Qwen3-VL's
+    DeepStack mergers are a ModuleList, which peft cannot save whole)."""
+    parts = []
+    for prefix in projector:
+        name = prefix.rsplit(".", 1)[-1]
+        module = model.get_submodule(prefix)
+        parts += [f"{name}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [name]
+    return parts
+
+
 def wrap_with_lora(
     model: PreTrainedModel,
     *,
@@ -301,7 +306,7 @@ def wrap_with_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules="^(" + "|".join(re.escape(t) for t in targets) + ")$",
-        modules_to_save=[p.rsplit(".", 1)[-1] for p in projector] if train_projector else None,
+        modules_to_save=_projector_parts(model, projector) if train_projector else None,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
