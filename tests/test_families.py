@@ -27,11 +27,12 @@ from vlm_rl.models import (
 from vlm_rl.models.families import completion_token_type
 from vlm_rl.models.inputs import repeat_rows
 from vlm_rl.models.prefill import prefilled_cache, sampling_inputs
-from vlm_rl.models.tiny import TINY_EXTRA_WORDS, UNLISTED_FAMILIES, build_vlm, ensure_tiny, resolve_tiny_name
+from vlm_rl.models.shared_prefix import PromptGroups, shares_prefix
+from vlm_rl.models.tiny import UNLISTED_FAMILIES, build_vlm, ensure_tiny, resolve_tiny_name, tiny_names
 from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.rl.rollout import eos_token_ids, generate, suppressed_tokens
 
-NAMES = [name for name in TINY_MODELS if name not in TINY_EXTRA_WORDS]  # one per family
+NAMES = tiny_names()  # one per family
 NEW_NAMES = [
     "tiny-llava-onevision",
     "tiny-qwen2-vl",
@@ -109,10 +110,18 @@ def test_scoring_the_sampled_completions_gives_the_sampling_log_probs(
     expected = steps.gather(-1, rollout.completion_ids[:, : steps.shape[1], None]).squeeze(-1)
 
     rows = torch.arange(len(rollout))
-    with torch.no_grad():
-        scored = PolicyWithValue(model)(rollout.model_inputs(rows), rollout.completion_ids)["logprobs"]
+    # Both scoring inputs of the trainer: the full sequences, and the prompt groups (each prompt
+    # forwarded once where the row has `shared_prefix`, else the same full sequences).
+    groups = PromptGroups.of_rows(
+        rollout.prompt_inputs, images_per_prompt, rollout.prompt_index, rollout.completion_mask
+    )
+    family = family_of(model.config.model_type)
+    assert shares_prefix(model, groups) == bool(family and family.shared_prefix)
     assert mask.sum() >= len(rollout)  # every sample has at least one token
-    torch.testing.assert_close(scored[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    for inputs in (rollout.model_inputs(rows), groups):
+        with torch.no_grad():
+            scored = PolicyWithValue(model)(inputs, rollout.completion_ids)["logprobs"]
+        torch.testing.assert_close(scored[mask], expected[mask], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -10,22 +10,16 @@ import torch
 from vlm_rl.data.collators import encode, render_prompt
 from vlm_rl.models import (
     FAMILIES,
-    TINY_MODELS,
     image_encoder,
     load_model,
     share_image_encoding,
     wrap_with_lora,
 )
 from vlm_rl.models.inputs import repeat_rows
-from vlm_rl.models.tiny import TINY_EXTRA_WORDS
+from vlm_rl.models.tiny import tiny_names
 from vlm_rl.tasks.easy_vqa import caption_dataset
 
-# One tiny model per family whose row names an image encoder (the others: tests/test_families.py).
-NAMES = [
-    name
-    for name, model_type in TINY_MODELS.items()
-    if name not in TINY_EXTRA_WORDS and model_type in FAMILIES and FAMILIES[model_type].image_encoder
-]
+NAMES = tiny_names("image_encoder")  # one per family whose row sets it (others: tests/test_families.py)
 # Rows of the test batch: (question, indices of its images). Images 0 and 1 appear three times
 # each, image 2 once (in a two-image row): 7 images, 3 distinct.
 ROWS = (

@@ -15,7 +15,6 @@ from torch import nn
 
 from vlm_rl.data.collators import PreferenceCollator, PromptCollator, encode, render_prompt
 from vlm_rl.models import (
-    TINY_MODELS,
     build_tiny,
     ensure_tiny,
     hidden_size,
@@ -28,11 +27,11 @@ from vlm_rl.models import (
 from vlm_rl.models.families import FAMILIES, completion_token_type
 from vlm_rl.models.inputs import append_completion, repeat_rows, select_rows
 from vlm_rl.models.tiny import (
-    TINY_EXTRA_WORDS,
     UNLISTED_FAMILIES,
     build_tokenizer,
     build_vlm,
     resolve_tiny_name,
+    tiny_names,
 )
 from vlm_rl.tasks.easy_vqa import (
     CAPTION_PROMPT,
@@ -42,7 +41,7 @@ from vlm_rl.tasks.easy_vqa import (
     vqa_dataset,
 )
 
-NAMES = [name for name in TINY_MODELS if name not in TINY_EXTRA_WORDS]  # one per family
+NAMES = tiny_names()  # one per family
 
 # Where each architecture keeps its parts (read off transformers' module trees, independently of
 # the family table under test). Qwen-VL projectors (`merger`, Qwen3-VL's DeepStack mergers) live

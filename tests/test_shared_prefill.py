@@ -6,18 +6,13 @@ import pytest
 import torch
 
 from vlm_rl.data.collators import encode, render_prompt
-from vlm_rl.models import FAMILIES, TINY_MODELS, image_encoder, load_model
+from vlm_rl.models import image_encoder, load_model
 from vlm_rl.models.inputs import repeat_rows
 from vlm_rl.models.prefill import prefilled_cache, sampling_inputs
-from vlm_rl.models.tiny import TINY_EXTRA_WORDS
+from vlm_rl.models.tiny import tiny_names
 from vlm_rl.rl.rollout import generate
 
-# One tiny model per family whose row allows a shared prefill (the others: tests/test_families.py).
-NAMES = [
-    name
-    for name, model_type in TINY_MODELS.items()
-    if name not in TINY_EXTRA_WORDS and model_type in FAMILIES and FAMILIES[model_type].shared_prefill
-]
+NAMES = tiny_names("shared_prefill")  # one per family whose row sets it (others: tests/test_families.py)
 QUESTIONS = ("Describe the shape.", "is there a red shape in the image?")
 SAMPLES = 4
 

@@ -11,17 +11,16 @@ import torch
 from vlm_rl.data.collators import encode, render_prompt
 from vlm_rl.models import (
     FAMILIES,
-    TINY_MODELS,
     image_encoder,
     load_model,
     share_image_encoding,
     wrap_with_lora,
 )
 from vlm_rl.models.shared_prefix import PromptGroups, shares_prefix
-from vlm_rl.models.tiny import TINY_EXTRA_WORDS
+from vlm_rl.models.tiny import tiny_names
 from vlm_rl.models.value import PolicyWithValue
 
-NAMES = [name for name in TINY_MODELS if name not in TINY_EXTRA_WORDS]  # one per family
+NAMES = tiny_names("shared_prefix")  # one per family whose row sets it (others: tests/test_families.py)
 # Prompts of different lengths (left padding differs); the second has two images.
 PROMPTS = (("Describe the shape.", (0,)), ("is there a red shape in the image?", (1, 2)))
 SAMPLES, T = 3, 5

@@ -135,6 +135,7 @@ FAMILIES: dict[str, FamilyFacts] = {
         # by the model, not by the tower), so identical images give identical rows.
         image_encoder="vision_tower",
         shared_prefill=True,
+        shared_prefix=True,
         image_only_processor=True,
     ),
     "qwen2_vl": FamilyFacts(
@@ -148,6 +149,8 @@ FAMILIES: dict[str, FamilyFacts] = {
         image_encoder="visual",  # flattened patches split by `grid_thw`, as Qwen2.5-VL
         shared_prefill=True,
         prefill_state=("model.rope_deltas",),
+        shared_prefix=True,
+        position_ids_method="model.get_rope_index",
         image_only_processor=True,
         extra_vocab=("system", "user", "assistant", "you", "are", "a", "helpful", "."),
     ),
@@ -164,6 +167,8 @@ FAMILIES: dict[str, FamilyFacts] = {
         image_encoder="visual",
         shared_prefill=True,
         prefill_state=("model.rope_deltas",),
+        shared_prefix=True,
+        position_ids_method="model.get_rope_index",
         image_only_processor=True,
         extra_vocab=("user", "assistant"),
     ),
@@ -189,6 +194,7 @@ FAMILIES: dict[str, FamilyFacts] = {
         # Image tokens attend to each other bidirectionally (`token_type_ids`), text causally: a
         # prompt's head (all but its last, non-image token) has the same cache either way.
         shared_prefill=True,
+        shared_prefix=True,  # completions are text: causal over the prompt's cache
         extra_vocab=("user", "model"),
     ),
     "paligemma": FamilyFacts(
@@ -203,6 +209,9 @@ FAMILIES: dict[str, FamilyFacts] = {
         # Prefix-LM: image and prompt attend to each other bidirectionally, so every prompt token's
         # cache depends on the prompt's last token; a prefill of all but that token differs.
         shared_prefill=False,
+        # Scoring on the prompt's cache would be exact in attention (the answer is the causal
+        # suffix) but PaliGemma's positions are 1-based, which the shared-prefix pass does not know.
+        shared_prefix=False,
         completion_token_type=1,
     ),
 }

@@ -223,6 +223,17 @@ def language_model_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _projector_parts(model: nn.Module, projector: list[str]) -> list[str]:
+    """peft `modules_to_save` names of the projector modules (a list's elements: Qwen3-VL's
+    DeepStack mergers are a ModuleList, which peft cannot save whole)."""
+    parts = []
+    for prefix in projector:
+        name = prefix.rsplit(".", 1)[-1]
+        module = model.get_submodule(prefix)
+        parts += [f"{name}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [name]
+    return parts
+
+
 def lora_targets(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[str]:
     """Full names of the layers LoRA wraps: every linear layer of the language model, or with
     `target_modules` those whose name is, or ends with ".<name>", one of them (a full name works)."""
@@ -263,17 +274,6 @@ def prepare_for_training(model: PreTrainedModel, *, gradient_checkpointing: bool
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
     return model
-
-
-def _projector_parts(model: nn.Module, projector: list[str]) -> list[str]:
-    """peft `modules_to_save` names of the projector modules (a list's elements: Qwen3-VL's
-    DeepStack mergers are a ModuleList, which peft cannot save whole)."""
-    parts = []
-    for prefix in projector:
-        name = prefix.rsplit(".", 1)[-1]
-        module = model.get_submodule(prefix)
-        parts += [f"{name}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [name]
-    return parts
 
 
 def wrap_with_lora(

@@ -600,6 +600,20 @@ def build_vlm(model_type: str, *, seed: int = 0, extra_texts: Sequence[str] = ()
     return model.eval(), processor
 
 
+def tiny_names(capability: str | None = None) -> list[str]:
+    """One tiny model per family (the first listed; tiny-llava-agent is tiny-llava's family); with
+    `capability` (a `FamilyFacts` field, e.g. "shared_prefill") only families whose row sets it."""
+    names, families = [], set()
+    for name, model_type in TINY_MODELS.items():
+        if model_type in families or name in TINY_EXTRA_WORDS:
+            continue
+        families.add(model_type)
+        row = FAMILIES.get(model_type)
+        if capability is None or (row is not None and getattr(row, capability)):
+            names.append(name)
+    return names
+
+
 def ensure_tiny(name: str, seed: int = 0) -> Path:
     """Path of the cached tiny model `name`, building and saving it first if needed.
 
@@ -651,6 +665,7 @@ __all__ = [
     "ensure_tiny",
     "cache_dir",
     "resolve_tiny_name",
+    "tiny_names",
 ]
 
 
