@@ -299,6 +299,7 @@ CASES: list[Case] = [
     ("file-config-missing", _flags("--config", "no_such.yaml"), ["--config no_such.yaml", "file not found"]),
     # -- configs -----------------------------------------------------------------------------------
     ("config-unknown-flag", _flags("--totl_steps", "5"), ["unknown flag --totl_steps", "--total_steps"]),
+    ("config-unexpected-argument", _flags("total_steps=5"), ["unexpected argument 'total_steps=5'"]),
     ("config-bad-int", _flags("--total_steps", "many"), ["--total_steps", "invalid int value: 'many'"]),
     ("config-top-p-range", _flags("--top_p", "1.5"), ["--top_p 1.5", "(0, 1]"]),
     ("config-gamma-range", _flags("--gamma", "1.2"), ["--gamma 1.2", "[0, 1]"]),
