@@ -299,6 +299,7 @@ CASES: list[Case] = [
     ("file-config-missing", _flags("--config", "no_such.yaml"), ["--config no_such.yaml", "file not found"]),
     # -- configs -----------------------------------------------------------------------------------
     ("config-unknown-flag", _flags("--totl_steps", "5"), ["unknown flag --totl_steps", "--total_steps"]),
+    ("config-unexpected-argument", _flags("total_steps=5"), ["unexpected argument 'total_steps=5'"]),
     ("config-bad-int", _flags("--total_steps", "many"), ["--total_steps", "invalid int value: 'many'"]),
     ("config-top-p-range", _flags("--top_p", "1.5"), ["--top_p 1.5", "(0, 1]"]),
     ("config-gamma-range", _flags("--gamma", "1.2"), ["--gamma 1.2", "[0, 1]"]),
@@ -583,3 +584,49 @@ def test_odd_but_valid_inputs_train_and_the_closing_line_is_honest(data: Path, c
     )
     assert code == 0, stderr[-3000:]
     assert f"held-out (2 prompts of {evaluation}; 1 image(s) shared with training): accuracy" in out, out
+
+
+# -- the pieces ---------------------------------------------------------------------------------------
+def test_errors_doctests_and_range_rules():
+    import doctest
+    from dataclasses import dataclass
+
+    from vlm_rl import errors
+    from vlm_rl.errors import ConfigError, check_ranges
+
+    assert doctest.testmod(errors, raise_on_error=False).failed == 0
+
+    @dataclass
+    class Config:
+        steps: int | None = 3
+        rate: float = 0.5
+        weights: list[float] | None = None
+
+    check_ranges(
+        Config(steps=None, weights=[1.0, -2.0]), {"steps": ">= 1", "rate": "(0, 1]", "weights": "finite"}
+    )
+    for config, message in [
+        (Config(steps=0), "--steps 0: must be >= 1"),
+        (Config(steps=2.5), "--steps 2.5: must be an integer"),
+        (Config(steps=True), "must be an integer, got bool"),
+        (Config(rate=0.0), "--rate 0.0: must be in (0, 1]"),
+        (Config(rate="fast"), "--rate 'fast': must be a number, got str"),
+        (Config(weights=[1.0, float("inf")]), "--weights inf: must be a finite number"),
+    ]:
+        with pytest.raises(ConfigError) as raised:
+            check_ranges(config, {"steps": ">= 1", "rate": "(0, 1]", "weights": "finite"})
+        assert message in str(raised.value), (str(raised.value), message)
+
+
+def test_only_the_main_rank_prints(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    from vlm_rl.errors import ConfigError, run_entry_point
+
+    def failing(argv):
+        raise ConfigError("--x 1: bad")
+
+    monkeypatch.setenv("RANK", "1")
+    assert run_entry_point(failing, [], prog="p") == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert run_entry_point(failing, [], prog="p") == 2
+    assert capsys.readouterr().err == "p: error: --x 1: bad\n"

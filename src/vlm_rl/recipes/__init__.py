@@ -72,15 +72,14 @@ def parse_config(types: tuple[type, ...], argv: list[str] | None, default_config
         unused = re.search(r"not used by the HfArgumentParser: (\[.*\])", message)
         from_file = re.search(r"Unknown arguments from config file: (\[.*?\])", message)
         if unused or from_file:
-            names = [
-                name for name in ast.literal_eval((unused or from_file).group(1)) if name.startswith("-")
-            ]
-            name = names[0] if names else (unused or from_file).group(1)
-            where = (
-                f"--config {config_file}: unknown key {name.lstrip('-')!r}"
-                if from_file
-                else f"unknown flag {name}"
+            remaining = [str(item) for item in ast.literal_eval((unused or from_file).group(1))]
+            name = next(
+                (item for item in remaining if item.startswith("-")), remaining[0] if remaining else "?"
             )
+            if from_file:
+                where = f"--config {config_file}: unknown key {name.lstrip('-')!r}"
+            else:
+                where = f"unknown flag {name}" if name.startswith("-") else f"unexpected argument {name!r}"
             raise ConfigError(
                 f"{where}{closest(name, flags)}; `{parser.prog} --help` lists the flags"
             ) from err
