@@ -144,13 +144,15 @@ class RunFolder:
         return self.checkpoints_dir / f"step-{step:06d}"
 
     def checkpoints(self) -> list[Path]:
-        """The complete checkpoints (step-NNNNNN folders; temporary ones are hidden), oldest first."""
+        """The complete checkpoints, oldest first: step-NNNNNN folders holding trainer_state.json, the
+        completion marker `CheckpointManager.commit` writes last (temporary folders are hidden, and a
+        folder without the marker, left by an interrupted write or deletion, is skipped)."""
         if not self.checkpoints_dir.is_dir():
             return []
         found = [
             (int(match.group(1)), path)
             for path in self.checkpoints_dir.iterdir()
-            if path.is_dir() and (match := CHECKPOINT_NAME.match(path.name))
+            if (match := CHECKPOINT_NAME.match(path.name)) and (path / TRAINER_STATE_NAME).is_file()
         ]
         return [path for _, path in sorted(found)]
 
@@ -173,7 +175,10 @@ class RunFolder:
                 f"{self.checkpoints_dir}: {listing}"
             )
         if not (path / TRAINER_STATE_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not a vlm_rl checkpoint (no {TRAINER_STATE_NAME})")
+            raise FileNotFoundError(
+                f"{path} is not a vlm_rl checkpoint (no {TRAINER_STATE_NAME}: not a checkpoint, or one whose "
+                f"write was interrupted); complete checkpoints in {self.checkpoints_dir}: {listing}"
+            )
         return path
 
 
@@ -193,15 +198,23 @@ class CheckpointManager:
     """Writes checkpoints atomically, keeps the last `save_total_limit`, uploads in the background.
 
     Under accelerate every process calls `begin` and saves into the folder it returns (with a
-    barrier between), then the main process alone calls `commit`, which renames the folder into
-    place and deletes the checkpoints beyond the limit. A checkpoint queued for upload (`upload`)
-    is never deleted before its upload returns; it is deleted then if it is beyond the limit.
+    barrier before and after the saves), then the main process alone calls `commit`, which writes
+    the completion marker (trainer_state.json) last, renames the folder into place and deletes the
+    checkpoints beyond the limit. A checkpoint queued for upload (`upload`) is never deleted before
+    its upload returns; it is deleted then if it is beyond the limit.
+
+    A kill at any moment leaves only complete checkpoints under their step-NNNNNN names: a save is
+    written under a hidden temporary name and renamed when complete (files flushed to disk first),
+    a checkpoint is renamed to a hidden name before it is deleted, and `RunFolder.checkpoints` (so
+    "latest") skips any folder without the marker. Hidden leftovers of a killed run are removed by
+    the next `begin`.
 
         tmp = manager.begin(step)
         accelerator.wait_for_everyone()
         accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()           # every rank's files are in tmp
         if accelerator.is_main_process:
-            path = manager.commit(tmp, step)
+            path = manager.commit(tmp, step, {"step": step, ...})
             manager.upload(path, push)    # push(path) runs in the upload thread
         accelerator.wait_for_everyone()
         ...
@@ -225,21 +238,34 @@ class CheckpointManager:
         return sum(not future.done() for future in self._futures)
 
     def begin(self, step: int) -> Path:
-        """The temporary folder to save checkpoint `step` into; the main process empties a stale one
-        (a save interrupted earlier). Every process calls it; put a barrier after it."""
+        """The temporary folder to save checkpoint `step` into; the main process removes the hidden
+        leftovers of interrupted saves and deletions first. Every process calls it; put a barrier
+        after it."""
         tmp = self.run.checkpoints_dir / f".{self.run.checkpoint_dir(step).name}.tmp"
         if self.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with self._lock:
+                if self.run.checkpoints_dir.is_dir():
+                    for stale in self.run.checkpoints_dir.iterdir():
+                        if STALE_CHECKPOINT_NAME.match(stale.name):
+                            shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, tmp: Path, step: int) -> Path:
-        """Rename the saved `tmp` into checkpoints/step-NNNNNN (replacing an earlier save of the same
-        step), then rotate. Main process only; returns the checkpoint folder."""
+    def commit(self, tmp: Path, step: int, state: dict[str, Any] | None = None) -> Path:
+        """Make the saved `tmp` checkpoint `step`: flush its files to disk, write the completion
+        marker trainer_state.json (`state`; {"step": step} when neither `state` nor the file is
+        there), rename it into checkpoints/step-NNNNNN (replacing an earlier save of the same step),
+        then rotate. Main process only; returns the checkpoint folder."""
         self._require_main("commit")
-        path = self.run.checkpoint_dir(step)
+        tmp, path = Path(tmp), self.run.checkpoint_dir(step)
+        marker = tmp / TRAINER_STATE_NAME
+        _fsync_tree(tmp)
+        if state is not None or not marker.is_file():
+            _write_synced(marker, json.dumps(state if state is not None else {"step": step}))
+        _fsync_dir(tmp)
         with self._lock:
-            _replace_dir(Path(tmp), path)
+            _replace_dir(tmp, path)
+        _fsync_dir(path.parent)
         self._rotate()
         return path
 
@@ -270,7 +296,7 @@ class CheckpointManager:
             saved = self.run.checkpoints()
             for old in saved[: max(0, len(saved) - self.save_total_limit)]:
                 if old.resolve() not in self._protected:
-                    shutil.rmtree(old, ignore_errors=True)
+                    _delete_dir(old)
 
     def _run_upload(self, path: Path, fn: Callable[[Path], Any]) -> None:
         try:
@@ -288,6 +314,49 @@ class CheckpointManager:
     def _require_main(self, what: str) -> None:
         if not self.is_main_process:
             raise RuntimeError(f"CheckpointManager.{what} is for the main process only")
+
+
+# Hidden names of a save in progress (.step-N.tmp), a replaced save (.step-N.old<pid>) and a
+# checkpoint being deleted (.step-N.deleting<pid>): what a killed run can leave behind.
+STALE_CHECKPOINT_NAME = re.compile(r"^\.step-\d+\.(tmp|old\d+|deleting\d+)$")
+
+
+def _delete_dir(path: Path) -> None:
+    """Delete a checkpoint folder: renamed to a hidden name first, so an interrupted deletion never
+    leaves a half-deleted folder under its step-NNNNNN name."""
+    hidden = path.with_name(f".{path.name}.deleting{os.getpid()}")
+    try:
+        path.rename(hidden)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` to disk (a rename must never publish data still in the page cache)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
@@ -325,7 +394,7 @@ TRACKER_PROJECT = "vlm_rl"
 
 def parse_report_to(report_to: str | Iterable[str] | None) -> list[str]:
     """The trackers named by `--report_to` ("tensorboard,trackio,wandb", a list, "none"; None =
-    tensorboard). Raises ValueError naming the known trackers for any other name.
+    tensorboard). Raises ConfigError (a ValueError) naming the known trackers for any other name.
 
     >>> parse_report_to("tensorboard, wandb"), parse_report_to("none"), parse_report_to(None)
     (['tensorboard', 'wandb'], [], ['tensorboard'])
@@ -338,7 +407,9 @@ def parse_report_to(report_to: str | Iterable[str] | None) -> list[str]:
         return []
     unknown = [name for name in names if name not in TRACKERS]
     if unknown:
-        raise ValueError(
+        from vlm_rl.errors import ConfigError
+
+        raise ConfigError(
             f"--report_to {','.join(names)}: unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} "
             "(comma-separated) or none"
         )

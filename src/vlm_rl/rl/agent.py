@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from vlm_rl.data.collators import PromptBatch, PromptCollator
 from vlm_rl.envs.adapter import Turn, TurnEnv
+from vlm_rl.models.families import completion_token_type
 from vlm_rl.report.records import FILM_STRIPS, save_eval_episodes
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.config import RLConfig
@@ -212,6 +213,7 @@ def play_episodes(
         turn_index=torch.tensor([turn for _, turn in rows]),
         group_index=torch.tensor([episodes[episode].group for episode, _ in rows]),
         observation_keys=[observation_key(e) for e in examples],
+        completion_token_type=completion_token_type(model),
     )
     all_turns.columns["env_reward"] = rewards
     return rollout, all_turns, episodes

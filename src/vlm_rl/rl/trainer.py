@@ -17,9 +17,10 @@ learning-rate schedule, and is counted in `train/skipped_steps`.
 Memory: one base model. The policy is base + LoRA; the reference is the same base with the
 adapter disabled; a critic is a value head on the policy's trunk.
 
-Speed (both exact up to float summation order): generation prefills each prompt once for its G
-samples (`vlm_rl.models.prefill`); the scoring and update passes repeat each prompt's images G
-times, and within each call the vision encoder runs once per distinct image
+Speed (all exact up to float summation order): generation prefills each prompt once for its G
+samples (`vlm_rl.models.prefill`); the scoring and update passes forward each prompt once for its
+G completions (`vlm_rl.models.shared_prefix`, `RLConfig.shared_prefix`); a frozen vision encoder
+encodes each distinct image once per step, its outputs reused by every pass
 (`vlm_rl.models.share_image_encoding`).
 """
 
@@ -46,6 +47,7 @@ from transformers import ProcessorMixin, get_scheduler
 from vlm_rl.data.collators import PromptBatch, PromptCollator
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import share_image_encoding
+from vlm_rl.models.shared_prefix import PromptGroups
 from vlm_rl.models.value import PolicyWithValue, save_value_head
 from vlm_rl.report import report_at_step
 from vlm_rl.report.records import GALLERY_SIZE, save_eval_samples
@@ -230,9 +232,30 @@ class RLTrainer:
             yield
 
     def _forward(self, rollout: Rollout, rows: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
-        inputs = rollout.model_inputs(rows).to(self.device)
         completion_ids = rollout.completion_ids[rows].to(self.device)
+        if self.config.shared_prefix:
+            inputs = PromptGroups.of_rows(
+                rollout.prompt_inputs,
+                rollout.images_per_prompt,
+                self._prompt_of_rows(rollout, rows),
+                rollout.completion_mask[rows],
+            ).to(self.device)
+        else:
+            inputs = rollout.model_inputs(rows).to(self.device)
         return self.module(inputs, completion_ids, temperature=self.config.temperature, **kwargs)
+
+    @staticmethod
+    def _prompt_of_rows(rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """(R,) the prompt each row continues, equal prompts merged: agent turns with the same
+        observation (`observation_keys`: same frames and text, e.g. the first turn of a group's
+        episodes) are one prompt, so their prefix is shared too."""
+        prompts = rollout.prompt_index[rows]
+        if rollout.observation_keys is None:
+            return prompts
+        first: dict[str, int] = {}
+        for row, prompt in enumerate(rollout.prompt_index.tolist()):
+            first.setdefault(rollout.observation_keys[row], prompt)
+        return torch.tensor([first[rollout.observation_keys[row]] for row in rows.tolist()], dtype=torch.long)
 
     def _minibatches(self, n: int, shuffle: bool) -> Iterator[torch.Tensor]:
         order = torch.randperm(n) if shuffle else torch.arange(n)
@@ -432,9 +455,9 @@ class RLTrainer:
 
         step_start = time.perf_counter()
         try:
-            # Scoring and update passes (and generation where the prefill is not shared) see each
-            # prompt's images G times: encode each distinct image once.
-            with share_image_encoding(self.unwrapped.policy) as image_encoding:
+            # Generation, scoring and update see each prompt's images (G times each where a pass
+            # is not shared): a frozen vision encoder encodes each distinct image once per step.
+            with share_image_encoding(self.unwrapped.policy, remember=True) as image_encoding:
                 with timed("rollout"):
                     rollout, batch, sample_metrics = self.sample(self.step)
                 with timed("reward"):
@@ -567,12 +590,12 @@ class RLTrainer:
         tmp = self.checkpoints.begin(self.step)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()  # every rank's RNG state is in tmp before it is renamed
         path = self.run.checkpoint_dir(self.step)
         if self.accelerator.is_main_process:
-            state = {"step": self.step, "kl_coef": self.kl.coef, "skipped_steps": self.skipped_steps}
-            (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state))
             self._save_adapter(tmp / ADAPTER_NAME)
-            path = self.checkpoints.commit(tmp, self.step)
+            state = {"step": self.step, "kl_coef": self.kl.coef, "skipped_steps": self.skipped_steps}
+            path = self.checkpoints.commit(tmp, self.step, state)  # trainer_state.json: the marker, last
             if self.config.push_to_hub and self.config.hub_push_checkpoints:
                 from vlm_rl.hub import push_checkpoint  # huggingface_hub is imported only when pushing
 
