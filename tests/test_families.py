@@ -334,3 +334,15 @@ def test_an_unknown_tiny_name_lists_the_families() -> None:
         ensure_tiny("tiny-gemma")
     with pytest.raises(ValueError, match="the tiny gemma3 build takes no sizes"):
         build_vlm("gemma3", image_size=64)
+
+
+def test_a_paligemma_checkpoint_without_a_chat_template_gets_the_rows(tmp_path: Path) -> None:
+    import shutil
+
+    from vlm_rl.models import load_processor, resolve_model_path
+
+    folder = tmp_path / "paligemma"
+    shutil.copytree(resolve_model_path("tiny-paligemma"), folder)
+    (folder / "chat_template.jinja").unlink()  # as PaliGemma checkpoints on the hub
+    processor = load_processor(str(folder))
+    assert render_prompt(processor, user_prompt("Describe the shape.")) == "<image>Describe the shape."

@@ -225,9 +225,10 @@ PALIGEMMA_TEMPLATE = (
     "{%- endfor -%}{%- endif -%}"
     "{%- endfor -%}"
 )
-"""PaliGemma has no chat template: its prompts are plain text after the images. This one writes the
-conversation's images, then its texts; the processor adds BOS after the last image and a newline
-after the text, the separator PaliGemma was trained with before its answer."""
+"""PaliGemma has no chat template (`load_processor` gives a checkpoint without one its row's): its
+prompts are plain text after the images. This one writes each image item as `<image>` and each text
+item as it is, roles dropped; the processor adds BOS after the last image and a newline after the
+text, the separator PaliGemma was trained with before its answer."""
 _OWN_TEMPLATES = {"paligemma": PALIGEMMA_TEMPLATE}
 
 

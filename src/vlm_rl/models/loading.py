@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from vlm_rl.errors import ModelNotFoundError, one_line
-from vlm_rl.models.families import FamilyFacts, family_of
+from vlm_rl.models.families import FamilyFacts, chat_template, family_of
 from vlm_rl.models.processors import load_image_only_processor
 from vlm_rl.models.tiny import ensure_tiny, resolve_tiny_name
 from vlm_rl.run_folder import REWARD_CONFIG_NAME
@@ -119,6 +119,10 @@ def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False) 
             "video sub-processor unavailable (%s); using an image-only %s processor", error, family.model_type
         )
         processor = load_image_only_processor(family.model_type, path)
+    if getattr(processor, "chat_template", None) is None:  # PaliGemma checkpoints ship none
+        family = family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type)
+        if family is not None:
+            processor.chat_template = chat_template(family.chat_template)
     processor.tokenizer.padding_side = "left"
     return processor
 
