@@ -2,6 +2,7 @@
 
     python benchmarks/grpo_vs_trl.py
     python benchmarks/grpo_vs_trl.py --prompts 2 --samples 8 --max-new-tokens 16 --steps 2 --threads 1
+    python benchmarks/grpo_vs_trl.py --table   # also: the ratio over samples (4, 8, 16) x lengths (16, 64)
     python benchmarks/grpo_vs_trl.py --device cuda --config qwen2.5-vl-3b --dtype bf16   # real size, one GPU
 
 Model (`--config mid`; `--config qwen2.5-vl-3b` is Qwen2.5-VL-3B's architecture, see
@@ -38,7 +39,10 @@ What is timed, per step, after `--warmup` steps (means over `--steps` steps x `-
     splitting of the generated batch); other = the rest (chat template and image processing,
     advantages, data loading, logging).
 Prints each stage's seconds on both sides and their ratio, completion tokens/s, and the total ratio
-against the target (vlm_rl / TRL <= 1.0: not slower than TRL).
+against the target (vlm_rl / TRL <= 0.30). `--table` then repeats the comparison (`--rounds`
+rounds, the other settings unchanged) for every group size in TABLE_SAMPLES and completion length in
+TABLE_LENGTHS and prints the step-time ratio of each. `--no-shared-prefix` runs vlm_rl with a forward
+per sample in scoring and update (RLConfig.shared_prefix=False), to see what the shared prefix buys.
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ STAGE_LABELS = {
     "update": "update (fwd+bwd+optim)",
     "other": "other (prompts, adv., logs)",
 }
-TARGET_RATIO = 1.0
+TARGET_RATIO = 0.30
+TABLE_SAMPLES = (4, 8, 16)
+TABLE_LENGTHS = (16, 64)
 LEARNING_RATE = 1e-4
 
 
@@ -87,6 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--trl-activation-checkpointing",
         action="store_true",
         help="Keep GRPOConfig's default activation checkpointing on the TRL side.",
+    )
+    parser.add_argument(
+        "--shared-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="vlm_rl forwards each prompt once for its samples in scoring and update.",
+    )
+    parser.add_argument(
+        "--table", action="store_true", help="Also the ratio over samples per prompt x completion lengths."
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda.")
@@ -172,6 +187,7 @@ def run_vlm_rl(args: argparse.Namespace, device) -> list[dict]:
             output_dir=output_dir,
             sample_log_steps=0,
             report_to_tensorboard=False,
+            shared_prefix=args.shared_prefix,
         )
         trainer = RLTrainer(config, policy, processor, CombinedReward([contains_answer]), dataset)
         for _ in range(args.warmup + args.steps):
@@ -343,6 +359,26 @@ def ratio_text(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}" if denominator > 1e-6 else "-"
 
 
+def compare(model_dir: Path, argv: list[str], rounds: int) -> dict[str, list[dict]]:
+    """Both libraries' timed steps, `rounds` times alternating which runs first."""
+    runs: dict[str, list[dict]] = {"vlm_rl": [], "trl": []}
+    for round_index in range(rounds):
+        order = ("vlm_rl", "trl") if round_index % 2 == 0 else ("trl", "vlm_rl")
+        for mode in order:
+            result = measure(mode, model_dir, argv)
+            runs[mode].extend(result["steps"])
+            runs["device"], runs["card"] = result["device"], result["card"]
+            runs[f"peak_mb_{mode}"] = max(runs.get(f"peak_mb_{mode}", 0.0), result["peak_mb"])
+    return runs
+
+
+def step_means(runs: dict[str, list[dict]]) -> tuple[dict[str, float], dict[str, float]]:
+    ours, theirs = (
+        {key: mean([s[key] for s in runs[mode]]) for key in runs[mode][0]} for mode in ("vlm_rl", "trl")
+    )
+    return ours, theirs
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -356,30 +392,34 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    argv = sys.argv[1:]
+    argv = [a for a in sys.argv[1:] if a != "--table"]
     start = time.perf_counter()
-    runs: dict[str, list[dict]] = {"vlm_rl": [], "trl": []}
-    peaks: dict[str, float] = {}
+    table: dict[tuple[int, int], tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         parameters = build_model(Path(tmp), args)
-        for round_index in range(args.rounds):
-            order = ("vlm_rl", "trl") if round_index % 2 == 0 else ("trl", "vlm_rl")
-            for mode in order:
-                result = measure(mode, Path(tmp), argv)
-                runs[mode].extend(result["steps"])
-                peaks[mode] = max(peaks.get(mode, 0.0), result["peak_mb"])
-    means = {mode: {key: mean([s[key] for s in steps]) for key in steps[0]} for mode, steps in runs.items()}
-    ours, theirs = means["vlm_rl"], means["trl"]
+        runs = compare(Path(tmp), argv, args.rounds)
+        if args.table:
+            for samples in TABLE_SAMPLES:
+                for length in TABLE_LENGTHS:
+                    cell = compare(
+                        Path(tmp),
+                        [*argv, "--samples", str(samples), "--max-new-tokens", str(length)],
+                        args.rounds,
+                    )
+                    cell_ours, cell_theirs = step_means(cell)
+                    table[samples, length] = (cell_ours["total"], cell_theirs["total"])
+    ours, theirs = step_means(runs)
     n = args.prompts * args.samples
     print(
-        f"{describe(args.config, parameters)}; {args.dtype}; device {result['device']} ({result['card']}), "
+        f"{describe(args.config, parameters)}; {args.dtype}; device {runs['device']} ({runs['card']}), "
         f"threads {args.threads}"
     )
     length = "forced" if args.force_length else "limit"
     print(
         f"GRPO step: {args.prompts} prompts x {args.samples} samples = {n} sequences, {args.max_new_tokens} new "
         f"tokens ({length}), LoRA r=16, lr {LEARNING_RATE:g}, token-level loss (TRL dapo), no KL; "
-        f"TRL activation checkpointing {'on' if args.trl_activation_checkpointing else 'off'}; "
+        f"TRL activation checkpointing {'on' if args.trl_activation_checkpointing else 'off'}; vlm_rl shared "
+        f"prefix {'on' if args.shared_prefix else 'off'}; "
         f"mean of {len(runs['vlm_rl'])} steps after {args.warmup} warm-up ({args.rounds} round(s))"
     )
     print(f"{'stage':<30}{'vlm_rl s':>10}{'TRL s':>10}{'vlm_rl/TRL':>12}")
@@ -400,13 +440,23 @@ def main() -> None:
     print(f"{'mean reward (contains_answer)':<30}{ours['reward_mean']:>10.3f}{theirs['reward_mean']:>10.3f}")
     for mode, label in (("vlm_rl", "vlm_rl"), ("trl", "TRL")):
         print(f"{label} step totals (s): " + ", ".join(f"{s['total']:.2f}" for s in runs[mode]))
-    memory = "peak GPU memory (MB)" if result["device"].startswith("cuda") else "peak RSS (MB)"
-    print(
-        f"{memory:<30}{peaks['vlm_rl']:>10.0f}{peaks['trl']:>10.0f}{ratio_text(peaks['vlm_rl'], peaks['trl']):>12}"
-    )
+    memory = "peak GPU memory (MB)" if runs["device"].startswith("cuda") else "peak RSS (MB)"
+    peaks = runs["peak_mb_vlm_rl"], runs["peak_mb_trl"]
+    print(f"{memory:<30}{peaks[0]:>10.0f}{peaks[1]:>10.0f}{ratio_text(*peaks):>12}")
     ratio = ours["total"] / theirs["total"]
     verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
     print(f"vlm_rl / TRL step time: {ratio:.2f}x (target <= {TARGET_RATIO}x: {verdict})")
+    if table:
+        print(
+            f"step time vlm_rl / TRL by samples per prompt (rows) and completion length (columns), {args.prompts} prompts:"
+        )
+        print(f"{'samples':<10}" + "".join(f"{f'{length} tok':>22}" for length in TABLE_LENGTHS))
+        for samples in TABLE_SAMPLES:
+            cells = "".join(
+                f"{f'{table[samples, length][0]:.2f}/{table[samples, length][1]:.2f} s = {table[samples, length][0] / table[samples, length][1]:.2f}x':>22}"
+                for length in TABLE_LENGTHS
+            )
+            print(f"{samples:<10}" + cells)
     print(f"wall time: {time.perf_counter() - start:.0f} s")
 
 

@@ -13,4 +13,8 @@ run); its default config is recipes/configs/grpo_vqa.yaml.
 from vlm_rl.recipes.grpo_vqa import main
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from vlm_rl.errors import run_entry_point
+
+    sys.exit(run_entry_point(main, sys.argv[1:], prog="grpo_vqa.py"))

@@ -11,4 +11,8 @@ run); its default config is recipes/configs/ppo_agent.yaml.
 from vlm_rl.recipes.ppo_agent import main
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from vlm_rl.errors import run_entry_point
+
+    sys.exit(run_entry_point(main, sys.argv[1:], prog="ppo_agent.py"))

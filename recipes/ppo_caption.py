@@ -11,4 +11,8 @@ run); with no --reward_model_path it trains reward_models/caption_preference fir
 from vlm_rl.recipes.ppo_caption import main
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from vlm_rl.errors import run_entry_point
+
+    sys.exit(run_entry_point(main, sys.argv[1:], prog="ppo_caption.py"))

@@ -13,4 +13,8 @@ installed wheel is the same run); with no --config it trains the default reward 
 from vlm_rl.recipes.train_reward_model import main
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from vlm_rl.errors import run_entry_point
+
+    sys.exit(run_entry_point(main, sys.argv[1:], prog="train_reward_model.py"))

@@ -197,8 +197,8 @@ def test_evaluate_summarises_a_reward_model_run(tmp_path: Path, legacy: bool):
 def test_evaluate_of_a_folder_without_metrics_fails_clearly(tmp_path: Path):
     result = vlm_rl_cli("evaluate", str(tmp_path))
 
-    assert result.returncode == 1
-    assert result.stderr.startswith(f"vlm-rl evaluate: no metrics.jsonl in {tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"vlm-rl evaluate: error: no metrics.jsonl in {tmp_path}")
     assert "Traceback" not in result.stderr
 
 
@@ -272,7 +272,7 @@ def test_push_of_a_reward_model_run_in_the_old_layout_reads_its_metrics(hub: Loc
     ],
     ids=["server-error", "wrong-token"],
 )
-def test_push_failure_exits_1_with_the_reason_and_leaves_the_run_folder(
+def test_push_failure_exits_2_with_the_reason_and_leaves_the_run_folder(
     tmp_path: Path, hub_options: dict, token: str, expected: str
 ):
     run_dir = rl_run_folder(tmp_path / "runs")
@@ -281,11 +281,11 @@ def test_push_failure_exits_1_with_the_reason_and_leaves_the_run_folder(
     with LocalHub(**hub_options) as failing_hub:
         result = vlm_rl_push(run_dir, failing_hub.endpoint, env=cli_env(tmp_path, HF_TOKEN=token))
 
-        assert result.returncode == 1
+        assert result.returncode == 2
         assert result.stdout == ""
         error = result.stderr.splitlines()[-1]
         assert error.startswith(
-            f"vlm-rl push: creating the repo '{REPO}' at {failing_hub.endpoint} failed: {expected}"
+            f"vlm-rl push: error: creating the repo '{REPO}' at {failing_hub.endpoint} failed: {expected}"
         )
         assert error.endswith(f"The local folder {run_dir / 'final'} was left intact.")
         assert "Traceback" not in result.stderr and token not in result.stderr
@@ -293,14 +293,14 @@ def test_push_failure_exits_1_with_the_reason_and_leaves_the_run_folder(
     assert digest(run_dir) == before
 
 
-def test_push_of_an_unfinished_run_exits_1_before_contacting_the_hub(hub: LocalHub, tmp_path: Path):
+def test_push_of_an_unfinished_run_exits_2_before_contacting_the_hub(hub: LocalHub, tmp_path: Path):
     run_dir = rl_run_folder(tmp_path / "runs")
     (run_dir / "final" / "vlm_rl_run.json").unlink()
     (run_dir / "final").rename(run_dir / "partial")
 
     result = vlm_rl_push(run_dir, hub.endpoint, env=cli_env(tmp_path))
 
-    assert result.returncode == 1
-    assert result.stderr.startswith(f"vlm-rl push: {run_dir} has no final/ folder")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"vlm-rl push: error: {run_dir} has no final/ folder")
     assert "--checkpoint step-000002" in result.stderr and "Traceback" not in result.stderr
     assert hub.requests == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -132,8 +134,10 @@ def test_checkpoints_are_listed_by_step_without_temporary_folders(tmp_path: Path
     assert run.checkpoints() == []
     for step in (999_999, 2, 1_000_000, 10):
         run.checkpoint_dir(step).mkdir(parents=True)
+        (run.checkpoint_dir(step) / "trainer_state.json").write_text(json.dumps({"step": step}))
     (run.checkpoints_dir / ".step-000011.tmp").mkdir()  # a save in progress
     (run.checkpoints_dir / "step-000012").write_text("not a folder")
+    run.checkpoint_dir(13).mkdir()  # no completion marker (trainer_state.json): incomplete
     (run.checkpoints_dir / "step-latest").mkdir()
 
     assert names(run.checkpoints()) == ["step-000002", "step-000010", "step-999999", "step-1000000"]
@@ -276,7 +280,79 @@ def test_only_the_main_process_clears_renames_and_uploads(tmp_path: Path):
     other.wait_for_uploads()  # nothing queued: returns at once
 
     path = main.commit(tmp, 5)
-    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "model_1.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "model.safetensors",
+        "model_1.safetensors",
+        "trainer_state.json",  # the completion marker commit writes when the trainer wrote none
+    ]
+
+
+def test_torn_writes_never_leave_a_checkpoint_latest_would_pick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """What a SIGKILL can leave at each moment of a save or a rotation, simulated: `latest` always
+    names the newest complete checkpoint, and the next save clears the leftovers."""
+    import vlm_rl.run_folder as run_folder
+
+    run = RunFolder(tmp_path)
+    manager = CheckpointManager(run, save_total_limit=2)
+    save_checkpoint(manager, 2)
+    four = save_checkpoint(manager, 4)
+
+    # killed while the ranks write into the temporary folder: half a weights file, no marker
+    tmp = manager.begin(6)
+    (tmp / "model.safetensors").write_bytes(b"half a tens")
+
+    # killed while writing the marker: the rename never happens
+    def killed_marker_write(path: Path, text: str) -> None:
+        path.write_text(text[:3])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_folder, "_write_synced", killed_marker_write)
+    with pytest.raises(KeyboardInterrupt):
+        manager.commit(tmp, 6, {"step": 6})
+    monkeypatch.undo()
+    # a folder under a step name without the marker (copied or deleted half-way by hand)
+    run.checkpoint_dir(8).mkdir()
+    (run.checkpoint_dir(8) / "model.safetensors").write_bytes(b"partial")
+    assert names(run.checkpoints()) == ["step-000002", "step-000004"]
+    assert run.resolve_checkpoint("latest") == four
+    # killed in the middle of rotating step 2 away: the folder is renamed hidden before deletion
+    real_rmtree = run_folder.shutil.rmtree
+
+    def killed_rmtree(path, ignore_errors=False):
+        if ".deleting" in str(path):
+            (Path(path) / "trainer_state.json").unlink()  # deletion got this far, then the kill
+            raise KeyboardInterrupt
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(run_folder.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(manager, 10)
+    monkeypatch.undo()
+
+    ten = run.checkpoint_dir(10)
+    assert names(run.checkpoints()) == ["step-000004", "step-000010"]
+    assert run.resolve_checkpoint("latest") == ten
+    leftovers = sorted(p.name for p in run.checkpoints_dir.iterdir() if p.name.startswith("."))
+    assert leftovers == [f".step-000002.deleting{os.getpid()}"]  # step 10's begin cleared .step-000006.tmp
+    with pytest.raises(FileNotFoundError, match=r"step-000008 is not a vlm_rl checkpoint.*interrupted"):
+        run.resolve_checkpoint("step-000008")
+
+    # without step 10, latest falls back to step 4 (the torn 6 and 8 are never picked)
+    shutil.rmtree(ten)
+    assert run.resolve_checkpoint("latest") == four
+    # the next save clears the hidden leftovers and starts from an empty folder
+    tmp = manager.begin(12)
+    assert list(tmp.iterdir()) == []
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == [
+        ".step-000012.tmp",
+        "step-000004",
+        "step-000008",
+    ]
+    path = manager.commit(tmp, 12, {"step": 12, "kl_coef": 0.1})
+    assert json.loads((path / "trainer_state.json").read_text()) == {"step": 12, "kl_coef": 0.1}
+    assert names(run.checkpoints()) == ["step-000004", "step-000012"]
 
 
 def test_atomic_dir_keeps_the_previous_folder_when_the_write_fails(tmp_path: Path):

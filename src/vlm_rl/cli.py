@@ -6,6 +6,7 @@
     vlm-rl agent [--env numberline ...]
     vlm-rl ppo --help                      # every config field of the recipe
     vlm-rl evaluate runs/ppo_caption
+    vlm-rl report runs/ppo_caption          # -> runs/ppo_caption/report.html
     HF_TOKEN=hf_... vlm-rl push runs/ppo_caption --repo-id me/tiny-llava-ppo [--private] [--checkpoint step-000100]
     accelerate launch -m vlm_rl.cli grpo ...   # several processes
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import vlm_rl
+from vlm_rl.errors import ConfigError, MissingPathError, run_entry_point
 from vlm_rl.run_folder import RL_RUN_INFO_NAME, RunFolder, read_json
 
 RECIPES = {
@@ -40,28 +42,49 @@ TRAINING_KEYS = ("reward/mean", "train/accuracy", "train/loss")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `vlm-rl` with `argv` (default: the process's arguments); returns the exit code."""
+    """Run `vlm-rl` with `argv` (default: the process's arguments); returns the exit code: 0, or 2
+    after an expected error (one line on stderr; `--debug` or VLM_RL_DEBUG=1 adds the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    prog = f"vlm-rl {command}" if command in (*RECIPES, "evaluate", "report", "push") else "vlm-rl"
+    return run_entry_point(dispatch, argv, prog)
+
+
+def dispatch(argv: list[str]) -> None:
+    """Run the command of `argv`; expected errors are raised (`vlm_rl.errors.VlmRlError`)."""
     parser = build_parser()
     # argparse cannot hand "--help" or "--config x" through untouched, so recipe commands are
     # dispatched before parsing; the subparsers still document them in `vlm-rl --help`.
     if argv and argv[0] in RECIPES:
-        return run_recipe(argv[0], argv[1:])
+        run_recipe(argv[0], argv[1:])
+        return
     args = parser.parse_args(argv)
     if args.command == "evaluate":
-        return evaluate(args.run_dir)
-    return push(args)
+        evaluate(args.run_dir)
+    elif args.command == "report":
+        report(args.run_dir)
+    else:
+        push(args)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors raised as one-line `ConfigError`s instead of usage + exit."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; `{self.prog} --help` lists the commands and flags")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="vlm-rl",
         description="RLHF for vision-language models: train (recipes), summarise and share runs.",
         epilog="A recipe command hands every argument after it to the recipe: `vlm-rl ppo --help` "
         "lists the config fields, `vlm-rl ppo --config my.yaml --total_steps 50` runs it.",
     )
     parser.add_argument("--version", action="version", version=f"vlm-rl {vlm_rl.__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_ArgumentParser
+    )
     for command, (module, help) in RECIPES.items():
         commands.add_parser(command, help=f"{help} (vlm_rl.recipes.{module})", add_help=False)
 
@@ -69,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="summarise a run folder's metrics (no model is loaded)"
     )
     evaluate_parser.add_argument("run_dir", type=Path, help="an RL or reward-model output_dir")
+
+    report_parser = commands.add_parser(
+        "report", help="write RUN_DIR/report.html: curves, held-out gallery, film strips (self-contained)"
+    )
+    report_parser.add_argument("run_dir", type=Path, help="an RL, agent or reward-model output_dir")
 
     push_parser = commands.add_parser(
         "push",
@@ -91,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- recipes ----------------------------------------------------------------------------------
-def run_recipe(command: str, recipe_argv: list[str]) -> int:
+def run_recipe(command: str, recipe_argv: list[str]) -> None:
     module_name, _ = RECIPES[command]
     # Imported here: a recipe pulls in torch, transformers and trl, which evaluate and push do not need.
     recipe = importlib.import_module(f"vlm_rl.recipes.{module_name}")
@@ -101,21 +129,18 @@ def run_recipe(command: str, recipe_argv: list[str]) -> int:
         recipe.main(recipe_argv)
     finally:
         sys.argv = program
-    return 0
 
 
 # -- evaluate ---------------------------------------------------------------------------------
-def evaluate(run_dir: Path) -> int:
+def evaluate(run_dir: Path) -> None:
     """Print a run's held-out metrics (first and last evaluation), its last training reward and final metrics."""
     run = RunFolder(run_dir)
     metrics_file = run.find_metrics_file()  # metrics.jsonl, or run/metrics.jsonl of an older run
     if metrics_file is None:
-        print(
-            f"vlm-rl evaluate: no metrics.jsonl in {run.root} or {run.legacy_metrics_file.parent}: pass the "
-            "output_dir of a vlm_rl run (it writes metrics.jsonl from its first evaluation on)",
-            file=sys.stderr,
+        raise MissingPathError(
+            f"no metrics.jsonl in {run.root} or {run.legacy_metrics_file.parent}: pass the "
+            "output_dir of a vlm_rl run (it writes metrics.jsonl from its first evaluation on)"
         )
-        return 1
     records = run.read_metrics()
     print(f"{metrics_file}: {len(records)} records, last step {records[-1]['step'] if records else '-'}")
 
@@ -140,7 +165,6 @@ def evaluate(run_dir: Path) -> int:
         saved = run.saved_model_info(folder)
         if saved is not None:
             print(_saved_summary(saved, read_json(saved)))
-    return 0
 
 
 def _saved_summary(path: Path, saved: dict[str, Any]) -> str:
@@ -164,26 +188,33 @@ def _number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+# -- report -----------------------------------------------------------------------------------
+def report(run_dir: Path) -> None:
+    """Write the run's report.html and print its path (one line, exit 2, when it is no run folder)."""
+    from vlm_rl.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise MissingPathError(f"vlm-rl report: {err}") from err
+    print(path)
+
+
 # -- push -------------------------------------------------------------------------------------
-def push(args: argparse.Namespace) -> int:
-    from vlm_rl.hub import HubError, push_run  # huggingface_hub is imported only when pushing
+def push(args: argparse.Namespace) -> None:
+    from vlm_rl.hub import push_run  # huggingface_hub is imported only when pushing
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vlm_rl").setLevel(logging.INFO)
-    try:
-        commit_url = push_run(
-            args.run_dir,
-            args.repo_id,
-            endpoint=args.endpoint,
-            private=args.private,
-            revision=args.revision,
-            checkpoint=args.checkpoint,
-        )
-    except (HubError, FileNotFoundError, ValueError) as err:
-        print(f"vlm-rl push: {err}", file=sys.stderr)
-        return 1
+    commit_url = push_run(  # a HubError or a missing run folder ends in one line (run_entry_point)
+        args.run_dir,
+        args.repo_id,
+        endpoint=args.endpoint,
+        private=args.private,
+        revision=args.revision,
+        checkpoint=args.checkpoint,
+    )
     print(commit_url)
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
         tensorboard/                 the same scalars, when tensorboard is on
         samples.jsonl                sampled completions with their rewards (RL runs)
         episodes.jsonl, episodes/    played episodes and their film strips (agent runs)
+        eval_samples.jsonl, eval_samples/, eval_episodes.jsonl, eval_episodes/, eval_scores.jsonl
+                                     what each held-out evaluation showed, for the report (vlm_rl.report)
         checkpoints/step-000100/     trainer_state.json, adapter/, accelerate state (RL runs)
         final/                       the trained model: vlm_rl_run.json (RL) or reward_config.json
         best/                        the best evaluation's reward model (reward-model runs)
@@ -21,6 +23,7 @@ Reward-model runs written before this layout kept their metrics in run/metrics.j
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -64,13 +67,22 @@ class RunFolder:
         self.final_dir = self.root / "final"
         self.best_dir = self.root / "best"
         self.report_file = self.root / "report.html"
+        # each held-out evaluation's samples, episodes or pair scores (vlm_rl.report.records)
+        self.eval_samples_file = self.root / "eval_samples.jsonl"
+        self.eval_images_dir = self.root / "eval_samples"
+        self.eval_episodes_file = self.root / "eval_episodes.jsonl"
+        self.eval_episodes_dir = self.root / "eval_episodes"
+        self.eval_scores_file = self.root / "eval_scores.jsonl"
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.root)!r})"
 
     # -- config and metrics ---------------------------------------------------------------------
-    def start(self, config: Any, *, tensorboard: bool = True, resume: bool = False) -> MetricsLogger:
-        """Begin writing the run (main process only): run_config.json, and a metrics logger.
+    def start(
+        self, config: Any, *, tensorboard: bool = True, resume: bool = False, report_to: str | None = None
+    ) -> MetricsLogger:
+        """Begin writing the run (main process only): run_config.json, and a metrics logger that
+        mirrors to the trackers of `report_to` (see `MetricsLogger`).
 
         A fresh run (not `resume`) in an existing folder starts metrics.jsonl and samples.jsonl
         empty (episodes.jsonl too), so its rows never mix with an earlier run's.
@@ -80,7 +92,13 @@ class RunFolder:
         if not resume:
             self.samples_file.unlink(missing_ok=True)
             self.episodes_file.unlink(missing_ok=True)
-        return MetricsLogger(self.root, tensorboard=tensorboard, fresh=not resume)
+            for path in (self.eval_samples_file, self.eval_episodes_file, self.eval_scores_file):
+                path.unlink(missing_ok=True)
+            for folder in (self.eval_images_dir, self.eval_episodes_dir):
+                shutil.rmtree(folder, ignore_errors=True)
+        return MetricsLogger(
+            self.root, tensorboard=tensorboard, fresh=not resume, report_to=report_to, config=config
+        )
 
     def read_config(self) -> dict[str, Any]:
         return read_json(self.config_file)
@@ -126,13 +144,15 @@ class RunFolder:
         return self.checkpoints_dir / f"step-{step:06d}"
 
     def checkpoints(self) -> list[Path]:
-        """The complete checkpoints (step-NNNNNN folders; temporary ones are hidden), oldest first."""
+        """The complete checkpoints, oldest first: step-NNNNNN folders holding trainer_state.json, the
+        completion marker `CheckpointManager.commit` writes last (temporary folders are hidden, and a
+        folder without the marker, left by an interrupted write or deletion, is skipped)."""
         if not self.checkpoints_dir.is_dir():
             return []
         found = [
             (int(match.group(1)), path)
             for path in self.checkpoints_dir.iterdir()
-            if path.is_dir() and (match := CHECKPOINT_NAME.match(path.name))
+            if (match := CHECKPOINT_NAME.match(path.name)) and (path / TRAINER_STATE_NAME).is_file()
         ]
         return [path for _, path in sorted(found)]
 
@@ -155,7 +175,10 @@ class RunFolder:
                 f"{self.checkpoints_dir}: {listing}"
             )
         if not (path / TRAINER_STATE_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not a vlm_rl checkpoint (no {TRAINER_STATE_NAME})")
+            raise FileNotFoundError(
+                f"{path} is not a vlm_rl checkpoint (no {TRAINER_STATE_NAME}: not a checkpoint, or one whose "
+                f"write was interrupted); complete checkpoints in {self.checkpoints_dir}: {listing}"
+            )
         return path
 
 
@@ -175,15 +198,23 @@ class CheckpointManager:
     """Writes checkpoints atomically, keeps the last `save_total_limit`, uploads in the background.
 
     Under accelerate every process calls `begin` and saves into the folder it returns (with a
-    barrier between), then the main process alone calls `commit`, which renames the folder into
-    place and deletes the checkpoints beyond the limit. A checkpoint queued for upload (`upload`)
-    is never deleted before its upload returns; it is deleted then if it is beyond the limit.
+    barrier before and after the saves), then the main process alone calls `commit`, which writes
+    the completion marker (trainer_state.json) last, renames the folder into place and deletes the
+    checkpoints beyond the limit. A checkpoint queued for upload (`upload`) is never deleted before
+    its upload returns; it is deleted then if it is beyond the limit.
+
+    A kill at any moment leaves only complete checkpoints under their step-NNNNNN names: a save is
+    written under a hidden temporary name and renamed when complete (files flushed to disk first),
+    a checkpoint is renamed to a hidden name before it is deleted, and `RunFolder.checkpoints` (so
+    "latest") skips any folder without the marker. Hidden leftovers of a killed run are removed by
+    the next `begin`.
 
         tmp = manager.begin(step)
         accelerator.wait_for_everyone()
         accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()           # every rank's files are in tmp
         if accelerator.is_main_process:
-            path = manager.commit(tmp, step)
+            path = manager.commit(tmp, step, {"step": step, ...})
             manager.upload(path, push)    # push(path) runs in the upload thread
         accelerator.wait_for_everyone()
         ...
@@ -207,21 +238,34 @@ class CheckpointManager:
         return sum(not future.done() for future in self._futures)
 
     def begin(self, step: int) -> Path:
-        """The temporary folder to save checkpoint `step` into; the main process empties a stale one
-        (a save interrupted earlier). Every process calls it; put a barrier after it."""
+        """The temporary folder to save checkpoint `step` into; the main process removes the hidden
+        leftovers of interrupted saves and deletions first. Every process calls it; put a barrier
+        after it."""
         tmp = self.run.checkpoints_dir / f".{self.run.checkpoint_dir(step).name}.tmp"
         if self.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with self._lock:
+                if self.run.checkpoints_dir.is_dir():
+                    for stale in self.run.checkpoints_dir.iterdir():
+                        if STALE_CHECKPOINT_NAME.match(stale.name):
+                            shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, tmp: Path, step: int) -> Path:
-        """Rename the saved `tmp` into checkpoints/step-NNNNNN (replacing an earlier save of the same
-        step), then rotate. Main process only; returns the checkpoint folder."""
+    def commit(self, tmp: Path, step: int, state: dict[str, Any] | None = None) -> Path:
+        """Make the saved `tmp` checkpoint `step`: flush its files to disk, write the completion
+        marker trainer_state.json (`state`; {"step": step} when neither `state` nor the file is
+        there), rename it into checkpoints/step-NNNNNN (replacing an earlier save of the same step),
+        then rotate. Main process only; returns the checkpoint folder."""
         self._require_main("commit")
-        path = self.run.checkpoint_dir(step)
+        tmp, path = Path(tmp), self.run.checkpoint_dir(step)
+        marker = tmp / TRAINER_STATE_NAME
+        _fsync_tree(tmp)
+        if state is not None or not marker.is_file():
+            _write_synced(marker, json.dumps(state if state is not None else {"step": step}))
+        _fsync_dir(tmp)
         with self._lock:
-            _replace_dir(Path(tmp), path)
+            _replace_dir(tmp, path)
+        _fsync_dir(path.parent)
         self._rotate()
         return path
 
@@ -252,7 +296,7 @@ class CheckpointManager:
             saved = self.run.checkpoints()
             for old in saved[: max(0, len(saved) - self.save_total_limit)]:
                 if old.resolve() not in self._protected:
-                    shutil.rmtree(old, ignore_errors=True)
+                    _delete_dir(old)
 
     def _run_upload(self, path: Path, fn: Callable[[Path], Any]) -> None:
         try:
@@ -270,6 +314,49 @@ class CheckpointManager:
     def _require_main(self, what: str) -> None:
         if not self.is_main_process:
             raise RuntimeError(f"CheckpointManager.{what} is for the main process only")
+
+
+# Hidden names of a save in progress (.step-N.tmp), a replaced save (.step-N.old<pid>) and a
+# checkpoint being deleted (.step-N.deleting<pid>): what a killed run can leave behind.
+STALE_CHECKPOINT_NAME = re.compile(r"^\.step-\d+\.(tmp|old\d+|deleting\d+)$")
+
+
+def _delete_dir(path: Path) -> None:
+    """Delete a checkpoint folder: renamed to a hidden name first, so an interrupted deletion never
+    leaves a half-deleted folder under its step-NNNNNN name."""
+    hidden = path.with_name(f".{path.name}.deleting{os.getpid()}")
+    try:
+        path.rename(hidden)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` to disk (a rename must never publish data still in the page cache)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
@@ -301,35 +388,124 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 # -- files --------------------------------------------------------------------------------------
-class MetricsLogger:
-    """Appends one JSON line per logging step to `run_dir/metrics.jsonl` and mirrors scalars to
-    tensorboard (`run_dir/tensorboard`). Only the main process should create one."""
+TRACKERS = ("tensorboard", "trackio", "wandb")
+TRACKER_PROJECT = "vlm_rl"
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, fresh: bool = True):
+
+def parse_report_to(report_to: str | Iterable[str] | None) -> list[str]:
+    """The trackers named by `--report_to` ("tensorboard,trackio,wandb", a list, "none"; None =
+    tensorboard). Raises ConfigError (a ValueError) naming the known trackers for any other name.
+
+    >>> parse_report_to("tensorboard, wandb"), parse_report_to("none"), parse_report_to(None)
+    (['tensorboard', 'wandb'], [], ['tensorboard'])
+    """
+    if report_to is None:
+        return ["tensorboard"]
+    names = report_to.split(",") if isinstance(report_to, str) else list(report_to)
+    names = [name.strip().lower() for name in names if name.strip()]
+    if names in (["none"], []):
+        return []
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        from vlm_rl.errors import ConfigError
+
+        raise ConfigError(
+            f"--report_to {','.join(names)}: unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} "
+            "(comma-separated) or none"
+        )
+    return list(dict.fromkeys(names))
+
+
+class MetricsLogger:
+    """Appends one JSON line per logging step to `run_dir/metrics.jsonl` and mirrors its finite
+    scalars to the trackers of `report_to` (default tensorboard; `tensorboard=False` drops it).
+    Only the main process should create one.
+
+    - tensorboard: event files in `run_dir/tensorboard`.
+    - trackio (local-first): its SQLite store, `$TRACKIO_DIR` (default under the Hugging Face cache),
+      project "vlm_rl", the run named after the run folder; `trackio show` opens the dashboard.
+    - wandb: offline unless $WANDB_MODE says otherwise, files in `run_dir/wandb` (`wandb sync` uploads).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        fresh: bool = True,
+        report_to: str | Iterable[str] | None = None,
+        config: Any = None,
+    ):
         run = RunFolder(run_dir)
+        self.trackers = [t for t in parse_report_to(report_to) if tensorboard or t != "tensorboard"]
         run.root.mkdir(parents=True, exist_ok=True)
         self.run_dir = run.root
         self.path = run.metrics_file
         if fresh:  # a new run (not a resumed one) must not mix its rows with an earlier run's
             self.path.unlink(missing_ok=True)
-        self._writer = None
-        if tensorboard:
+        settings = _config_dict(config)
+        self._writer = self._trackio = self._wandb = None
+        if "tensorboard" in self.trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(run.tensorboard_dir))
+        if "trackio" in self.trackers:
+            trackio = _import_tracker("trackio")
+            self._trackio = trackio.init(
+                project=TRACKER_PROJECT,
+                name=run.root.resolve().name,
+                config=settings,
+                resume="never" if fresh else "allow",
+                embed=False,
+            )
+        if "wandb" in self.trackers:
+            wandb = _import_tracker("wandb")
+            self._wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", TRACKER_PROJECT),
+                name=run.root.resolve().name,
+                dir=str(run.root),
+                mode=os.environ.get("WANDB_MODE", "offline"),
+                config=settings,
+            )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {
+            key: value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)
+        }
         if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, step)
+        if self._trackio is not None and scalars:
+            self._trackio.log(scalars, step=step)
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._trackio is not None:
+            self._trackio.finish()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._writer = self._trackio = self._wandb = None
+
+
+def _import_tracker(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ValueError(f"--report_to {name} needs the {name} package: pip install {name} ({err})") from err
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    data = asdict(config) if is_dataclass(config) else dict(config)
+    return json.loads(json.dumps(data, default=str))
 
 
 def _plain(value: Any) -> Any:

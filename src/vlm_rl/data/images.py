@@ -22,6 +22,8 @@ from typing import IO, Any
 
 from PIL import Image, UnidentifiedImageError
 
+from vlm_rl.errors import DataError
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DataError",
@@ -41,10 +43,6 @@ _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 ImageRef = Image.Image | str | os.PathLike | Mapping[str, Any]
 """What a dataset row may hold for one image."""
-
-
-class DataError(ValueError):
-    """Bad input data: the message names where (dataset, row, field), what is wrong, and the fix."""
 
 
 def _fail(where: str, problem: str) -> DataError:

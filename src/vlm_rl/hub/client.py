@@ -17,12 +17,13 @@ from huggingface_hub import HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import httpx  # httpx2 on huggingface_hub 2.x, httpx on 1.x
 
+from vlm_rl.errors import VlmRlError
 from vlm_rl.hub.cards import write_model_card
 
 logger = logging.getLogger(__name__)
 
 
-class HubError(RuntimeError):
+class HubError(VlmRlError, RuntimeError):
     """A hub operation failed; the message names the repo, the endpoint and what to do next."""
 
 

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from vlm_rl.errors import ConfigError, MissingPathError
 from vlm_rl.hub.client import HubError, push_folder
 from vlm_rl.run_folder import (
     ADAPTER_NAME,
@@ -131,9 +132,9 @@ def push_checkpoint(config: Any, checkpoint: Path) -> None:
 def _run_upload(run_dir: Path, checkpoint: str | None) -> tuple[Path, dict[str, Any], str]:
     """(folder to push, `write_model_card` arguments, commit message) of a run folder."""
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a folder: pass the output_dir of a vlm_rl run")
+        raise MissingPathError(f"{run_dir} is not a folder: pass the output_dir of a vlm_rl run")
     if checkpoint is not None and Path(checkpoint).name != checkpoint:
-        raise ValueError(f"checkpoint must be a name such as 'step-000100', not a path: {checkpoint!r}")
+        raise ConfigError(f"checkpoint must be a name such as 'step-000100', not a path: {checkpoint!r}")
     run = RunFolder(run_dir)
     if run.kind == "rl" or (checkpoint is not None and not run.final_dir.exists()):
         return _rl_run_upload(run, checkpoint)
@@ -147,11 +148,11 @@ def _run_upload(run_dir: Path, checkpoint: str | None) -> tuple[Path, dict[str, 
         else ""
     )
     if run.final_dir.is_dir():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{run.final_dir} has neither {RL_RUN_INFO_NAME} (an RL run) nor {REWARD_CONFIG_NAME} "
             f"(a reward-model run), so it was not written by vlm_rl or its save was interrupted.{saved}"
         )
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"{run_dir} has no final/ folder: it is not a finished vlm_rl run. Pass the output_dir of a "
         f"finished run, or let this one finish (it saves final/ at the end).{saved}"
     )
@@ -170,7 +171,7 @@ def _rl_run_upload(run: RunFolder, checkpoint: str | None) -> tuple[Path, dict[s
         folder = checkpoint_dir / ADAPTER_NAME
         if not folder.is_dir():
             saved = ", ".join(_checkpoint_names(run)) or "none"
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{run.root} has no checkpoint {checkpoint!r} (no {folder}); saved checkpoints: {saved}. "
                 "Checkpoints are written every save_steps and only the last save_total_limit are kept."
             )
@@ -201,7 +202,7 @@ def _rl_run_upload(run: RunFolder, checkpoint: str | None) -> tuple[Path, dict[s
 
 def _reward_model_run_upload(run: RunFolder, checkpoint: str | None) -> tuple[Path, dict[str, Any], str]:
     if checkpoint not in (None, "best"):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{run.root} is a reward-model run: it has final/ (the default) and best/ (checkpoint='best'), "
             f"no checkpoint {checkpoint!r}"
         )

@@ -18,8 +18,9 @@ from transformers import (
     ProcessorMixin,
 )
 
+from vlm_rl.errors import ModelNotFoundError, one_line
 from vlm_rl.models.families import FamilyFacts, family_of
-from vlm_rl.models.processors import ImageOnlyQwen2_5_VLProcessor
+from vlm_rl.models.processors import load_image_only_processor
 from vlm_rl.models.tiny import ensure_tiny, resolve_tiny_name
 from vlm_rl.run_folder import REWARD_CONFIG_NAME
 
@@ -141,13 +142,7 @@ def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False) 
         logger.info(
             "video sub-processor unavailable (%s); using an image-only %s processor", error, family.model_type
         )
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        processor = ImageOnlyQwen2_5_VLProcessor(
-            image_processor=AutoImageProcessor.from_pretrained(path, backend="pil"),
-            tokenizer=AutoTokenizer.from_pretrained(path),
-        )
-        processor.chat_template = processor.tokenizer.chat_template
+        processor = load_image_only_processor(family.model_type, path)
     processor.tokenizer.padding_side = "left"
     return processor
 
@@ -191,19 +186,35 @@ def load_model(
 
         # bitsandbytes weights are placed at load time, one copy per process (TRL's kbit device map)
         extra = {"quantization_config": quantization, "device_map": {"": PartialState().local_process_index}}
-    model = AutoModelForImageTextToText.from_pretrained(
-        path,
-        dtype=resolve_dtype(dtype),
-        trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
-        **extra,
-    )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=resolve_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            use_safetensors=True,  # never unpickle weights
+            **extra,
+        )
+    except OSError as error:
+        raise _model_not_found(model_name_or_path, error) from error
     if device is not None and quantization is None:
         model.to(device)
     processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
+
+
+def _model_not_found(model_name_or_path: str, error: OSError) -> ModelNotFoundError:
+    """The error of a model that cannot be loaded: the id, why, and how to point at a local folder."""
+    reason = one_line(str(error)).split(". Check")[0]
+    if Path(model_name_or_path).is_dir() and not any(Path(model_name_or_path).glob("*.safetensors")):
+        reason = "no *.safetensors weights there (vlm_rl loads weights only from safetensors; convert a pickled checkpoint with `model.save_pretrained(dir)` in a trusted session)"
+    return ModelNotFoundError(
+        f"--model_name_or_path {model_name_or_path}: cannot load the model ({reason}); give a hub id that exists "
+        "(offline: one already in the hub cache), or a local folder holding config.json, model.safetensors "
+        "and the processor files"
+    )
 
 
 def family_facts(model: PreTrainedModel) -> FamilyFacts | None:
@@ -236,6 +247,17 @@ def language_model_linear_names(model: nn.Module) -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def _projector_parts(model: nn.Module, projector: list[str]) -> list[str]:
+    """peft `modules_to_save` names of the projector modules (a list's elements: Qwen3-VL's
+    DeepStack mergers are a ModuleList, which peft cannot save whole)."""
+    parts = []
+    for prefix in projector:
+        name = prefix.rsplit(".", 1)[-1]
+        module = model.get_submodule(prefix)
+        parts += [f"{name}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [name]
+    return parts
 
 
 def lora_targets(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[str]:
@@ -310,7 +332,7 @@ def wrap_with_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules="^(" + "|".join(re.escape(t) for t in targets) + ")$",
-        modules_to_save=[p.rsplit(".", 1)[-1] for p in projector] if train_projector else None,
+        modules_to_save=_projector_parts(model, projector) if train_projector else None,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)

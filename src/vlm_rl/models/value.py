@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import BatchFeature
 
-from vlm_rl.models.loading import vlm_trunk
+from vlm_rl.models.shared_prefix import PromptGroups, completion_states
 from vlm_rl.rl.core import entropy_from_logits, selective_log_softmax
 
 
@@ -16,7 +16,9 @@ class PolicyWithValue(nn.Module):
     """The policy (a LoRA-wrapped VLM) and, for PPO, a value head on the same trunk.
 
     One forward pass over prompt + completion returns per-token log-probs of the completion
-    (logits computed only at completion positions), optionally entropies, and values. The critic
+    (logits computed only at completion positions), optionally entropies, and values; given
+    `PromptGroups`, each distinct prompt is forwarded once for all its completions
+    (`models.shared_prefix`). The critic
     shares the policy's trunk: no second model in memory, and its value is read from the same
     hidden state that predicts the token (V(s_t) before token t is generated).
     """
@@ -39,15 +41,15 @@ class PolicyWithValue(nn.Module):
 
     def forward(
         self,
-        inputs: BatchFeature,
+        inputs: BatchFeature | PromptGroups,
         completion_ids: torch.Tensor,
         temperature: float = 1.0,
         with_entropy: bool = False,
         with_values: bool = False,
     ) -> dict[str, torch.Tensor]:
-        hidden = vlm_trunk(self.policy)(**inputs).last_hidden_state  # (N, L, H)
-        T = completion_ids.shape[1]
-        hidden = hidden[:, -T - 1 : -1]  # states that predict each completion token
+        """inputs: the N full sequences' model inputs (prompt + completion) or `PromptGroups`;
+        completion_ids: (N, T). Returns (N, T) `logprobs`, and `entropy` / `values` when asked."""
+        hidden = completion_states(self.policy, inputs, completion_ids)  # (N, T, H), predict each token
         lm_head = self.policy.get_output_embeddings()
         logits = lm_head(hidden).float() / temperature  # (N, T, V)
         out = {"logprobs": selective_log_softmax(logits, completion_ids)}

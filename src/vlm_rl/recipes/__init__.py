@@ -8,10 +8,17 @@ reward_models/caption_preference.yaml of a checkout link here).
 
 from __future__ import annotations
 
+import ast
+import re
 import sys
 from pathlib import Path
+from typing import Any
+
+from vlm_rl.errors import ConfigError, MissingPathError, ModelNotFoundError, VlmRlError, closest, one_line
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+EMBEDDED_MODELS = ("smol-llava",)
+"""Model names built offline besides the tiny defaults (vlm_rl.models.smol_llava)."""
 
 
 def project_dir() -> Path:
@@ -30,3 +37,153 @@ def recipe_args(argv: list[str] | None, default_config: Path) -> list[str]:
     `--config default_config` unless they name a config of their own."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return argv if "--config" in argv else ["--config", str(default_config), *argv]
+
+
+# -- parsing and checks before anything is loaded ----------------------------------------------
+def parse_config(types: tuple[type, ...], argv: list[str] | None, default_config: Path) -> tuple:
+    """The recipe's config dataclasses from `argv` (after `--config default_config` unless given):
+    TrlParser's parse, with every flag or YAML mistake (unknown flag or key, bad value, missing or
+    invalid config file, out-of-range field) raised as one `ConfigError` naming the flag."""
+    import yaml
+    from trl import TrlParser
+
+    class Parser(TrlParser):
+        def error(self, message: str):  # argparse would print the usage and exit
+            raise ConfigError(f"{message}; `{self.prog} --help` lists the flags")
+
+    args = recipe_args(argv, default_config)
+    config_file = Path(args[args.index("--config") + 1]) if "--config" in args[:-1] else None
+    if "--config" in args and config_file is None:
+        raise ConfigError("--config needs a YAML file path")
+    if config_file is not None and not config_file.is_file():
+        raise MissingPathError(
+            f"--config {config_file}: file not found; give a YAML config such as {default_config}"
+        )
+    parser = Parser(types)
+    flags = sorted(option for option in parser._option_string_actions if option.startswith("--"))
+    try:
+        return parser.parse_args_and_config(args=args)
+    except VlmRlError:
+        raise
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {config_file}: not valid YAML ({one_line(str(err))})") from err
+    except ValueError as err:
+        message = str(err)
+        unused = re.search(r"not used by the HfArgumentParser: (\[.*\])", message)
+        from_file = re.search(r"Unknown arguments from config file: (\[.*?\])", message)
+        if unused or from_file:
+            remaining = [str(item) for item in ast.literal_eval((unused or from_file).group(1))]
+            name = next(
+                (item for item in remaining if item.startswith("-")), remaining[0] if remaining else "?"
+            )
+            if from_file:
+                where = f"--config {config_file}: unknown key {name.lstrip('-')!r}"
+            else:
+                where = f"unknown flag {name}" if name.startswith("-") else f"unexpected argument {name!r}"
+            raise ConfigError(
+                f"{where}{closest(name, flags)}; `{parser.prog} --help` lists the flags"
+            ) from err
+        raise ConfigError(message) from err
+
+
+def check_output_dir(output_dir: str | Path, flag: str = "--output_dir") -> None:
+    """The run folder must be a folder (or not exist yet), with no file on its path."""
+    path = Path(output_dir)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            what = "is a file" if part == path else f"is inside {part}, which is a file"
+            raise ConfigError(f"{flag} {output_dir}: {what}; give a folder path (it is created if missing)")
+
+
+def check_model_source(model_name_or_path: str, flag: str = "--model_name_or_path") -> None:
+    """A tiny default name, a local model folder, or a hub id (which offline must be in the cache)."""
+    from vlm_rl.models.tiny import TINY_MODELS, resolve_tiny_name
+
+    if resolve_tiny_name(model_name_or_path) or model_name_or_path in EMBEDDED_MODELS:
+        return
+    path = Path(model_name_or_path).expanduser()
+    fix = (
+        f"give a local model folder (with config.json and model.safetensors), a tiny default "
+        f"({', '.join(TINY_MODELS)}) or a hub id"
+    )
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{flag} {model_name_or_path}: no config.json there; {fix}")
+        return
+    looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") != 1
+    if looks_local:
+        raise ModelNotFoundError(
+            f"{flag} {model_name_or_path!r}: no such folder, and not a hub id (owner/name){closest(model_name_or_path, TINY_MODELS)}; {fix}"
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(
+        try_to_load_from_cache(model_name_or_path, "config.json"), str
+    ):
+        raise ModelNotFoundError(
+            f"{flag} {model_name_or_path}: not in the local hub cache, and the hub is offline (HF_HUB_OFFLINE); "
+            f"download it where the hub is reachable (`hf download {model_name_or_path} --local-dir DIR`) and "
+            "pass that folder, or unset HF_HUB_OFFLINE"
+        )
+
+
+def check_resume(config: Any, compared: tuple[str, ...]) -> None:
+    """With `--resume_from_checkpoint`, the checkpoint must exist in the run folder and the run must
+    have been started with the same values of the `compared` fields (the shapes of what it saved)."""
+    from vlm_rl.run_folder import RunFolder
+
+    resume = getattr(config, "resume_from_checkpoint", None)
+    if not resume:
+        return
+    run = RunFolder(config.output_dir)
+    try:
+        checkpoint = run.resolve_checkpoint(resume)
+    except FileNotFoundError as err:
+        raise MissingPathError(
+            f"--resume_from_checkpoint {resume}: {err}; start without it, or point --output_dir at the run "
+            "that saved the checkpoint"
+        ) from err
+    if not run.config_file.is_file():
+        return
+    try:
+        saved = run.read_config()
+    except (OSError, ValueError):
+        return
+    for name in compared:
+        if name in saved and saved[name] != getattr(config, name):
+            raise ConfigError(
+                f"--resume_from_checkpoint {checkpoint.name}: the run in {run.root} was started with "
+                f"--{name} {saved[name]!r}, this config says {getattr(config, name)!r}; resume with the same "
+                "value, or start a fresh run in another --output_dir"
+            )
+
+
+def check_rl_inputs(config: Any, *, check_reward_model: bool = True) -> None:
+    """What an RL recipe checks before it loads a model: the model source, the run folder, the
+    checkpoint to resume, the adapter to start from, the reward functions and the process count."""
+    import os
+
+    check_model_source(config.model_name_or_path)
+    check_output_dir(config.output_dir)
+    check_resume(config, ("model_name_or_path", "algorithm", "lora_r", "lora_alpha", "train_projector"))
+    if config.init_adapter and not (Path(config.init_adapter) / "adapter_config.json").is_file():
+        raise MissingPathError(
+            f"--init_adapter {config.init_adapter}: no LoRA adapter there (no adapter_config.json); pass a "
+            "saved adapter folder such as a run's final/ or a checkpoint's adapter/"
+        )
+    from vlm_rl.rewards.build import check_reward_model_path, resolve_reward_function
+
+    if config.reward_model_path and check_reward_model:
+        check_reward_model_path(config.reward_model_path)
+    if not config.reward_funcs and not config.reward_model_path:
+        raise ConfigError("no reward: give --reward_model_path and/or --reward_funcs")
+    for spec in config.reward_funcs:
+        try:
+            resolve_reward_function(spec)
+        except ValueError as err:
+            raise ConfigError(f"--reward_funcs: {err}") from err
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if config.prompts_per_step % world:
+        raise ConfigError(
+            f"--prompts_per_step {config.prompts_per_step}: must be divisible by the {world} processes"
+        )

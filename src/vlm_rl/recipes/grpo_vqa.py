@@ -14,9 +14,7 @@ prints held-out accuracy before and after RL.
 
 from __future__ import annotations
 
-from trl import TrlParser
-
-from vlm_rl.recipes import CONFIGS, recipe_args
+from vlm_rl.recipes import CONFIGS, check_rl_inputs, parse_config
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
 from vlm_rl.rl.pipeline import reward_from_config, run_rl, start
 from vlm_rl.tasks.easy_vqa import vqa_metrics
@@ -25,9 +23,8 @@ DEFAULT_CONFIG = CONFIGS / "grpo_vqa.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config, warm = TrlParser((RLConfig, WarmStartConfig)).parse_args_and_config(
-        args=recipe_args(argv, DEFAULT_CONFIG)
-    )
+    config, warm = parse_config((RLConfig, WarmStartConfig), argv, DEFAULT_CONFIG)
+    check_rl_inputs(config)  # before anything is loaded
     accelerator = start(config)
 
     # Reward: exact match + format (+ the learned reward model if given)

@@ -18,9 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from accelerate import Accelerator
-from trl import TrlParser
 
-from vlm_rl.recipes import CONFIGS, project_dir, recipe_args, train_reward_model
+from vlm_rl.recipes import CONFIGS, check_rl_inputs, parse_config, project_dir, train_reward_model
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
 from vlm_rl.rl.pipeline import reward_from_config, run_rl, start
 from vlm_rl.run_folder import REWARD_CONFIG_NAME
@@ -41,16 +40,16 @@ def ensure_default_reward_model(path: Path, accelerator: Accelerator) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config, warm = TrlParser((RLConfig, WarmStartConfig)).parse_args_and_config(
-        args=recipe_args(argv, DEFAULT_CONFIG)
-    )
+    config, warm = parse_config((RLConfig, WarmStartConfig), argv, DEFAULT_CONFIG)
+    default = config.reward_model_path is None or Path(config.reward_model_path) == DEFAULT_REWARD_MODEL
+    if default:
+        config.reward_model_path = str(project_dir() / DEFAULT_REWARD_MODEL)
+    check_rl_inputs(config, check_reward_model=not default)  # before anything is loaded
     accelerator = start(config)
 
     # Reward: the learned reward model (+ any rule rewards named in the config)
-    if config.reward_model_path is None or Path(config.reward_model_path) == DEFAULT_REWARD_MODEL:
-        default_reward_model = project_dir() / DEFAULT_REWARD_MODEL
-        config.reward_model_path = str(default_reward_model)
-        ensure_default_reward_model(default_reward_model, accelerator)
+    if default:
+        ensure_default_reward_model(Path(config.reward_model_path), accelerator)
     reward = reward_from_config(config, accelerator.device)
 
     # Policy, captioning prompts (held out: unseen images), warm start, PPO, report, push

@@ -4,6 +4,7 @@
     accelerate launch recipes/train_reward_model.py              # the same, from a source checkout
     vlm-rl train-reward-model --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --dataset my_pairs.jsonl \
         --output_dir reward_models/mine
+    vlm-rl train-reward-model --resume_from_checkpoint latest   # after a crash: the same weights, bit for bit
 
 With no --config it trains the default reward model (configs/caption_preference.yaml, which a
 checkout also has as reward_models/caption_preference.yaml: easy-vqa caption pairs, the offline
@@ -17,9 +18,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from trl import TrlParser
-
-from vlm_rl.recipes import CONFIGS, recipe_args
+from vlm_rl.recipes import CONFIGS, check_model_source, check_output_dir, check_resume, parse_config
 from vlm_rl.rewards.trainer import RewardTrainingConfig, train_reward_model
 from vlm_rl.tasks.easy_vqa import PreferenceOptions
 
@@ -27,9 +26,10 @@ DEFAULT_CONFIG = CONFIGS / "caption_preference.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    config, pair_options = TrlParser((RewardTrainingConfig, PreferenceOptions)).parse_args_and_config(
-        args=recipe_args(argv, DEFAULT_CONFIG)
-    )
+    config, pair_options = parse_config((RewardTrainingConfig, PreferenceOptions), argv, DEFAULT_CONFIG)
+    check_model_source(config.model_name_or_path)  # before anything is loaded
+    check_output_dir(config.output_dir)
+    check_resume(config, ("model_name_or_path", "lora_r", "lora_alpha", "train_projector"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # The demo pairs take their options; any other preference data is read as it is.
@@ -39,10 +39,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        pairs = int(metrics["eval/pairs"])
+        if not metrics["eval/held_out"]:
+            what = (
+                f"pairwise accuracy on training pairs (no held-out split in {config.dataset}; pass "
+                f"--eval_dataset for a held-out score): {metrics['eval/accuracy_before']:.3f} before -> "
+                f"{metrics['eval/accuracy']:.3f} after ({pairs} training pairs"
+            )
+        else:
+            shared = int(metrics["eval/images_shared_with_training"])
+            where = f"of {config.eval_dataset}" if config.eval_dataset else "on unseen images"
+            overlap = f"{shared} image(s) shared with training" if shared else "no image shared with training"
+            what = (
+                f"held-out pairwise accuracy: {metrics['eval/accuracy_before']:.3f} before -> "
+                f"{metrics['eval/accuracy']:.3f} after ({pairs} pairs {where}; {overlap}"
+            )
         print(
-            f"held-out pairwise accuracy: {metrics['eval/accuracy_before']:.3f} before -> "
-            f"{metrics['eval/accuracy']:.3f} after ({int(metrics['eval/pairs'])} pairs on unseen images, "
-            f"{int(metrics['train/steps'])} steps); model saved to {Path(config.output_dir) / 'final'}"
+            f"{what}; {int(metrics['train/steps'])} steps); model saved to {Path(config.output_dir) / 'final'}"
         )
         if config.push_to_hub:
             from vlm_rl.hub import push_after_training

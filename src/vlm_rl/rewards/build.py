@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vlm_rl.errors import ConfigError, MissingPathError
 from vlm_rl.rewards.compose import CombinedReward, RewardComponent
 from vlm_rl.rewards.model import CONFIG_NAME, RewardModel
 from vlm_rl.rewards.rules import RULE_REWARDS
@@ -24,16 +25,21 @@ from vlm_rl.rewards.rules import RULE_REWARDS
 logger = logging.getLogger(__name__)
 
 
-def load_reward_model(path: str, device: torch.device | str = "cpu", **loading: Any) -> RewardModel:
-    """Load a reward model, or fail with the command that trains it (`loading`: `load_model`'s options)."""
+def check_reward_model_path(path: str) -> None:
+    """A local reward-model path must hold a trained reward model; else fail with the command that trains it."""
     local = Path(path)
     looks_local = local.exists() or path.startswith((".", "/")) or path.count("/") != 1
     if looks_local and not (local / CONFIG_NAME).exists():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"reward model not found at {path!r}. Train it first:\n"
             f"    accelerate launch recipes/train_reward_model.py --output_dir {local.parent if local.name in ('final', 'best') else local}\n"
             "(or point --reward_model_path at a trained reward model folder or hub repo)"
         )
+
+
+def load_reward_model(path: str, device: torch.device | str = "cpu", **loading: Any) -> RewardModel:
+    """Load a reward model, or fail with the command that trains it (`loading`: `load_model`'s options)."""
+    check_reward_model_path(path)
     model = RewardModel.from_pretrained(path, **loading)
     model.scorer.to(device)
     return model
@@ -49,17 +55,17 @@ def resolve_reward_function(spec: str) -> tuple[str, Callable]:
     elif "." in spec:
         module_name, _, attribute = spec.rpartition(".")
     else:
-        raise ValueError(
+        raise ConfigError(
             f"unknown reward function {spec!r}: not a built-in rule reward ({', '.join(sorted(RULE_REWARDS))}) "
             "nor an import path such as my_pkg.rewards:my_reward"
         )
     try:
         module = _import(module_name)
     except ImportError as error:
-        raise ValueError(f"reward function {spec!r}: cannot import {module_name!r} ({error})") from error
+        raise ConfigError(f"reward function {spec!r}: cannot import {module_name!r} ({error})") from error
     function = getattr(module, attribute, None)
     if not callable(function):
-        raise ValueError(f"reward function {spec!r}: {module_name!r} has no function {attribute!r}")
+        raise ConfigError(f"reward function {spec!r}: {module_name!r} has no function {attribute!r}")
     return attribute, function
 
 
@@ -96,5 +102,5 @@ def build_reward(
             RewardComponent("reward_model", reward_model, weight=reward_model_weight, normalize=normalize)
         )
     if not components:
-        raise ValueError("no reward: give --reward_model_path and/or --reward_funcs")
+        raise ConfigError("no reward: give --reward_model_path and/or --reward_funcs")
     return CombinedReward(components)

@@ -7,13 +7,20 @@ loss = -log sigmoid(r_chosen - r_rejected - margin)          (Ouyang et al. 2022
 Runs under accelerate (one process or many), with gradient accumulation, a learning-rate
 schedule, evaluation on held-out pairs every `eval_steps` (pairwise accuracy, mean margin),
 metrics.jsonl + tensorboard, a progress bar, and the final and best models saved atomically.
+
+Checkpoints (every `save_steps`, the run folder's `CheckpointManager`) hold accelerate's state
+(weights, optimizer, scheduler, the RNG states of torch/python/numpy) and the position in the data
+(epoch, batches done); the order of each epoch is a function of (seed, epoch) alone. So a run resumed
+with `resume_from_checkpoint` ends with the weights of an uninterrupted run, bit for bit.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,16 +29,22 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from vlm_rl.data.collators import PreferenceBatch, PreferenceCollator
-from vlm_rl.data.loaders import load_task_dataset
+from vlm_rl.data.loaders import count_shared_images, load_eval_dataset, load_task_dataset
+from vlm_rl.data.validation import completion_text
 from vlm_rl.distributed import make_accelerator
+from vlm_rl.errors import ConfigError, DataError, check_ranges
 from vlm_rl.models.loading import loading_kwargs
+from vlm_rl.models.tiny import check_vocabulary
+from vlm_rl.report import report_at_step
+from vlm_rl.report.records import save_eval_scores
 from vlm_rl.rewards.model import RewardModel, RewardScorer
-from vlm_rl.run_folder import RunFolder, atomic_dir
+from vlm_rl.run_folder import TRAINER_STATE_NAME, CheckpointManager, RunFolder, atomic_dir, parse_report_to
+from vlm_rl.tasks import is_task_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +132,20 @@ class RewardTrainingConfig:
     center_rewards_coefficient: float = field(
         default=0.0, metadata={"help": "Weight of the reward-centering term (0 = off)."}
     )
-    eval_steps: int = field(default=50, metadata={"help": "Evaluate every this many optimizer steps."})
+    eval_steps: int = field(
+        default=50,
+        metadata={"help": "Evaluate every this many optimizer steps; 0 = only at start and end."},
+    )
     logging_steps: int = field(
         default=10, metadata={"help": "Log training metrics every this many optimizer steps."}
+    )
+    save_steps: int = field(
+        default=100, metadata={"help": "Checkpoint every this many optimizer steps; 0 = never."}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder, or 'latest' for the newest in output_dir/checkpoints."},
     )
     seed: int = field(default=0, metadata={"help": "Random seed (data order, head init, sampling of pairs)."})
     num_threads: int | None = field(
@@ -134,12 +158,65 @@ class RewardTrainingConfig:
     hub_revision: str | None = field(
         default=None, metadata={"help": "Push to this branch of the repo (created if missing); default main."}
     )
+    # Report
+    report_to: str = field(
+        default="tensorboard",
+        metadata={
+            "help": "Trackers mirroring metrics.jsonl, comma-separated: tensorboard, trackio (local), wandb "
+            "(offline unless $WANDB_MODE), or none. --report_to_tensorboard false drops tensorboard."
+        },
+    )
+    report_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Also write report.html every this many steps; 0 = only at the end (vlm_rl.report)."
+        },
+    )
 
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
+            raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id")
+            raise ConfigError("--push_to_hub needs --hub_model_id")
+        parse_report_to(self.report_to)  # an unknown tracker fails here, before any model loads
+        self.validate()
+
+    def validate(self) -> None:
+        """Ranges of the numeric fields (before anything is loaded)."""
+        check_ranges(
+            self,
+            {
+                "max_train_samples": ">= 1",
+                "max_eval_samples": ">= 1",
+                "lora_r": ">= 1",
+                "lora_alpha": "> 0",
+                "learning_rate": "> 0",
+                "weight_decay": ">= 0",
+                "warmup_ratio": "[0, 1)",
+                "num_epochs": "> 0",
+                "max_steps": ">= 1",
+                "per_device_batch_size": ">= 1",
+                "gradient_accumulation_steps": ">= 1",
+                "max_grad_norm": "> 0",
+                "center_rewards_coefficient": ">= 0",
+                "eval_steps": ">= 0",
+                "logging_steps": ">= 1",
+                "save_steps": ">= 0",
+                "report_steps": ">= 0",
+                "save_total_limit": ">= 1",
+                "seed": ">= 0",
+                "num_threads": ">= 1",
+            },
+        )
+        from vlm_rl.rl.config import _check_scheduler
+
+        _check_scheduler(self.lr_scheduler_type)
+
+
+def pair_texts(dataset, limit: int = 2000) -> list[str]:
+    """The prompt, chosen and rejected texts of at most `limit` preference rows."""
+    rows = dataset.select(range(min(limit, len(dataset))))
+    return [completion_text(value) for column in ("prompt", "chosen", "rejected") for value in rows[column]]
 
 
 def bradley_terry_loss(
@@ -161,21 +238,47 @@ def bradley_terry_loss(
     return loss
 
 
+class EpochPermutation(Sampler[int]):
+    """A fresh shuffle of `num_items` per epoch, a function of (seed, `epoch`) alone, so a resumed run
+    replays the order of an uninterrupted one. The trainer sets `epoch`; accelerate, which calls a
+    sampler's `set_epoch` with its own count of passes, is deliberately given nothing to call."""
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+
 def score_pairs(scorer: RewardScorer, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     rewards = scorer(**batch.inputs)
     return rewards[: batch.num_pairs], rewards[batch.num_pairs :]
 
 
 @torch.no_grad()
-def evaluate(scorer: RewardScorer, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    """Pairwise accuracy (r_chosen > r_rejected) and mean margin over held-out pairs."""
+def evaluate(
+    scorer: RewardScorer,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    keep_scores: Callable[[list[float], list[float]], None] | None = None,
+) -> dict[str, float]:
+    """Pairwise accuracy (r_chosen > r_rejected) and mean margin over held-out pairs;
+    `keep_scores(chosen, rejected)` receives every pair's scores (the report's histograms)."""
     scorer.eval()
-    margins = []
+    chosen_scores, rejected_scores = [], []
     for batch in loader:
         chosen, rejected = score_pairs(scorer, batch)
-        margins.append(accelerator.gather_for_metrics(chosen - rejected))
+        chosen_scores.append(accelerator.gather_for_metrics(chosen))
+        rejected_scores.append(accelerator.gather_for_metrics(rejected))
     scorer.train()
-    margin = torch.cat(margins).float()
+    chosen, rejected = torch.cat(chosen_scores).float(), torch.cat(rejected_scores).float()
+    margin = chosen - rejected
+    if keep_scores is not None:
+        keep_scores(chosen.tolist(), rejected.tolist())
     return {
         "eval/accuracy": (margin > 0).float().mean().item(),
         "eval/margin": margin.mean().item(),
@@ -207,18 +310,24 @@ def train_reward_model(
         seed=config.seed,
         **options,
     )
-    eval_name = config.eval_dataset or config.dataset
-    eval_options = options if eval_name == config.dataset else {}
-    eval_data = load_task_dataset(
-        eval_name,
-        "test",
+    if not is_task_dataset(config.dataset):
+        check_vocabulary(config.model_name_or_path, pair_texts(train_data), config.dataset)
+    eval_data, held_out = load_eval_dataset(  # no held-out split: the training pairs, and held_out False
+        config.dataset,
+        config.eval_dataset,
         kind="preference",
         num_samples=config.max_eval_samples,
         seed=config.seed,
-        **eval_options,
+        **options,
     )
     if len(train_data) == 0:
-        raise ValueError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
+        raise DataError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
+    data_report = {
+        "eval/held_out": float(held_out),
+        "eval/images_shared_with_training": float(count_shared_images(train_data, eval_data))
+        if held_out
+        else 0.0,
+    }
 
     # Model
     with accelerator.main_process_first():  # the first build of a tiny model writes the cache
@@ -234,8 +343,9 @@ def train_reward_model(
         )
     reward_model.config["dataset"] = config.dataset
     collator = PreferenceCollator(reward_model.processor)
+    order = EpochPermutation(len(train_data), config.seed)
     train_loader = DataLoader(
-        train_data, batch_size=config.per_device_batch_size, shuffle=True, collate_fn=collator
+        train_data, batch_size=config.per_device_batch_size, sampler=order, collate_fn=collator
     )
     eval_loader = DataLoader(eval_data, batch_size=config.per_device_batch_size, collate_fn=collator)
 
@@ -251,14 +361,45 @@ def train_reward_model(
         num_warmup_steps=int(config.warmup_ratio * max_steps),
         num_training_steps=max_steps,
     )
-    # The scheduler is stepped by hand once per optimizer step (a prepared one steps once per process).
+    # The scheduler is stepped by hand once per optimizer step (a prepared one steps once per process);
+    # registered so checkpoints still carry it.
     scorer, optimizer, train_loader, eval_loader = accelerator.prepare(
         reward_model.scorer, optimizer, train_loader, eval_loader
     )
+    accelerator.register_for_checkpointing(scheduler)
+    checkpoints = CheckpointManager(run, config.save_total_limit, is_main_process=accelerator.is_main_process)
+    # Where the run stands: what a checkpoint holds besides accelerate's state.
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "batches_done": 0,  # micro-batches of `epoch` this process has consumed
+        "best_accuracy": -1.0,
+        "initial": None,  # held-out metrics before training
+        "final": None,  # the latest held-out metrics
+        "running": [],  # train metrics of the steps since the last log
+        "elapsed_s": 0.0,
+    }
+    if config.resume_from_checkpoint:
+        resumed = run.resolve_checkpoint(config.resume_from_checkpoint)
+        accelerator.load_state(str(resumed))
+        state = json.loads((resumed / TRAINER_STATE_NAME).read_text())
+        if accelerator.is_main_process:
+            logger.info("resumed from %s at step %d", resumed, state["step"])
 
     metrics_log = None
     if accelerator.is_main_process:  # the same layout as RL runs: metrics.jsonl at the top
-        metrics_log = run.start({**asdict(config), **options}, tensorboard=config.report_to_tensorboard)
+        metrics_log = run.start(
+            {**asdict(config), **options},
+            tensorboard=config.report_to_tensorboard,
+            resume=bool(config.resume_from_checkpoint),
+            report_to=config.report_to,
+        )
+
+    def keep_scores(step: int) -> Callable[[list[float], list[float]], None] | None:
+        """The held-out scores of the evaluation at `step`, kept for the report (main process)."""
+        return (
+            (lambda chosen, rejected: save_eval_scores(run, step, chosen, rejected)) if metrics_log else None
+        )
 
     def save(folder: Path) -> None:
         accelerator.wait_for_everyone()
@@ -266,17 +407,50 @@ def train_reward_model(
             with atomic_dir(folder) as tmp:
                 reward_model.save_pretrained(tmp, scorer=accelerator.unwrap_model(scorer))
 
-    initial = evaluate(scorer, eval_loader, accelerator)
-    if accelerator.is_main_process:
-        logger.info("held-out pairwise accuracy before training: %.3f", initial["eval/accuracy"])
-    if metrics_log:
-        metrics_log.log(initial, step=0)
-    best_accuracy, final = -1.0, initial
-    progress = tqdm(total=max_steps, desc="reward model", disable=not accelerator.is_local_main_process)
-    step, running, start = 0, [], time.perf_counter()
+    def save_checkpoint() -> None:
+        """accelerate's state + `state` (the completion marker), atomically; rotated to the limit."""
+        accelerator.wait_for_everyone()
+        tmp = checkpoints.begin(step)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank's RNG state is in tmp before it is renamed
+        if accelerator.is_main_process:
+            position = (epoch + 1, 0) if batches_done == len(train_loader) else (epoch, batches_done)
+            saved = {
+                "step": step,
+                "epoch": position[0],
+                "batches_done": position[1],
+                "best_accuracy": best_accuracy,
+                "initial": initial,
+                "final": final,
+                "running": [values.tolist() for values in running],
+                "elapsed_s": time.perf_counter() - start,
+            }
+            checkpoints.commit(tmp, step, saved)
+        accelerator.wait_for_everyone()
+
+    step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+    best_accuracy, initial, final = state["best_accuracy"], state["initial"], state["final"]
+    running = [torch.tensor(values, device=accelerator.device) for values in state["running"]]
+    start = time.perf_counter() - state["elapsed_s"]
+    if initial is None:
+        initial = final = evaluate(scorer, eval_loader, accelerator, keep_scores(0))
+        if accelerator.is_main_process:
+            logger.info("held-out pairwise accuracy before training: %.3f", initial["eval/accuracy"])
+        if metrics_log:
+            metrics_log.log(initial, step=0)
+    progress = tqdm(
+        total=max_steps, initial=step, desc="reward model", disable=not accelerator.is_local_main_process
+    )
     scorer.train()
     while step < max_steps:
-        for batch in train_loader:
+        order.epoch = epoch
+        # A resumed run skips the micro-batches its checkpoint's epoch had already consumed.
+        epoch_loader = (
+            accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+        )
+        for batch in epoch_loader:
+            batches_done += 1
             with accelerator.accumulate(scorer):
                 chosen, rejected = score_pairs(scorer, batch)
                 loss = bradley_terry_loss(chosen, rejected, batch.margin, config.center_rewards_coefficient)
@@ -309,20 +483,27 @@ def train_reward_model(
                 progress.set_postfix(loss=f"{mean[0]:.3f}", acc=f"{mean[1]:.2f}")
                 if metrics_log:
                     metrics_log.log(train_metrics, step=step)
-            if step % config.eval_steps == 0 or step == max_steps:
-                final = evaluate(scorer, eval_loader, accelerator)
+            if (config.eval_steps and step % config.eval_steps == 0) or step == max_steps:
+                final = evaluate(scorer, eval_loader, accelerator, keep_scores(step))
                 if metrics_log:
                     metrics_log.log(final, step=step)
                 if final["eval/accuracy"] > best_accuracy:
                     best_accuracy = final["eval/accuracy"]
                     reward_model.config["eval_accuracy"] = best_accuracy
                     save(run.best_dir)
+            if config.save_steps and step % config.save_steps == 0:
+                save_checkpoint()
+            if metrics_log:
+                report_at_step(run.root, step, config.report_steps)
             if step >= max_steps:
                 break
+        else:
+            epoch, batches_done = epoch + 1, 0
     progress.close()
     reward_model.config["eval_accuracy"] = final["eval/accuracy"]
     save(run.final_dir)
     if metrics_log:
         metrics_log.close()
-    final = {**final, "eval/accuracy_before": initial["eval/accuracy"], "train/steps": step}
+        report_at_step(run.root, step, config.report_steps, final=True)
+    final = {**final, "eval/accuracy_before": initial["eval/accuracy"], "train/steps": step, **data_report}
     return final

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from vlm_rl.errors import ConfigError, check_ranges
+
 
 def _f(default, help: str, **kwargs):
     return field(default=default, metadata={"help": help}, **kwargs)
@@ -66,6 +68,11 @@ class RLConfig:
     )
     max_train_prompts: int | None = _f(None, "Use at most this many training prompts.")
     max_eval_prompts: int = _f(200, "Held-out prompts used at each evaluation.")
+    eval_dataset: str | None = _f(
+        None,
+        "Held-out prompts (same forms as --dataset); default: the dataset's test split (easy-vqa: unseen "
+        "images). A JSONL file or a saved Dataset has none: evaluation then uses training prompts and says so.",
+    )
     # Rewards
     reward_model_path: str | None = _f(
         None, "Learned reward model folder or hub id (None: rule rewards only)."
@@ -132,6 +139,12 @@ class RLConfig:
         "GRPO/RLOO agents: weight of GiGPO's step-level advantage (turns with identical observations "
         "in a group compared by return-to-go); 0 = episode-level advantages only.",
     )
+    # Speed
+    shared_prefix: bool = _f(
+        True,
+        "Scoring and update forward each prompt once for all its samples (their completions attend to "
+        "its KV cache; same log-probs and gradients); False: a forward per sample.",
+    )
     # Group methods (GRPO/RLOO)
     scale_rewards: bool = _f(True, "GRPO: divide by the group's reward std (False = Dr. GRPO).")
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal (no learning signal).")
@@ -174,40 +187,146 @@ class RLConfig:
         False,
         "With --push_to_hub, also push each checkpoint's adapter as it is saved (a failed push is logged).",
     )
+    # Report
+    report_to: str = _f(
+        "tensorboard",
+        "Trackers mirroring metrics.jsonl, comma-separated: tensorboard, trackio (local), wandb (offline "
+        "unless $WANDB_MODE), or none. --report_to_tensorboard false drops tensorboard.",
+    )
+    report_steps: int = _f(
+        0, "Also write report.html every this many steps; 0 = only at the end (vlm_rl.report)."
+    )
 
     def __post_init__(self):
+        if self.reward_funcs is None:
+            self.reward_funcs = []
+        if self.reward_weights is None:
+            self.reward_weights = [1.0] * len(self.reward_funcs)
+        self.validate()
         if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
-        if self.prompts_per_step < 1 or self.samples_per_prompt < 1:
-            raise ValueError("prompts_per_step and samples_per_prompt must be >= 1")
-        from vlm_rl.rl.algorithms import get_algorithm
+            raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
+        from vlm_rl.rl.algorithms import ALGORITHMS, get_algorithm
 
+        if self.algorithm not in ALGORITHMS:
+            from vlm_rl.errors import closest
+
+            raise ConfigError(
+                f"--algorithm {self.algorithm!r}: unknown; choose among {', '.join(sorted(ALGORITHMS))}"
+                f"{closest(self.algorithm, ALGORITHMS)}"
+            )
         algorithm = get_algorithm(self.algorithm)
         if self.samples_per_prompt < algorithm.min_samples_per_prompt:
-            raise ValueError(
-                f"{self.algorithm} needs samples_per_prompt >= {algorithm.min_samples_per_prompt} "
-                "(advantages come from the group)"
+            raise ConfigError(
+                f"--samples_per_prompt {self.samples_per_prompt}: {self.algorithm} needs samples_per_prompt >= "
+                f"{algorithm.min_samples_per_prompt} (advantages come from the group)"
             )
         if self.kl_estimator is None:
             self.kl_estimator = algorithm.default_kl_estimator
         if self.output_dir is None:
             self.output_dir = f"runs/{self.algorithm}"
-        if self.reward_funcs is None:
-            self.reward_funcs = []
-        if self.reward_weights is None:
-            self.reward_weights = [1.0] * len(self.reward_funcs)
         if len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError("--reward_weights must give one weight per reward function of --reward_funcs")
+            raise ConfigError(
+                f"--reward_weights: {len(self.reward_weights)} weight(s) {self.reward_weights} for "
+                f"{len(self.reward_funcs)} reward function(s) {self.reward_funcs} of --reward_funcs; give one "
+                "weight per function, in the same order"
+            )
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id")
+            raise ConfigError("--push_to_hub needs --hub_model_id")
         if self.hub_push_checkpoints and not self.push_to_hub:
-            raise ValueError("--hub_push_checkpoints needs --push_to_hub (and --hub_model_id)")
+            raise ConfigError("--hub_push_checkpoints needs --push_to_hub (and --hub_model_id)")
         if self.trainer == "trl" and self.algorithm != "grpo":
-            raise ValueError(
+            raise ConfigError(
                 f"--trainer trl runs TRL's GRPOTrainer: it needs --algorithm grpo, not {self.algorithm}"
             )
         if self.use_vllm and self.trainer != "trl":
-            raise ValueError("--use_vllm needs --trainer trl (the native engine generates with transformers)")
+            raise ConfigError(
+                "--use_vllm needs --trainer trl (the native engine generates with transformers)"
+            )
+        from vlm_rl.run_folder import parse_report_to
+
+        parse_report_to(self.report_to)  # an unknown tracker fails here, before any model loads
+
+    def validate(self) -> None:
+        """Ranges of the numeric fields and consistent combinations (before anything is loaded)."""
+        check_ranges(
+            self,
+            {
+                "lora_r": ">= 1",
+                "lora_alpha": "> 0",
+                "max_train_prompts": ">= 1",
+                "max_eval_prompts": ">= 1",
+                "reward_model_weight": "finite",
+                "reward_weights": "finite",
+                "missing_eos_penalty": ">= 0",
+                "prompts_per_step": ">= 1",
+                "samples_per_prompt": ">= 1",
+                "max_new_tokens": ">= 1",
+                "temperature": "> 0",
+                "top_p": "(0, 1]",
+                "learning_rate": "> 0",
+                "warmup_steps": ">= 0",
+                "weight_decay": ">= 0",
+                "report_steps": ">= 0",
+                "total_steps": ">= 1",
+                "lr_decay_steps": ">= 1",
+                "ppo_epochs": ">= 1",
+                "minibatch_size": ">= 1",
+                "gradient_accumulation_steps": ">= 1",
+                "max_grad_norm": "> 0",
+                "clip_range": "> 0",
+                "clip_range_high": "> 0",
+                "entropy_coef": ">= 0",
+                "value_coef": ">= 0",
+                "value_learning_rate": "> 0",
+                "value_clip_range": "> 0",
+                "gamma": "[0, 1]",
+                "lam": "[0, 1]",
+                "turn_gamma": "[0, 1]",
+                "turn_lam": "[0, 1]",
+                "step_group_weight": ">= 0",
+                "kl_coef": ">= 0",
+                "target_kl": "> 0",
+                "kl_horizon": ">= 1",
+                "seed": ">= 0",
+                "logging_steps": ">= 1",
+                "eval_steps": ">= 0",
+                "save_steps": ">= 0",
+                "save_total_limit": ">= 1",
+                "num_threads": ">= 1",
+                "sample_log_steps": ">= 0",
+            },
+        )
+        _check_scheduler(self.lr_scheduler_type)
+        if self.warmup_steps >= (self.lr_decay_steps or self.total_steps) and self.warmup_steps:
+            raise ConfigError(
+                f"--warmup_steps {self.warmup_steps}: the warm-up must end before the schedule does "
+                f"(--lr_decay_steps/--total_steps {self.lr_decay_steps or self.total_steps}); lower it"
+            )
+        if self.clip_range_high is not None and self.clip_range_high < self.clip_range:
+            raise ConfigError(
+                f"--clip_range_high {self.clip_range_high}: must be >= --clip_range {self.clip_range} "
+                "(clip-higher widens the upper side)"
+            )
+        if self.adaptive_kl and not self.kl_coef:
+            raise ConfigError(
+                "--adaptive_kl adapts --kl_coef, which is 0 (no KL term at all); give a starting --kl_coef > 0"
+            )
+        if self.resume_from_checkpoint == "":
+            raise ConfigError("--resume_from_checkpoint: empty; give 'latest' or a checkpoint folder")
+
+
+def _check_scheduler(name: str) -> None:
+    """The learning-rate schedule must be one transformers knows (`--lr_scheduler_type`)."""
+    from transformers import SchedulerType
+
+    from vlm_rl.errors import closest
+
+    choices = [member.value for member in SchedulerType]
+    if name not in choices:
+        raise ConfigError(
+            f"--lr_scheduler_type {name!r}: unknown schedule; choose among {', '.join(choices)}"
+            f"{closest(name, choices)}"
+        )
 
 
 @dataclass
@@ -217,6 +336,12 @@ class WarmStartConfig:
     warm_start_steps: int = _f(0, "Supervised steps before RL (0 = start RL from the base policy).")
     warm_start_learning_rate: float = _f(1e-3, "Learning rate of the warm start.")
     warm_start_batch_size: int = _f(32, "Prompts per warm-start step.")
+
+    def __post_init__(self):
+        check_ranges(
+            self,
+            {"warm_start_steps": ">= 0", "warm_start_learning_rate": "> 0", "warm_start_batch_size": ">= 1"},
+        )
 
 
 @dataclass
@@ -253,7 +378,19 @@ class AgentConfig:
         return options
 
     def __post_init__(self):
-        if self.context_frames < 1:
-            raise ValueError("--context_frames must be >= 1 (the current frame)")
-        if self.context_actions < 0 or self.eval_episodes < 0:
-            raise ValueError("--context_actions and --eval_episodes must be >= 0")
+        check_ranges(
+            self,
+            {
+                "env_size": ">= 2",
+                "max_turns": ">= 1",
+                "invalid_penalty": ">= 0",
+                "context_frames": ">= 1",
+                "context_actions": ">= 0",
+                "eval_episodes": ">= 1",
+                "expert_warm_start_seeds": ">= 1",
+            },
+        )
+        if self.render not in ("flat", "env"):
+            raise ConfigError(
+                f"--render {self.render!r}: choose flat (one cell per image patch) or env (gymnasium's frames)"
+            )

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_rl.data.validation import completion_text
+from vlm_rl.errors import ConfigError, check_ranges, closest
 from vlm_rl.rewards.rules import normalize_text
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "yellow", "brown")
@@ -267,7 +268,7 @@ def vqa_dataset(
     """Question -> one-word answer. `question_types` picks among "color", "shape" and "yes_no"."""
     unknown = set(question_types) - {"color", "shape", "yes_no"}
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown question_types {sorted(unknown)}; choose from ['color', 'shape', 'yes_no']"
         )
     (questions, answers, image_ids), paths = _questions(split)
@@ -305,6 +306,11 @@ class PreferenceOptions:
         default=0.0, metadata={"help": "easy-vqa: share of rejected captions that are malformed strings."}
     )
 
+    def __post_init__(self) -> None:
+        check_ranges(
+            self, {"pairs_per_image": ">= 1", "graded_fraction": "[0, 1]", "malformed_fraction": "[0, 1]"}
+        )
+
 
 def load_dataset(task: str, split: Split = "train", **kwargs) -> datasets.Dataset:
     """One of the derived datasets by name: "vqa", "caption" or "caption_preference"."""
@@ -314,7 +320,10 @@ def load_dataset(task: str, split: Split = "train", **kwargs) -> datasets.Datase
         "caption_preference": caption_preference_dataset,
     }
     if task not in builders:
-        raise ValueError(f"unknown easy-vqa task {task!r}; choose one of {sorted(builders)}")
+        raise ConfigError(
+            f"--dataset easy-vqa:{task}: unknown easy-vqa task {task!r}; choose one of "
+            f"{', '.join('easy-vqa:' + name for name in sorted(builders))}{closest(task, builders)}"
+        )
     return builders[task](split, **kwargs)
 
 
