@@ -3,8 +3,10 @@
     python benchmarks/grpo_vs_trl.py
     python benchmarks/grpo_vs_trl.py --prompts 2 --samples 8 --max-new-tokens 16 --steps 2 --threads 1
     python benchmarks/grpo_vs_trl.py --table   # also: the ratio over samples (4, 8, 16) x lengths (16, 64)
+    python benchmarks/grpo_vs_trl.py --device cuda --config qwen2.5-vl-3b --dtype bf16   # real size, one GPU
 
-Model: a random Qwen2.5-VL-style VLM built from configs: vision tower 256 wide x 12 layers (window
+Model (`--config mid`; `--config qwen2.5-vl-3b` is Qwen2.5-VL-3B's architecture, see
+benchmarks/model_sizes.py): a random Qwen2.5-VL-style VLM built from configs: vision tower 256 wide x 12 layers (window
 attention, full attention every 4th layer, as Qwen2.5-VL) on 224x224 images in 14-pixel patches
 merged 2x2 -> 64 visual tokens; language model 512 wide x 8 layers with grouped-query attention;
 the tiny-qwen2.5-vl word-level tokenizer and the image-only Qwen2.5-VL processor. It is saved to a
@@ -55,6 +57,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from model_sizes import describe
+
 STAGES = ("generation", "reward", "scoring", "update", "other")
 STAGE_LABELS = {
     "generation": "generation (rollout)",
@@ -67,13 +71,6 @@ TARGET_RATIO = 0.30
 TABLE_SAMPLES = (4, 8, 16)
 TABLE_LENGTHS = (16, 64)
 LEARNING_RATE = 1e-4
-IMAGE_SIZE, PATCH, MERGE = 224, 14, 2
-VISION = dict(
-    depth=12, hidden_size=256, intermediate_size=1024, num_heads=4, fullatt_block_indexes=[3, 7, 11]
-)
-TEXT = dict(
-    hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,6 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda.")
+    parser.add_argument(
+        "--config",
+        choices=("tiny", "mid", "qwen2.5-vl-3b"),
+        default="mid",
+        help="Model size (benchmarks/model_sizes.py): mid (the default below), qwen2.5-vl-3b (real size, GPU).",
+    )
+    parser.add_argument("--dtype", default="fp32", help="Weights' dtype on both sides: fp32, bf16 or fp16.")
     parser.add_argument("--mode", choices=("all", "vlm_rl", "trl"), default="all", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -117,38 +121,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- model ------------------------------------------------------------------------------------------
-def build_model(path: Path) -> dict[str, int]:
-    """Write the random mid-size Qwen2.5-VL-style VLM + processor to `path`; returns parameter counts."""
+def build_model(path: Path, args: argparse.Namespace) -> dict[str, int]:
+    """Write the random Qwen2.5-VL-style VLM of `--config` + processor to `path` (built on the
+    benchmark's device in `--dtype`); returns parameter counts."""
     import torch
+    from model_sizes import build
 
-    from vlm_rl.models import FAMILIES
-    from vlm_rl.models.tiny import LM_HEAD_INIT_STD, build_qwen2_5_vl, build_tokenizer
-
-    family = FAMILIES["qwen2_5_vl"]
-    tokenizer = build_tokenizer(family)
-    torch.manual_seed(0)
-    model, processor = build_qwen2_5_vl(
-        family,
-        tokenizer,
-        image_size=IMAGE_SIZE,  # every image is resized to exactly 224x224
-        patch=PATCH,
-        merge=MERGE,
-        vision=VISION,
-        text=TEXT,
-        window=IMAGE_SIZE // 2,  # 2x2 windows per image, as 112-pixel windows on Qwen2.5-VL
-        max_positions=1024,
-    )
-    torch.nn.init.normal_(model.get_output_embeddings().weight, std=LM_HEAD_INIT_STD)
-    for cfg in (model.generation_config, model.config.get_text_config()):
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.bos_token_id = None
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return {
-        "total": sum(p.numel() for p in model.parameters()),
-        "vision": sum(p.numel() for p in model.model.visual.parameters()),
-    }
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return build(args.config, path, dtype=args.dtype, device=device)
 
 
 # -- one library per subprocess ---------------------------------------------------------------------
@@ -162,7 +142,7 @@ def synchronize(device) -> None:
 def load_policy(args: argparse.Namespace, device):
     from vlm_rl.models import load_model, wrap_with_lora
 
-    model, processor = load_model(args.model_dir, device=device)
+    model, processor = load_model(args.model_dir, device=device, dtype=args.dtype)
     if args.force_length:  # set on the base model: vlm_rl's `generate` reads its generation_config
         model.generation_config.min_new_tokens = args.max_new_tokens
     return wrap_with_lora(model, r=16, alpha=32, train_projector=True), processor
@@ -349,8 +329,15 @@ def child(args: argparse.Namespace) -> None:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     steps = (run_vlm_rl if args.mode == "vlm_rl" else run_trl)(args, device)
-    print("RESULT " + json.dumps({"steps": steps, "device": str(device)}))
+    if device.type == "cuda":  # model + training, the whole run
+        peak_mb, card = torch.cuda.max_memory_allocated() / 2**20, torch.cuda.get_device_name()
+    else:
+        status = Path("/proc/self/status").read_text().splitlines()
+        peak_mb, card = next(int(ln.split()[1]) / 1024 for ln in status if ln.startswith("VmHWM:")), "cpu"
+    print("RESULT " + json.dumps({"steps": steps, "device": str(device), "peak_mb": peak_mb, "card": card}))
 
 
 # -- parent: build once, run each library in a fresh process ----------------------------------------
@@ -380,7 +367,8 @@ def compare(model_dir: Path, argv: list[str], rounds: int) -> dict[str, list[dic
         for mode in order:
             result = measure(mode, model_dir, argv)
             runs[mode].extend(result["steps"])
-            runs["device"] = result["device"]
+            runs["device"], runs["card"] = result["device"], result["card"]
+            runs[f"peak_mb_{mode}"] = max(runs.get(f"peak_mb_{mode}", 0.0), result["peak_mb"])
     return runs
 
 
@@ -408,7 +396,7 @@ def main() -> None:
     start = time.perf_counter()
     table: dict[tuple[int, int], tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        parameters = build_model(Path(tmp))
+        parameters = build_model(Path(tmp), args)
         runs = compare(Path(tmp), argv, args.rounds)
         if args.table:
             for samples in TABLE_SAMPLES:
@@ -423,10 +411,8 @@ def main() -> None:
     ours, theirs = step_means(runs)
     n = args.prompts * args.samples
     print(
-        f"mid-size Qwen2.5-VL-style VLM: {parameters['total'] / 1e6:.1f} M parameters (vision "
-        f"{parameters['vision'] / 1e6:.1f} M, {VISION['depth']} layers; text {TEXT['hidden_size']} x "
-        f"{TEXT['num_hidden_layers']} layers), {(IMAGE_SIZE // PATCH // MERGE) ** 2} visual tokens per image; "
-        f"device {runs['device']}, threads {args.threads}"
+        f"{describe(args.config, parameters)}; {args.dtype}; device {runs['device']} ({runs['card']}), "
+        f"threads {args.threads}"
     )
     length = "forced" if args.force_length else "limit"
     print(
@@ -454,6 +440,9 @@ def main() -> None:
     print(f"{'mean reward (contains_answer)':<30}{ours['reward_mean']:>10.3f}{theirs['reward_mean']:>10.3f}")
     for mode, label in (("vlm_rl", "vlm_rl"), ("trl", "TRL")):
         print(f"{label} step totals (s): " + ", ".join(f"{s['total']:.2f}" for s in runs[mode]))
+    memory = "peak GPU memory (MB)" if runs["device"].startswith("cuda") else "peak RSS (MB)"
+    peaks = runs["peak_mb_vlm_rl"], runs["peak_mb_trl"]
+    print(f"{memory:<30}{peaks[0]:>10.0f}{peaks[1]:>10.0f}{ratio_text(*peaks):>12}")
     ratio = ours["total"] / theirs["total"]
     verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
     print(f"vlm_rl / TRL step time: {ratio:.2f}x (target <= {TARGET_RATIO}x: {verdict})")

@@ -3,6 +3,7 @@ against one plain training step.
 
     python benchmarks/ppo_step.py
     python benchmarks/ppo_step.py --prompts 4 --samples 4 --max-new-tokens 16 --steps 3 --threads 1 --rounds 2
+    python benchmarks/ppo_step.py --device cuda --config qwen2.5-vl-3b --dtype bf16     # real size, one GPU
 
 Builds a random LLaVA-style VLM with the tiny models' recipe (`vlm_rl.models.build_vlm`: CLIP
 vision tower 256 wide x 6 layers on 224x224 images with 28-pixel patches -> 64 visual tokens;
@@ -69,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda.")
     parser.add_argument(
+        "--config",
+        choices=("llava-mid", "tiny", "mid", "qwen2.5-vl-3b"),
+        default="llava-mid",
+        help="llava-mid (the LLaVA below) or a Qwen2.5-VL preset of benchmarks/model_sizes.py (qwen2.5-vl-3b: real size).",
+    )
+    parser.add_argument("--dtype", default="fp32", help="Weights' dtype: fp32, bf16 or fp16.")
+    parser.add_argument(
         "--mode", choices=("all", "ppo", "ppo_unshared", "plain"), default="all", help=argparse.SUPPRESS
     )
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -76,8 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- model ------------------------------------------------------------------------------------------
-def build_model(path: Path) -> int:
-    """Write the random mid-size LLaVA-style VLM + processor to `path`; returns its parameter count."""
+def build_model(path: Path, args: argparse.Namespace) -> int:
+    """Write the random VLM of `--config` + processor to `path`; returns its parameter count."""
+    if args.config != "llava-mid":
+        import torch
+        from model_sizes import build
+
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        return build(args.config, path, dtype=args.dtype, device=device)["total"]
     from vlm_rl.models import build_vlm
 
     model, processor = build_vlm(
@@ -131,7 +145,7 @@ class PeakMemory:
 def load_policy(args: argparse.Namespace, device):
     from vlm_rl.models import load_model, wrap_with_lora
 
-    model, processor = load_model(args.model_dir, device=device)
+    model, processor = load_model(args.model_dir, device=device, dtype=args.dtype)
     # The same adapter as RLConfig's defaults (r=16, alpha=32, projector trained).
     return wrap_with_lora(model, r=16, alpha=32, train_projector=True), processor
 
@@ -266,7 +280,7 @@ def main() -> None:
     argv = sys.argv[1:]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        parameters = build_model(Path(tmp))
+        parameters = build_model(Path(tmp), args)
         runs: dict[str, list[dict]] = {"ppo": [], "ppo_unshared": []}
         for round_index in range(args.rounds):
             order = ("ppo", "ppo_unshared") if round_index % 2 == 0 else ("ppo_unshared", "ppo")
@@ -279,10 +293,13 @@ def main() -> None:
         plain["peak_mb"] = measure("plain", Path(tmp), argv, for_memory=True)["peak_mb"]
     n = args.prompts * args.samples
     ratio = ppo["peak_mb"] / plain["peak_mb"]
+    model = (
+        "mid-size LLaVA-style VLM" if args.config == "llava-mid" else f"{args.config} Qwen2.5-VL-style VLM"
+    )
     sharing = ppo["time/step_s"] / unshared["time/step_s"]
     print(
-        f"mid-size LLaVA-style VLM: {parameters / 1e6:.1f} M parameters, {(IMAGE_SIZE // PATCH) ** 2} "
-        f"visual tokens; device {ppo['device']}, threads {args.threads}"
+        f"{model}: {parameters / 1e6:.1f} M parameters, 64 visual tokens; {args.dtype}; device {ppo['device']}, "
+        f"threads {args.threads}"
     )
     print(
         f"PPO step: {args.prompts} prompts x {args.samples} samples = {n} sequences, "

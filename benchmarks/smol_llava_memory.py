@@ -228,7 +228,9 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     result = (run_reward if args.mode == "reward" else run_grpo)(args)
-    result["peak_rss_mb"] = max(v for k, v in result.items() if k.startswith(("peak_rss", "rss_")))
+    # the high-water mark since the last phase reset (reward) or since the start (grpo)
+    phases = [v for k, v in result.items() if k.startswith(("peak_rss", "rss_"))]
+    result["peak_rss_mb"] = max([rss_mb("VmHWM"), *phases])
     print("RESULT " + json.dumps(result))
 
 
