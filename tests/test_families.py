@@ -316,7 +316,7 @@ def test_the_cli_trains_a_new_family_by_its_tiny_name(tmp_path: Path, vlm_rl_cac
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "held-out (4 questions on unseen images): accuracy" in result.stdout
+    assert "held-out (4 questions on unseen images; no image shared with training): accuracy" in result.stdout
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert (out / "metrics.jsonl").read_text().count('"reward/mean"') == 2
 

@@ -301,3 +301,45 @@ def test_flags_reach_the_reward_model(loaded, tmp_path):
     # loading back with the same options: the saved adapter on a bf16 base
     reloaded = RewardModel.from_pretrained(tmp_path / "final", dtype="bf16", attn_implementation="eager")
     assert reloaded.scorer.backbone.get_base_model().dtype == torch.bfloat16
+
+
+# -- benchmarks/gpu_check.sh, as far as a CPU machine can run it -------------------------------------
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_real_size_preset_builder_resizes_and_ties_the_vocabulary(tmp_path, monkeypatch):
+    """model_sizes.build, on the tiny preset given a real-size vocabulary as qwen2.5-vl-3b has:
+    the embedding and LM head get the vocabulary and stay tied, and vlm_rl loads the folder."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("model_sizes", None)
+    import model_sizes
+
+    monkeypatch.setitem(model_sizes.PRESETS, "tiny", {**model_sizes.PRESETS["tiny"], "vocab_size": 1024})
+    counts = model_sizes.build("tiny", tmp_path, dtype="bf16")
+    model, processor = load_model(str(tmp_path))
+    assert model.dtype == torch.bfloat16 and counts["total"] == sum(p.numel() for p in model.parameters())
+    assert model.get_input_embeddings().weight.shape[0] == 1024
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert model_sizes.PRESETS["qwen2.5-vl-3b"]["text"]["num_hidden_layers"] == 36
+
+
+def test_gpu_check_dry_run_runs_its_steps(tmp_path):
+    """The script's control flow on CPU, cheaply: the ZeRO-3 check only, which a dry run reports as
+    not launched, after building the model of the accelerate checks (tiny in a dry run)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "GPU_CHECK_ONLY": "zero3", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "zero3: dry run, not launched" in done.stdout
+    assert "gpu_check: 0 passed, 0 failed, 1 skipped" in done.stdout
+    assert (tmp_path / "model-tiny" / "config.json").is_file()

@@ -13,6 +13,7 @@ easy-vqa loader crops each image around its shape first), a 2-layer vision tower
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -666,3 +667,53 @@ __all__ = [
     "resolve_tiny_name",
     "tiny_names",
 ]
+
+
+# -- the vocabulary guard -------------------------------------------------------------------------
+MAX_UNKNOWN_WORDS = 0.5
+"""Share of a dataset's words a tiny default may not know before `check_vocabulary` refuses it."""
+
+
+def tiny_vocabulary(name: str) -> frozenset[str]:
+    """Every word (token) the tiny model `name`'s word-level tokenizer knows, lowercased."""
+    return _tiny_vocabulary(name)
+
+
+@functools.cache
+def _tiny_vocabulary(name: str) -> frozenset[str]:
+    extra = TINY_EXTRA_WORDS[name]() if name in TINY_EXTRA_WORDS else ()
+    return frozenset(build_tokenizer(FAMILIES[TINY_MODELS[name]], extra).get_vocab())
+
+
+def unknown_words(name: str, texts: Sequence[str]) -> tuple[int, list[str]]:
+    """(number of words in `texts`, the words among them the tiny model `name` does not know)."""
+    vocabulary = tiny_vocabulary(name)
+    split = pre_tokenizers.Whitespace()
+    words = [piece for text in texts for piece, _ in split.pre_tokenize_str(text.lower())]
+    return len(words), [word for word in words if word not in vocabulary]
+
+
+def check_vocabulary(
+    model_name_or_path: str, texts: Sequence[str], source: str, flag: str = "--dataset"
+) -> None:
+    """Refuse text the tiny default would read as mostly <unk> (it has a word-level vocabulary of the
+    demo tasks' words): a `ConfigError` naming the model, the share of unknown words and what to use.
+
+    Does nothing for any other model."""
+    tiny = resolve_tiny_name(model_name_or_path)
+    if tiny is None:
+        return
+    total, unknown = unknown_words(tiny[0], texts)
+    if not total or len(unknown) / total <= MAX_UNKNOWN_WORDS:
+        return
+    from vlm_rl.errors import ConfigError
+
+    examples = ", ".join(repr(word) for word in list(dict.fromkeys(unknown))[:5])
+    raise ConfigError(
+        f"{flag} {source}: {len(unknown)} of its {total} words ({len(unknown) / total:.0%}; e.g. {examples}) "
+        f"are unknown to --model_name_or_path {model_name_or_path}, the offline tiny default, whose word-level "
+        f"vocabulary ({len(tiny_vocabulary(tiny[0]))} tokens) holds only the demo tasks' words: they would all "
+        "become <unk> and nothing would be learned; use a model with a real tokenizer: --model_name_or_path "
+        "smol-llava (offline, SmolLM2's vocabulary), a hub VLM such as HuggingFaceTB/SmolVLM-256M-Instruct, "
+        "or a local model folder"
+    )

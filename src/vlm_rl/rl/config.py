@@ -187,6 +187,15 @@ class RLConfig:
         False,
         "With --push_to_hub, also push each checkpoint's adapter as it is saved (a failed push is logged).",
     )
+    # Report
+    report_to: str = _f(
+        "tensorboard",
+        "Trackers mirroring metrics.jsonl, comma-separated: tensorboard, trackio (local), wandb (offline "
+        "unless $WANDB_MODE), or none. --report_to_tensorboard false drops tensorboard.",
+    )
+    report_steps: int = _f(
+        0, "Also write report.html every this many steps; 0 = only at the end (vlm_rl.report)."
+    )
 
     def __post_init__(self):
         if self.reward_funcs is None:
@@ -208,7 +217,7 @@ class RLConfig:
         algorithm = get_algorithm(self.algorithm)
         if self.samples_per_prompt < algorithm.min_samples_per_prompt:
             raise ConfigError(
-                f"--samples_per_prompt {self.samples_per_prompt}: {self.algorithm} needs >= "
+                f"--samples_per_prompt {self.samples_per_prompt}: {self.algorithm} needs samples_per_prompt >= "
                 f"{algorithm.min_samples_per_prompt} (advantages come from the group)"
             )
         if self.kl_estimator is None:
@@ -233,6 +242,9 @@ class RLConfig:
             raise ConfigError(
                 "--use_vllm needs --trainer trl (the native engine generates with transformers)"
             )
+        from vlm_rl.run_folder import parse_report_to
+
+        parse_report_to(self.report_to)  # an unknown tracker fails here, before any model loads
 
     def validate(self) -> None:
         """Ranges of the numeric fields and consistent combinations (before anything is loaded)."""
@@ -254,6 +266,7 @@ class RLConfig:
                 "learning_rate": "> 0",
                 "warmup_steps": ">= 0",
                 "weight_decay": ">= 0",
+                "report_steps": ">= 0",
                 "total_steps": ">= 1",
                 "lr_decay_steps": ">= 1",
                 "ppo_epochs": ">= 1",
