@@ -158,6 +158,18 @@ def check_resume(config: Any, compared: tuple[str, ...]) -> None:
             )
 
 
+def _check_trl_resume(config: Any) -> None:
+    resume = config.resume_from_checkpoint
+    checkpoints = Path(config.output_dir) / "checkpoints"
+    if resume == "latest" and not any(checkpoints.glob("checkpoint-*")):
+        raise MissingPathError(
+            f"--resume_from_checkpoint latest: no TRL checkpoint (checkpoint-N) in {checkpoints}; start without "
+            "it, or point --output_dir at the run that saved one"
+        )
+    if resume and resume != "latest" and not Path(resume).is_dir():
+        raise MissingPathError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+
+
 def check_rl_inputs(config: Any, *, check_reward_model: bool = True) -> None:
     """What an RL recipe checks before it loads a model: the model source, the run folder, the
     checkpoint to resume, the adapter to start from, the reward functions and the process count."""
@@ -165,7 +177,10 @@ def check_rl_inputs(config: Any, *, check_reward_model: bool = True) -> None:
 
     check_model_source(config.model_name_or_path)
     check_output_dir(config.output_dir)
-    check_resume(config, ("model_name_or_path", "algorithm", "lora_r", "lora_alpha", "train_projector"))
+    if config.trainer == "trl":  # TRL's own checkpoints/checkpoint-N folders
+        _check_trl_resume(config)
+    else:
+        check_resume(config, ("model_name_or_path", "algorithm", "lora_r", "lora_alpha", "train_projector"))
     if config.init_adapter and not (Path(config.init_adapter) / "adapter_config.json").is_file():
         raise MissingPathError(
             f"--init_adapter {config.init_adapter}: no LoRA adapter there (no adapter_config.json); pass a "
