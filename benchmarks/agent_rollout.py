@@ -14,6 +14,14 @@ episodes take varied, non-trivial paths. After a warm-up of each path, the two a
 torch seed. Sampled episodes differ between the paths (the random stream is consumed in another
 order), so rates are per environment step (a turn of one episode) and per completion token.
 Prints both rates and the batched / one-at-a-time ratio against the target (>= 5x).
+
+Then the training step on those episodes (`--train-steps`, 0 = skip): an `AgentTrainer` with the GRPO
+agent recipe's settings (`--episodes` / `--group` maps x `--group` episodes per map, 2 epochs of
+64-turn minibatches, GiGPO step groups) runs 1 + 2 x `--train-steps` steps, the shared prefix
+(RLConfig.shared_prefix: turns with the same observation, e.g. the first turn of a map's episodes,
+forward their prompt once) on in odd steps and off in even ones after the first (a warm-up), so
+both see the same machine load. Prints seconds of scoring + update per turn with and without, and
+their ratio (episodes differ between steps: per-turn rates, not totals, are compared).
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=2, help="Reply length limit per turn.")
     parser.add_argument("--rounds", type=int, default=2, help="Timed rounds (alternating order).")
     parser.add_argument("--lora_b_std", type=float, default=0.5, help="Std of the random LoRA B matrices.")
+    parser.add_argument(
+        "--train-steps", type=int, default=3, help="Timed agent training steps per shared-prefix setting."
+    )
+    parser.add_argument("--group", type=int, default=8, help="Episodes per map in the training step.")
     return parser.parse_args()
 
 
@@ -131,6 +143,63 @@ def main() -> None:
     print(
         f"batched / one at a time: {ratio:.2f}x env-steps/s, {token_ratio:.2f}x completion tokens/s "
         f"(target >= {TARGET_RATIO:.0f}x: {verdict})"
+    )
+    if args.train_steps:
+        train_step_comparison(args, policy, processor, spec)
+
+
+def train_step_comparison(args: argparse.Namespace, policy, processor, spec) -> None:
+    """Scoring + update seconds per turn of an agent GRPO step, shared prefix on and off."""
+    import tempfile
+
+    from vlm_rl.envs import make_env
+    from vlm_rl.rewards.compose import CombinedReward
+    from vlm_rl.rl.agent import AgentTrainer, env_reward
+    from vlm_rl.rl.config import RLConfig
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = RLConfig(
+            algorithm="grpo",
+            model_name_or_path=args.model_name_or_path,
+            prompts_per_step=args.episodes // args.group,
+            samples_per_prompt=args.group,
+            max_new_tokens=args.max_new_tokens,
+            learning_rate=3e-4,
+            ppo_epochs=2,
+            minibatch_size=64,
+            step_group_weight=1.0,
+            scale_rewards=False,
+            missing_eos_penalty=0.1,
+            total_steps=1 + 2 * args.train_steps,
+            eval_steps=0,
+            save_steps=0,
+            sample_log_steps=0,
+            report_to_tensorboard=False,
+            output_dir=output_dir,
+        )
+        trainer = AgentTrainer(
+            config,
+            policy,
+            processor,
+            CombinedReward([env_reward]),
+            lambda: make_env("frozenlake"),
+            spec.train_seeds,
+            max_turns=spec.max_turns,
+        )
+        measured: dict[bool, list[tuple[float, int]]] = {True: [], False: []}
+        for step in range(1 + 2 * args.train_steps):
+            shared = step % 2 == 1
+            trainer.config.shared_prefix = shared
+            metrics = trainer.train_step()
+            trainer.step += 1
+            if step:
+                turns = sum(e.turns for e in trainer.last_episodes)
+                measured[shared].append((metrics["time/score_s"] + metrics["time/update_s"], turns))
+    per_turn = {k: sum(s for s, _ in v) / sum(t for _, t in v) * 1e3 for k, v in measured.items()}
+    print(
+        f"agent GRPO step ({config.prompts_per_step} maps x {args.group} episodes, 2 epochs, minibatch 64), "
+        f"scoring + update per turn, {args.train_steps} steps each: shared prefix {per_turn[True]:.2f} ms, "
+        f"a forward per turn {per_turn[False]:.2f} ms: {per_turn[True] / per_turn[False]:.2f}x"
     )
 
 

@@ -2,8 +2,11 @@
 
     python benchmarks/grpo_vs_trl.py
     python benchmarks/grpo_vs_trl.py --prompts 2 --samples 8 --max-new-tokens 16 --steps 2 --threads 1
+    python benchmarks/grpo_vs_trl.py --table   # also: the ratio over samples (4, 8, 16) x lengths (16, 64)
+    python benchmarks/grpo_vs_trl.py --device cuda --config qwen2.5-vl-3b --dtype bf16   # real size, one GPU
 
-Model: a random Qwen2.5-VL-style VLM built from configs: vision tower 256 wide x 12 layers (window
+Model (`--config mid`; `--config qwen2.5-vl-3b` is Qwen2.5-VL-3B's architecture, see
+benchmarks/model_sizes.py): a random Qwen2.5-VL-style VLM built from configs: vision tower 256 wide x 12 layers (window
 attention, full attention every 4th layer, as Qwen2.5-VL) on 224x224 images in 14-pixel patches
 merged 2x2 -> 64 visual tokens; language model 512 wide x 8 layers with grouped-query attention;
 the tiny-qwen2.5-vl word-level tokenizer and the image-only Qwen2.5-VL processor. It is saved to a
@@ -36,7 +39,10 @@ What is timed, per step, after `--warmup` steps (means over `--steps` steps x `-
     splitting of the generated batch); other = the rest (chat template and image processing,
     advantages, data loading, logging).
 Prints each stage's seconds on both sides and their ratio, completion tokens/s, and the total ratio
-against the target (vlm_rl / TRL <= 1.0: not slower than TRL).
+against the target (vlm_rl / TRL <= 0.30). `--table` then repeats the comparison (`--rounds`
+rounds, the other settings unchanged) for every group size in TABLE_SAMPLES and completion length in
+TABLE_LENGTHS and prints the step-time ratio of each. `--no-shared-prefix` runs vlm_rl with a forward
+per sample in scoring and update (RLConfig.shared_prefix=False), to see what the shared prefix buys.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from model_sizes import describe
+
 STAGES = ("generation", "reward", "scoring", "update", "other")
 STAGE_LABELS = {
     "generation": "generation (rollout)",
@@ -59,15 +67,10 @@ STAGE_LABELS = {
     "update": "update (fwd+bwd+optim)",
     "other": "other (prompts, adv., logs)",
 }
-TARGET_RATIO = 1.0
+TARGET_RATIO = 0.30
+TABLE_SAMPLES = (4, 8, 16)
+TABLE_LENGTHS = (16, 64)
 LEARNING_RATE = 1e-4
-IMAGE_SIZE, PATCH, MERGE = 224, 14, 2
-VISION = dict(
-    depth=12, hidden_size=256, intermediate_size=1024, num_heads=4, fullatt_block_indexes=[3, 7, 11]
-)
-TEXT = dict(
-    hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,8 +94,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Keep GRPOConfig's default activation checkpointing on the TRL side.",
     )
+    parser.add_argument(
+        "--shared-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="vlm_rl forwards each prompt once for its samples in scoring and update.",
+    )
+    parser.add_argument(
+        "--table", action="store_true", help="Also the ratio over samples per prompt x completion lengths."
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda.")
+    parser.add_argument(
+        "--config",
+        choices=("tiny", "mid", "qwen2.5-vl-3b"),
+        default="mid",
+        help="Model size (benchmarks/model_sizes.py): mid (the default below), qwen2.5-vl-3b (real size, GPU).",
+    )
+    parser.add_argument("--dtype", default="fp32", help="Weights' dtype on both sides: fp32, bf16 or fp16.")
     parser.add_argument("--mode", choices=("all", "vlm_rl", "trl"), default="all", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -102,38 +121,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- model ------------------------------------------------------------------------------------------
-def build_model(path: Path) -> dict[str, int]:
-    """Write the random mid-size Qwen2.5-VL-style VLM + processor to `path`; returns parameter counts."""
+def build_model(path: Path, args: argparse.Namespace) -> dict[str, int]:
+    """Write the random Qwen2.5-VL-style VLM of `--config` + processor to `path` (built on the
+    benchmark's device in `--dtype`); returns parameter counts."""
     import torch
+    from model_sizes import build
 
-    from vlm_rl.models import FAMILIES
-    from vlm_rl.models.tiny import LM_HEAD_INIT_STD, build_qwen2_5_vl, build_tokenizer
-
-    family = FAMILIES["qwen2_5_vl"]
-    tokenizer = build_tokenizer(family)
-    torch.manual_seed(0)
-    model, processor = build_qwen2_5_vl(
-        family,
-        tokenizer,
-        image_size=IMAGE_SIZE,  # every image is resized to exactly 224x224
-        patch=PATCH,
-        merge=MERGE,
-        vision=VISION,
-        text=TEXT,
-        window=IMAGE_SIZE // 2,  # 2x2 windows per image, as 112-pixel windows on Qwen2.5-VL
-        max_positions=1024,
-    )
-    torch.nn.init.normal_(model.get_output_embeddings().weight, std=LM_HEAD_INIT_STD)
-    for cfg in (model.generation_config, model.config.get_text_config()):
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.bos_token_id = None
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return {
-        "total": sum(p.numel() for p in model.parameters()),
-        "vision": sum(p.numel() for p in model.model.visual.parameters()),
-    }
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return build(args.config, path, dtype=args.dtype, device=device)
 
 
 # -- one library per subprocess ---------------------------------------------------------------------
@@ -147,7 +142,7 @@ def synchronize(device) -> None:
 def load_policy(args: argparse.Namespace, device):
     from vlm_rl.models import load_model, wrap_with_lora
 
-    model, processor = load_model(args.model_dir, device=device)
+    model, processor = load_model(args.model_dir, device=device, dtype=args.dtype)
     if args.force_length:  # set on the base model: vlm_rl's `generate` reads its generation_config
         model.generation_config.min_new_tokens = args.max_new_tokens
     return wrap_with_lora(model, r=16, alpha=32, train_projector=True), processor
@@ -192,6 +187,7 @@ def run_vlm_rl(args: argparse.Namespace, device) -> list[dict]:
             output_dir=output_dir,
             sample_log_steps=0,
             report_to_tensorboard=False,
+            shared_prefix=args.shared_prefix,
         )
         trainer = RLTrainer(config, policy, processor, CombinedReward([contains_answer]), dataset)
         for _ in range(args.warmup + args.steps):
@@ -333,8 +329,15 @@ def child(args: argparse.Namespace) -> None:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     steps = (run_vlm_rl if args.mode == "vlm_rl" else run_trl)(args, device)
-    print("RESULT " + json.dumps({"steps": steps, "device": str(device)}))
+    if device.type == "cuda":  # model + training, the whole run
+        peak_mb, card = torch.cuda.max_memory_allocated() / 2**20, torch.cuda.get_device_name()
+    else:
+        status = Path("/proc/self/status").read_text().splitlines()
+        peak_mb, card = next(int(ln.split()[1]) / 1024 for ln in status if ln.startswith("VmHWM:")), "cpu"
+    print("RESULT " + json.dumps({"steps": steps, "device": str(device), "peak_mb": peak_mb, "card": card}))
 
 
 # -- parent: build once, run each library in a fresh process ----------------------------------------
@@ -356,6 +359,26 @@ def ratio_text(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}" if denominator > 1e-6 else "-"
 
 
+def compare(model_dir: Path, argv: list[str], rounds: int) -> dict[str, list[dict]]:
+    """Both libraries' timed steps, `rounds` times alternating which runs first."""
+    runs: dict[str, list[dict]] = {"vlm_rl": [], "trl": []}
+    for round_index in range(rounds):
+        order = ("vlm_rl", "trl") if round_index % 2 == 0 else ("trl", "vlm_rl")
+        for mode in order:
+            result = measure(mode, model_dir, argv)
+            runs[mode].extend(result["steps"])
+            runs["device"], runs["card"] = result["device"], result["card"]
+            runs[f"peak_mb_{mode}"] = max(runs.get(f"peak_mb_{mode}", 0.0), result["peak_mb"])
+    return runs
+
+
+def step_means(runs: dict[str, list[dict]]) -> tuple[dict[str, float], dict[str, float]]:
+    ours, theirs = (
+        {key: mean([s[key] for s in runs[mode]]) for key in runs[mode][0]} for mode in ("vlm_rl", "trl")
+    )
+    return ours, theirs
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -369,30 +392,34 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    argv = sys.argv[1:]
+    argv = [a for a in sys.argv[1:] if a != "--table"]
     start = time.perf_counter()
-    runs: dict[str, list[dict]] = {"vlm_rl": [], "trl": []}
+    table: dict[tuple[int, int], tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        parameters = build_model(Path(tmp))
-        for round_index in range(args.rounds):
-            order = ("vlm_rl", "trl") if round_index % 2 == 0 else ("trl", "vlm_rl")
-            for mode in order:
-                result = measure(mode, Path(tmp), argv)
-                runs[mode].extend(result["steps"])
-    means = {mode: {key: mean([s[key] for s in steps]) for key in steps[0]} for mode, steps in runs.items()}
-    ours, theirs = means["vlm_rl"], means["trl"]
+        parameters = build_model(Path(tmp), args)
+        runs = compare(Path(tmp), argv, args.rounds)
+        if args.table:
+            for samples in TABLE_SAMPLES:
+                for length in TABLE_LENGTHS:
+                    cell = compare(
+                        Path(tmp),
+                        [*argv, "--samples", str(samples), "--max-new-tokens", str(length)],
+                        args.rounds,
+                    )
+                    cell_ours, cell_theirs = step_means(cell)
+                    table[samples, length] = (cell_ours["total"], cell_theirs["total"])
+    ours, theirs = step_means(runs)
     n = args.prompts * args.samples
     print(
-        f"mid-size Qwen2.5-VL-style VLM: {parameters['total'] / 1e6:.1f} M parameters (vision "
-        f"{parameters['vision'] / 1e6:.1f} M, {VISION['depth']} layers; text {TEXT['hidden_size']} x "
-        f"{TEXT['num_hidden_layers']} layers), {(IMAGE_SIZE // PATCH // MERGE) ** 2} visual tokens per image; "
-        f"device {result['device']}, threads {args.threads}"
+        f"{describe(args.config, parameters)}; {args.dtype}; device {runs['device']} ({runs['card']}), "
+        f"threads {args.threads}"
     )
     length = "forced" if args.force_length else "limit"
     print(
         f"GRPO step: {args.prompts} prompts x {args.samples} samples = {n} sequences, {args.max_new_tokens} new "
         f"tokens ({length}), LoRA r=16, lr {LEARNING_RATE:g}, token-level loss (TRL dapo), no KL; "
-        f"TRL activation checkpointing {'on' if args.trl_activation_checkpointing else 'off'}; "
+        f"TRL activation checkpointing {'on' if args.trl_activation_checkpointing else 'off'}; vlm_rl shared "
+        f"prefix {'on' if args.shared_prefix else 'off'}; "
         f"mean of {len(runs['vlm_rl'])} steps after {args.warmup} warm-up ({args.rounds} round(s))"
     )
     print(f"{'stage':<30}{'vlm_rl s':>10}{'TRL s':>10}{'vlm_rl/TRL':>12}")
@@ -413,9 +440,23 @@ def main() -> None:
     print(f"{'mean reward (contains_answer)':<30}{ours['reward_mean']:>10.3f}{theirs['reward_mean']:>10.3f}")
     for mode, label in (("vlm_rl", "vlm_rl"), ("trl", "TRL")):
         print(f"{label} step totals (s): " + ", ".join(f"{s['total']:.2f}" for s in runs[mode]))
+    memory = "peak GPU memory (MB)" if runs["device"].startswith("cuda") else "peak RSS (MB)"
+    peaks = runs["peak_mb_vlm_rl"], runs["peak_mb_trl"]
+    print(f"{memory:<30}{peaks[0]:>10.0f}{peaks[1]:>10.0f}{ratio_text(*peaks):>12}")
     ratio = ours["total"] / theirs["total"]
     verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
     print(f"vlm_rl / TRL step time: {ratio:.2f}x (target <= {TARGET_RATIO}x: {verdict})")
+    if table:
+        print(
+            f"step time vlm_rl / TRL by samples per prompt (rows) and completion length (columns), {args.prompts} prompts:"
+        )
+        print(f"{'samples':<10}" + "".join(f"{f'{length} tok':>22}" for length in TABLE_LENGTHS))
+        for samples in TABLE_SAMPLES:
+            cells = "".join(
+                f"{f'{table[samples, length][0]:.2f}/{table[samples, length][1]:.2f} s = {table[samples, length][0] / table[samples, length][1]:.2f}x':>22}"
+                for length in TABLE_LENGTHS
+            )
+            print(f"{samples:<10}" + cells)
     print(f"wall time: {time.perf_counter() - start:.0f} s")
 
 

@@ -1,7 +1,9 @@
-"""One PPO step on a mid-size VLM: time per stage, and peak memory against one plain training step.
+"""One PPO step on a mid-size VLM: time per stage with the shared prefix on and off, and peak memory
+against one plain training step.
 
     python benchmarks/ppo_step.py
-    python benchmarks/ppo_step.py --prompts 4 --samples 4 --max-new-tokens 16 --steps 3 --threads 1
+    python benchmarks/ppo_step.py --prompts 4 --samples 4 --max-new-tokens 16 --steps 3 --threads 1 --rounds 2
+    python benchmarks/ppo_step.py --device cuda --config qwen2.5-vl-3b --dtype bf16     # real size, one GPU
 
 Builds a random LLaVA-style VLM with the tiny models' recipe (`vlm_rl.models.build_vlm`: CLIP
 vision tower 256 wide x 6 layers on 224x224 images with 28-pixel patches -> 64 visual tokens;
@@ -10,7 +12,10 @@ temporary folder and loads it back with `vlm_rl.models.load_model`, so the norma
 uncropped 64x64 images (the processor resizes them to 224); the reward is the `caption_match` rule.
 
 (a) Stage times come from `RLTrainer.train_step()`'s `time/*_s` metrics, averaged over `--steps`
-    steps after one warm-up step.
+    steps after one warm-up step, for the engine as configured (`shared_prefix=True`: scoring and
+    update forward each prompt once for its samples) and the same engine with `shared_prefix=False`
+    (a forward per sample), each in a fresh subprocess, `--rounds` times alternating which goes
+    first (the CPU is shared: ratios come from the same run).
 (b) Peak memory is measured in two more fresh subprocesses, one per mode, each running a warm-up
     and one step, as the increase over the memory held once the model is loaded and LoRA-wrapped
     and the prompts are loaded:
@@ -41,6 +46,8 @@ from pathlib import Path
 
 STAGES = ("rollout", "reward", "score", "advantages", "update")
 TARGET_RATIO = 1.3
+TARGET_SHARING_RATIO = 0.5
+"""PPO step time with the shared prefix / without it."""
 IMAGE_SIZE, PATCH = 224, 28
 VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4)
 TEXT = dict(
@@ -57,16 +64,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--kl-coef", type=float, default=0.05, help="KL coefficient; > 0 runs the reference pass in scoring."
     )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="Timed runs per engine setting, alternating order (noisy CPUs)."
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda.")
-    parser.add_argument("--mode", choices=("all", "ppo", "plain"), default="all", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--config",
+        choices=("llava-mid", "tiny", "mid", "qwen2.5-vl-3b"),
+        default="llava-mid",
+        help="llava-mid (the LLaVA below) or a Qwen2.5-VL preset of benchmarks/model_sizes.py (qwen2.5-vl-3b: real size).",
+    )
+    parser.add_argument("--dtype", default="fp32", help="Weights' dtype: fp32, bf16 or fp16.")
+    parser.add_argument(
+        "--mode", choices=("all", "ppo", "ppo_unshared", "plain"), default="all", help=argparse.SUPPRESS
+    )
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 # -- model ------------------------------------------------------------------------------------------
-def build_model(path: Path) -> int:
-    """Write the random mid-size LLaVA-style VLM + processor to `path`; returns its parameter count."""
+def build_model(path: Path, args: argparse.Namespace) -> int:
+    """Write the random VLM of `--config` + processor to `path`; returns its parameter count."""
+    if args.config != "llava-mid":
+        import torch
+        from model_sizes import build
+
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        return build(args.config, path, dtype=args.dtype, device=device)["total"]
     from vlm_rl.models import build_vlm
 
     model, processor = build_vlm(
@@ -120,7 +145,7 @@ class PeakMemory:
 def load_policy(args: argparse.Namespace, device):
     from vlm_rl.models import load_model, wrap_with_lora
 
-    model, processor = load_model(args.model_dir, device=device)
+    model, processor = load_model(args.model_dir, device=device, dtype=args.dtype)
     # The same adapter as RLConfig's defaults (r=16, alpha=32, projector trained).
     return wrap_with_lora(model, r=16, alpha=32, train_projector=True), processor
 
@@ -149,6 +174,7 @@ def run_ppo(args: argparse.Namespace, device) -> dict:
             output_dir=output_dir,
             sample_log_steps=0,
             report_to_tensorboard=False,
+            shared_prefix=args.mode != "ppo_unshared",
         )
         trainer = RLTrainer(config, policy, processor, CombinedReward([caption_match]), dataset)
         memory.start()
@@ -210,7 +236,7 @@ def child(args: argparse.Namespace) -> None:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    result = (run_ppo if args.mode == "ppo" else run_plain)(args, device)
+    result = (run_plain if args.mode == "plain" else run_ppo)(args, device)
     print("RESULT " + json.dumps({**result, "device": str(device)}))
 
 
@@ -234,6 +260,10 @@ def measure(mode: str, model_dir: Path, argv: list[str], for_memory: bool) -> di
     return json.loads(line.removeprefix("RESULT "))
 
 
+def _mean(values: list) -> float | str:
+    return sum(values) / len(values) if not isinstance(values[0], str) else values[0]
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -250,33 +280,60 @@ def main() -> None:
     argv = sys.argv[1:]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        parameters = build_model(Path(tmp))
-        ppo = measure("ppo", Path(tmp), argv, for_memory=False)
+        parameters = build_model(Path(tmp), args)
+        runs: dict[str, list[dict]] = {"ppo": [], "ppo_unshared": []}
+        for round_index in range(args.rounds):
+            order = ("ppo", "ppo_unshared") if round_index % 2 == 0 else ("ppo_unshared", "ppo")
+            for mode in order:
+                runs[mode].append(measure(mode, Path(tmp), argv, for_memory=False))
         plain = measure("plain", Path(tmp), argv, for_memory=False)
+        ppo, unshared = ({k: _mean([r[k] for r in runs[m]]) for k in runs[m][0]} for m in runs)
         ppo["peak_mb"] = measure("ppo", Path(tmp), argv, for_memory=True)["peak_mb"]
+        unshared["peak_mb"] = measure("ppo_unshared", Path(tmp), argv, for_memory=True)["peak_mb"]
         plain["peak_mb"] = measure("plain", Path(tmp), argv, for_memory=True)["peak_mb"]
     n = args.prompts * args.samples
     ratio = ppo["peak_mb"] / plain["peak_mb"]
+    model = (
+        "mid-size LLaVA-style VLM" if args.config == "llava-mid" else f"{args.config} Qwen2.5-VL-style VLM"
+    )
+    sharing = ppo["time/step_s"] / unshared["time/step_s"]
     print(
-        f"mid-size LLaVA-style VLM: {parameters / 1e6:.1f} M parameters, {(IMAGE_SIZE // PATCH) ** 2} "
-        f"visual tokens; device {ppo['device']}, threads {args.threads}"
+        f"{model}: {parameters / 1e6:.1f} M parameters, 64 visual tokens; {args.dtype}; device {ppo['device']}, "
+        f"threads {args.threads}"
     )
     print(
         f"PPO step: {args.prompts} prompts x {args.samples} samples = {n} sequences, "
         f"max_new_tokens {args.max_new_tokens}, kl_coef {args.kl_coef}; mean of {args.steps} steps after 1 warm-up"
     )
-    print(f"{'stage':<28}{'s':>9}{'share':>9}")
+    print(f"{'stage':<28}{'shared s':>10}{'of step':>9}{'unshared s':>12}{'ratio':>8}")
     for stage in STAGES:
-        seconds = ppo[f"time/{stage}_s"]
-        print(f"{stage:<28}{seconds:>9.3f}{seconds / ppo['time/step_s']:>8.1%}")
-    print(f"{'total PPO step':<28}{ppo['time/step_s']:>9.3f}")
+        seconds, other = ppo[f"time/{stage}_s"], unshared[f"time/{stage}_s"]
+        print(
+            f"{stage:<28}{seconds:>10.3f}{seconds / ppo['time/step_s']:>9.1%}{other:>12.3f}"
+            f"{seconds / other if other > 1e-6 else float('nan'):>8.2f}"
+        )
+    print(
+        f"{'total PPO step':<28}{ppo['time/step_s']:>10.3f}{'':>9}{unshared['time/step_s']:>12.3f}{sharing:>8.2f}"
+    )
+    print(
+        "PPO step totals (s), shared: "
+        + ", ".join(f"{r['time/step_s']:.2f}" for r in runs["ppo"])
+        + "; unshared: "
+        + ", ".join(f"{r['time/step_s']:.2f}" for r in runs["ppo_unshared"])
+    )
     print(f"{'plain LoRA train step':<28}{plain['time/step_s']:>9.3f}")
     print(
         f"completion tokens/s: {ppo['tokens_per_s']:.1f} "
         f"(mean completion length {ppo['completions/mean_length']:.1f})"
     )
     print(f"peak memory over loaded model, PPO step:   {ppo['peak_mb']:8.1f} MB")
+    print(f"peak memory over loaded model, PPO step without sharing: {unshared['peak_mb']:8.1f} MB")
     print(f"peak memory over loaded model, plain step: {plain['peak_mb']:8.1f} MB")
+    verdict = "meets" if sharing <= TARGET_SHARING_RATIO else "MISSES"
+    print(
+        f"PPO step, shared prefix / forward per sample: {sharing:.2f}x "
+        f"(target <= {TARGET_SHARING_RATIO}x: {verdict})"
+    )
     verdict = "meets" if ratio <= TARGET_RATIO else "MISSES"
     print(f"PPO peak / plain step peak: {ratio:.2f}x (target <= {TARGET_RATIO}x: {verdict})")
     print(f"wall time: {time.perf_counter() - start:.0f} s")

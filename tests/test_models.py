@@ -15,7 +15,6 @@ from torch import nn
 
 from vlm_rl.data.collators import PreferenceCollator, PromptCollator, encode, render_prompt
 from vlm_rl.models import (
-    TINY_MODELS,
     build_tiny,
     ensure_tiny,
     hidden_size,
@@ -25,13 +24,14 @@ from vlm_rl.models import (
     vlm_trunk,
     wrap_with_lora,
 )
-from vlm_rl.models.families import FAMILIES
+from vlm_rl.models.families import FAMILIES, completion_token_type
 from vlm_rl.models.inputs import append_completion, repeat_rows, select_rows
 from vlm_rl.models.tiny import (
-    TINY_EXTRA_WORDS,
+    UNLISTED_FAMILIES,
     build_tokenizer,
     build_vlm,
     resolve_tiny_name,
+    tiny_names,
 )
 from vlm_rl.tasks.easy_vqa import (
     CAPTION_PROMPT,
@@ -41,28 +41,44 @@ from vlm_rl.tasks.easy_vqa import (
     vqa_dataset,
 )
 
-NAMES = [name for name in TINY_MODELS if name not in TINY_EXTRA_WORDS]  # one per family
+NAMES = tiny_names()  # one per family
 
 # Where each architecture keeps its parts (read off transformers' module trees, independently of
-# the family table under test). Qwen2.5-VL's projector (`merger`) lives inside `visual`.
+# the family table under test). Qwen-VL projectors (`merger`, Qwen3-VL's DeepStack mergers) live
+# inside `visual`.
+_LLAVA_LIKE = {
+    "language_model": "model.language_model",
+    "vision": ("model.vision_tower",),
+    "projector": ("model.multi_modal_projector",),
+}
+_QWEN_VL = {
+    "language_model": "model.language_model",
+    "vision": ("model.visual.blocks", "model.visual.patch_embed"),
+    "projector": ("model.visual.merger",),
+}
 MODULE_PATHS = {
-    "tiny-llava": {
-        "language_model": "model.language_model",
-        "vision": ("model.vision_tower",),
-        "projector": "model.multi_modal_projector",
-    },
-    "tiny-qwen2.5-vl": {
-        "language_model": "model.language_model",
-        "vision": ("model.visual.blocks", "model.visual.patch_embed"),
-        "projector": "model.visual.merger",
-    },
+    "tiny-llava": _LLAVA_LIKE,
+    "tiny-qwen2.5-vl": _QWEN_VL,
     "tiny-idefics3": {
         "language_model": "model.text_model",
         "vision": ("model.vision_model",),
-        "projector": "model.connector",
+        "projector": ("model.connector",),
     },
+    "tiny-llava-onevision": _LLAVA_LIKE,
+    "tiny-qwen2-vl": _QWEN_VL,
+    "tiny-qwen3-vl": {
+        "language_model": "model.language_model",
+        "vision": ("model.visual.blocks", "model.visual.patch_embed", "model.visual.pos_embed"),
+        "projector": ("model.visual.merger", "model.visual.deepstack_merger_list"),
+    },
+    "tiny-gemma3": _LLAVA_LIKE,
+    "tiny-paligemma": _LLAVA_LIKE,
+    "tiny-aya-vision": _LLAVA_LIKE,  # no row in the family table: found by the generic names
 }
-IMAGE_TOKENS = 16  # 32x32 images: 4x4 patches of 8 (LLaVA, Idefics3), 8x8 of 4 merged 2x2 (Qwen)
+# 32x32 images: 4x4 patches of 8 (LLaVA, Idefics3, PaliGemma), 8x8 of 4 merged 2x2 (Qwen-VL,
+# AyaVision) or pooled 2x2 (Gemma3); LLaVA-OneVision: a 16-token base view, a 16-token tile and
+# an image-newline token after each of the tile's 4 rows.
+IMAGE_TOKENS = {"tiny-llava-onevision": 36}
 QUESTIONS = ("Describe the shape.", "what color is the shape?", "is there a red shape in the image?")
 
 
@@ -76,12 +92,18 @@ def prompt_inputs(processor, images, questions=QUESTIONS):
     return texts, encode(processor, texts, [[image] for image in images[: len(texts)]])
 
 
+def model_inputs(inputs) -> dict:
+    """Processor outputs a model takes (PaliGemma's processor adds `labels` for the prompt alone)."""
+    return {k: v for k, v in inputs.items() if k != "labels"}
+
+
 def last_logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():
-        return model(**inputs).logits[:, -1]
+        return model(**model_inputs(inputs)).logits[:, -1]
 
 
 def assert_same_inputs(actual, expected) -> None:
+    actual, expected = model_inputs(actual), model_inputs(expected)
     assert set(actual) == set(expected)
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
@@ -94,9 +116,13 @@ def test_chat_prompt_with_image_generates(name: str, tiny_model: Callable, easy_
     assert text.count(str(processor.image_token)) == 1  # the template's placeholder, not yet expanded
     inputs = encode(processor, [text, text], [[easy_vqa_images[0]], [easy_vqa_images[1]]])
 
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(str(processor.image_token))
-    assert model.config.image_token_id == image_token_id
-    assert (inputs["input_ids"] == image_token_id).sum(dim=1).tolist() == [IMAGE_TOKENS, IMAGE_TOKENS]
+    # The token the processor expands the placeholder into (Gemma3: soft tokens between markers).
+    image_token_id = model.config.image_token_id
+    family = FAMILIES.get(model.config.model_type)
+    if family is not None:
+        assert processor.tokenizer.convert_tokens_to_ids(family.image_token) == image_token_id
+    tokens = IMAGE_TOKENS.get(name, 16)
+    assert (inputs["input_ids"] == image_token_id).sum(dim=1).tolist() == [tokens, tokens]
 
     # A random model still sees the image: two images, one text -> different next-token logits.
     logits = last_logits(model, inputs)
@@ -104,7 +130,7 @@ def test_chat_prompt_with_image_generates(name: str, tiny_model: Callable, easy_
     assert (logits[0] - logits[1]).abs().max() > 1e-3
 
     prompt_length = inputs["input_ids"].shape[1]
-    output = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    output = model.generate(**model_inputs(inputs), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert output.shape == (2, prompt_length + 4)
     assert torch.equal(output[:, :prompt_length], inputs["input_ids"])
     assert ((output[:, prompt_length:] >= 0) & (output[:, prompt_length:] < len(processor.tokenizer))).all()
@@ -129,7 +155,7 @@ def test_load_model_round_trips_the_build(
     _, built_inputs = prompt_inputs(built_processor, easy_vqa_images)
     assert_same_inputs(inputs, built_inputs)  # same chat template, tokenizer and image processing
     with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, built(**inputs).logits)
+        assert torch.equal(loaded(**model_inputs(inputs)).logits, built(**model_inputs(inputs)).logits)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -178,12 +204,18 @@ VOCABULARY_SHA256 = {
     "llava": "e06137ef95684301",
     "qwen2_5_vl": "e471468dc1f752a0",
     "idefics3": "42c5cdd2f20a3a18",
+    "llava_onevision": "79da66b47ccc64d3",
+    "qwen2_vl": "e471468dc1f752a0",
+    "qwen3_vl": "527f4b1783dce984",
+    "gemma3": "2b83c93be58060aa",
+    "paligemma": "c487337519608079",
+    "aya_vision": "cbf500fbf968b169",
 }
 
 
 @pytest.mark.parametrize("model_type", list(VOCABULARY_SHA256))
 def test_tiny_vocabulary_is_the_cached_one(model_type: str) -> None:
-    vocab = build_tokenizer(FAMILIES[model_type]).get_vocab()
+    vocab = build_tokenizer(FAMILIES.get(model_type) or UNLISTED_FAMILIES[model_type]).get_vocab()
     listed = json.dumps(sorted(vocab.items(), key=lambda item: item[1]))
     assert hashlib.sha256(listed.encode()).hexdigest()[:16] == VOCABULARY_SHA256[model_type]
 
@@ -227,7 +259,7 @@ def test_lora_targets_only_the_language_model(name: str, tiny_model: Callable) -
     names = trainable_names(wrapped)
     assert names and all(f"{paths['language_model']}." in n and ".lora_" in n for n in names)
     assert len(names) == 2 * len(linears)  # lora_A and lora_B on every linear layer
-    assert not any(k in n for n in names for k in (*paths["vision"], paths["projector"], "lm_head", "embed"))
+    assert not any(k in n for n in names for k in (*paths["vision"], *paths["projector"], "lm_head", "embed"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -236,10 +268,10 @@ def test_lora_with_projector_trains_the_projector_never_the_vision_tower(
 ) -> None:
     paths = MODULE_PATHS[name]
     model = tiny_model(name)[0]
-    projector_tensors = len(list(model.get_submodule(paths["projector"]).parameters()))
+    projector_tensors = sum(len(list(model.get_submodule(p).parameters())) for p in paths["projector"])
     wrapped = wrap_with_lora(model, train_projector=True)
     names = trainable_names(wrapped)
-    projector = [n for n in names if f"{paths['projector']}." in n]
+    projector = [n for n in names if any(f"{p}." in n for p in paths["projector"])]
     assert len(projector) == projector_tensors
     assert all(f"{paths['language_model']}." in n and ".lora_" in n for n in set(names) - set(projector))
     assert not any(k in n for n in names for k in paths["vision"])
@@ -284,7 +316,7 @@ def test_lora_step_changes_adapters_not_base_weights(
     assert changed <= trainable  # base weights, vision tower and (frozen) projector untouched
     assert {n for n in trainable if ".lora_B." in n} <= changed
     projector = MODULE_PATHS[name]["projector"]
-    assert any(f"{projector}." in n for n in changed) == train_projector
+    assert any(f"{p}." in n for p in projector for n in changed) == train_projector
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -295,8 +327,8 @@ def test_trunk_gives_the_hidden_states_under_the_head(
     _, inputs = prompt_inputs(processor, easy_vqa_images)
     wrapped = wrap_with_lora(model)
     with torch.no_grad():
-        hidden = vlm_trunk(wrapped)(**inputs).last_hidden_state
-        logits = wrapped(**inputs).logits
+        hidden = vlm_trunk(wrapped)(**model_inputs(inputs)).last_hidden_state
+        logits = wrapped(**model_inputs(inputs)).logits
     assert hidden.shape == (*inputs["input_ids"].shape, hidden_size(model))
     torch.testing.assert_close(model.lm_head(hidden), logits)
 
@@ -327,32 +359,39 @@ def test_append_completion_matches_encoding_the_full_text(
     captions = ["red circle", "blue triangle", "green rectangle"]
     completion = processor.tokenizer(captions, add_special_tokens=False, return_tensors="pt")["input_ids"]
     mask = torch.tensor([[1, 1], [1, 1], [1, 0]])
-    full = append_completion(prompts, completion, mask)
+    token_type = completion_token_type(model)  # PaliGemma: 1 (its causal suffix); else 0
+    full = append_completion(prompts, completion, mask, token_type)
 
     prompt_length = prompts["input_ids"].shape[1]
     assert torch.equal(full["input_ids"], torch.cat([prompts["input_ids"], completion], dim=1))
     assert torch.equal(full["attention_mask"], torch.cat([prompts["attention_mask"], mask], dim=1))
-    for key in set(prompts) - {"input_ids", "attention_mask"}:
-        if key == "mm_token_type_ids":  # Qwen: completion tokens are text (type 0)
+    assert "labels" not in full  # PaliGemma's prompt-only labels are dropped
+    for key in set(prompts) - {"input_ids", "attention_mask", "labels"}:
+        if key in ("mm_token_type_ids", "token_type_ids"):
             assert full[key].shape == full["input_ids"].shape
-            assert (
-                torch.equal(full[key][:, :prompt_length], prompts[key])
-                and not full[key][:, prompt_length:].any()
-            )
+            assert torch.equal(full[key][:, :prompt_length], prompts[key])
+            assert (full[key][:, prompt_length:] == (token_type if key == "token_type_ids" else 0)).all()
         else:
             assert torch.equal(full[key], prompts[key])
 
     # Completions of equal length keep the left padding: the same as encoding prompt + caption.
-    direct = encode(
-        processor,
-        [t + " " + c for t, c in zip(texts, captions, strict=True)],
-        [[i] for i in easy_vqa_images[:3]],
-    )
-    unmasked = append_completion(prompts, completion, torch.ones_like(completion))
+    images = [[i] for i in easy_vqa_images[:3]]
+    if token_type:  # the processor encodes an answer as its `suffix` (types 1, EOS appended)
+        tokenizer = processor.tokenizer
+        completion = tokenizer(
+            [c + tokenizer.eos_token for c in captions], add_special_tokens=False, return_tensors="pt"
+        )["input_ids"]
+        previous, tokenizer.padding_side = tokenizer.padding_side, "left"
+        direct = processor(text=texts, images=images, suffix=captions, padding=True, return_tensors="pt")
+        tokenizer.padding_side = previous
+    else:
+        direct = encode(processor, [t + " " + c for t, c in zip(texts, captions, strict=True)], images)
+    unmasked = append_completion(prompts, completion, torch.ones_like(completion), token_type)
     assert_same_inputs(unmasked, direct)
     with torch.no_grad():
         logits = model(**unmasked).logits
-    torch.testing.assert_close(logits, model(**direct).logits)
+    torch.testing.assert_close(logits, model(**model_inputs(direct)).logits)
+    # The prompt's positions do not see the completion (PaliGemma's bidirectional prefix included).
     torch.testing.assert_close(logits[:, prompt_length - 1], last_logits(model, prompts))
 
 

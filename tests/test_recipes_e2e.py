@@ -88,7 +88,7 @@ def test_ppo_recipe_on_two_processes_raises_the_reward(tmp_path, reward_model):
     )
     log = result.stdout + result.stderr
     assert "PPO on 2 process(es)" in log
-    assert "held-out (64 unseen images): caption accuracy" in result.stdout
+    assert "held-out (64 unseen images; no image shared with training): caption accuracy" in result.stdout
     rows = metrics(out)
     evals = [r for r in rows if "eval/reward" in r]
     assert evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 0.5, evals

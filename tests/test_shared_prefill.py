@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from vlm_rl.data.collators import encode, render_prompt
-from vlm_rl.models import TINY_MODELS, image_encoder, load_model
+from vlm_rl.models import image_encoder, load_model
 from vlm_rl.models.inputs import repeat_rows
 from vlm_rl.models.prefill import prefilled_cache, sampling_inputs
-from vlm_rl.models.tiny import TINY_EXTRA_WORDS
+from vlm_rl.models.tiny import tiny_names
 from vlm_rl.rl.rollout import generate
 
-NAMES = [name for name in TINY_MODELS if name not in TINY_EXTRA_WORDS]  # one per family
+NAMES = tiny_names("shared_prefill")  # one per family whose row sets it (others: tests/test_families.py)
 QUESTIONS = ("Describe the shape.", "is there a red shape in the image?")
 SAMPLES = 4
 

@@ -9,12 +9,18 @@ import pytest
 import torch
 
 from vlm_rl.data.collators import encode, render_prompt
-from vlm_rl.models import FAMILIES, TINY_MODELS, load_model, wrap_with_lora
+from vlm_rl.models import (
+    FAMILIES,
+    image_encoder,
+    load_model,
+    share_image_encoding,
+    wrap_with_lora,
+)
 from vlm_rl.models.shared_prefix import PromptGroups, shares_prefix
-from vlm_rl.models.tiny import TINY_EXTRA_WORDS
+from vlm_rl.models.tiny import tiny_names
 from vlm_rl.models.value import PolicyWithValue
 
-NAMES = [name for name in TINY_MODELS if name not in TINY_EXTRA_WORDS]  # one per family
+NAMES = tiny_names("shared_prefix")  # one per family whose row sets it (others: tests/test_families.py)
 # Prompts of different lengths (left padding differs); the second has two images.
 PROMPTS = (("Describe the shape.", (0,)), ("is there a red shape in the image?", (1, 2)))
 SAMPLES, T = 3, 5
@@ -266,3 +272,55 @@ def test_agent_turns_with_the_same_observation_share_their_prefix(tmp_path) -> N
         torch.testing.assert_close(states[True][key], value, rtol=1e-4, atol=1e-5)
     # 8 episodes of 2 seeds: the first turns are 2 distinct prompts, not 8.
     assert prompt_rows[True] <= prompt_rows[False] - 6
+
+
+@pytest.mark.parametrize(
+    "name, train_projector, remembered",
+    [
+        ("tiny-llava", True, True),  # projector outside the vision tower: still trained, tower remembered
+        ("tiny-idefics3", True, True),
+        ("tiny-qwen2.5-vl", False, True),
+        ("tiny-qwen2.5-vl", True, False),  # `visual` holds the trained merger: encoded on every call
+    ],
+)
+def test_image_features_computed_once_per_step(
+    name: str, train_projector: bool, remembered: bool, easy_vqa_images: list
+) -> None:
+    """`share_image_encoding(remember=True)`: a frozen encoder's outputs are reused by later calls in
+    the block (generation, scoring, update of one step); logits and gradients unchanged."""
+    model, processor = load_model(name)
+    policy = wrap_with_lora(model, r=4, alpha=8, train_projector=train_projector)
+    encoder = image_encoder(policy)
+    inputs = prompt_inputs(processor, easy_vqa_images)
+    seen: list[int] = []
+    forward = encoder.forward
+
+    def counting_forward(*args, **kwargs):
+        grid = kwargs.get("grid_thw")
+        seen.append(len(grid) if grid is not None else len(args[0] if args else kwargs["pixel_values"]))
+        return forward(*args, **kwargs)
+
+    encoder.forward = counting_forward
+
+    def logits_and_grads():
+        policy.zero_grad()
+        logits = policy(**inputs).logits
+        logits.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return logits.detach(), grads
+
+    expected, expected_grads = logits_and_grads()
+    assert seen == [3]
+    seen.clear()
+    with share_image_encoding(policy, remember=True) as stats:
+        with torch.no_grad():
+            policy(**inputs)  # generation's pass
+        logits, grads = logits_and_grads()  # the update's
+    assert seen == ([3] if remembered else [3, 3])
+    assert stats.encoded == (3 if remembered else 6)
+    assert encoder.forward is counting_forward  # the instance's forward is back
+    torch.testing.assert_close(logits, expected, **TOLERANCE)
+    assert grads.keys() == expected_grads.keys()
+    assert any("modules_to_save" in n for n in grads) == train_projector
+    for key, value in expected_grads.items():
+        torch.testing.assert_close(grads[key], value, **TOLERANCE)

@@ -55,7 +55,10 @@ def test_grpo_recipe_on_trl_feeds_the_images_to_the_reward_model_and_reports_vlm
     assert all("rewards/exact_match/mean" in r and "rewards/missing_eos/mean" in r for r in trained)
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 3]
     assert {"eval/accuracy", "eval/reward"} <= result["before"].keys() & result["after"].keys()
-    assert "TRL GRPOTrainer, held-out (16 questions on unseen images): accuracy" in capsys.readouterr().out
+    assert (
+        "TRL GRPOTrainer, held-out (16 questions on unseen images; no image shared with training): accuracy"
+        in capsys.readouterr().out
+    )
 
     # final/ as the native engine writes it, with a LoRA that moved off its zero init.
     info = json.loads((out / "final" / "vlm_rl_run.json").read_text())

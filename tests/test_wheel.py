@@ -119,6 +119,8 @@ def test_grpo_from_the_wheel_trains_outside_the_checkout(
         env=user_env(tmp_path, vlm_rl_cache),
     )
 
-    assert "held-out (4 questions on unseen images): accuracy" in result.stdout, result.stdout[-2000:]
+    assert (
+        "held-out (4 questions on unseen images; no image shared with training): accuracy" in result.stdout
+    ), result.stdout[-2000:]
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert [row for row in (out / "metrics.jsonl").read_text().splitlines() if '"reward/mean"' in row]

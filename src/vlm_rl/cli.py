@@ -6,6 +6,7 @@
     vlm-rl agent [--env numberline ...]
     vlm-rl ppo --help                      # every config field of the recipe
     vlm-rl evaluate runs/ppo_caption
+    vlm-rl report runs/ppo_caption          # -> runs/ppo_caption/report.html
     HF_TOKEN=hf_... vlm-rl push runs/ppo_caption --repo-id me/tiny-llava-ppo [--private] [--checkpoint step-000100]
     accelerate launch -m vlm_rl.cli grpo ...   # several processes
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     after an expected error (one line on stderr; `--debug` or VLM_RL_DEBUG=1 adds the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    prog = f"vlm-rl {command}" if command in (*RECIPES, "evaluate", "push") else "vlm-rl"
+    prog = f"vlm-rl {command}" if command in (*RECIPES, "evaluate", "report", "push") else "vlm-rl"
     return run_entry_point(dispatch, argv, prog)
 
 
@@ -60,6 +61,8 @@ def dispatch(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.command == "evaluate":
         evaluate(args.run_dir)
+    elif args.command == "report":
+        report(args.run_dir)
     else:
         push(args)
 
@@ -89,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="summarise a run folder's metrics (no model is loaded)"
     )
     evaluate_parser.add_argument("run_dir", type=Path, help="an RL or reward-model output_dir")
+
+    report_parser = commands.add_parser(
+        "report", help="write RUN_DIR/report.html: curves, held-out gallery, film strips (self-contained)"
+    )
+    report_parser.add_argument("run_dir", type=Path, help="an RL, agent or reward-model output_dir")
 
     push_parser = commands.add_parser(
         "push",
@@ -178,6 +186,18 @@ def _number(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# -- report -----------------------------------------------------------------------------------
+def report(run_dir: Path) -> None:
+    """Write the run's report.html and print its path (one line, exit 2, when it is no run folder)."""
+    from vlm_rl.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise MissingPathError(f"vlm-rl report: {err}") from err
+    print(path)
 
 
 # -- push -------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
         tensorboard/                 the same scalars, when tensorboard is on
         samples.jsonl                sampled completions with their rewards (RL runs)
         episodes.jsonl, episodes/    played episodes and their film strips (agent runs)
+        eval_samples.jsonl, eval_samples/, eval_episodes.jsonl, eval_episodes/, eval_scores.jsonl
+                                     what each held-out evaluation showed, for the report (vlm_rl.report)
         checkpoints/step-000100/     trainer_state.json, adapter/, accelerate state (RL runs)
         final/                       the trained model: vlm_rl_run.json (RL) or reward_config.json
         best/                        the best evaluation's reward model (reward-model runs)
@@ -21,6 +23,7 @@ Reward-model runs written before this layout kept their metrics in run/metrics.j
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -64,13 +67,22 @@ class RunFolder:
         self.final_dir = self.root / "final"
         self.best_dir = self.root / "best"
         self.report_file = self.root / "report.html"
+        # each held-out evaluation's samples, episodes or pair scores (vlm_rl.report.records)
+        self.eval_samples_file = self.root / "eval_samples.jsonl"
+        self.eval_images_dir = self.root / "eval_samples"
+        self.eval_episodes_file = self.root / "eval_episodes.jsonl"
+        self.eval_episodes_dir = self.root / "eval_episodes"
+        self.eval_scores_file = self.root / "eval_scores.jsonl"
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.root)!r})"
 
     # -- config and metrics ---------------------------------------------------------------------
-    def start(self, config: Any, *, tensorboard: bool = True, resume: bool = False) -> MetricsLogger:
-        """Begin writing the run (main process only): run_config.json, and a metrics logger.
+    def start(
+        self, config: Any, *, tensorboard: bool = True, resume: bool = False, report_to: str | None = None
+    ) -> MetricsLogger:
+        """Begin writing the run (main process only): run_config.json, and a metrics logger that
+        mirrors to the trackers of `report_to` (see `MetricsLogger`).
 
         A fresh run (not `resume`) in an existing folder starts metrics.jsonl and samples.jsonl
         empty (episodes.jsonl too), so its rows never mix with an earlier run's.
@@ -80,7 +92,13 @@ class RunFolder:
         if not resume:
             self.samples_file.unlink(missing_ok=True)
             self.episodes_file.unlink(missing_ok=True)
-        return MetricsLogger(self.root, tensorboard=tensorboard, fresh=not resume)
+            for path in (self.eval_samples_file, self.eval_episodes_file, self.eval_scores_file):
+                path.unlink(missing_ok=True)
+            for folder in (self.eval_images_dir, self.eval_episodes_dir):
+                shutil.rmtree(folder, ignore_errors=True)
+        return MetricsLogger(
+            self.root, tensorboard=tensorboard, fresh=not resume, report_to=report_to, config=config
+        )
 
     def read_config(self) -> dict[str, Any]:
         return read_json(self.config_file)
@@ -370,35 +388,124 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 # -- files --------------------------------------------------------------------------------------
-class MetricsLogger:
-    """Appends one JSON line per logging step to `run_dir/metrics.jsonl` and mirrors scalars to
-    tensorboard (`run_dir/tensorboard`). Only the main process should create one."""
+TRACKERS = ("tensorboard", "trackio", "wandb")
+TRACKER_PROJECT = "vlm_rl"
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, fresh: bool = True):
+
+def parse_report_to(report_to: str | Iterable[str] | None) -> list[str]:
+    """The trackers named by `--report_to` ("tensorboard,trackio,wandb", a list, "none"; None =
+    tensorboard). Raises ConfigError (a ValueError) naming the known trackers for any other name.
+
+    >>> parse_report_to("tensorboard, wandb"), parse_report_to("none"), parse_report_to(None)
+    (['tensorboard', 'wandb'], [], ['tensorboard'])
+    """
+    if report_to is None:
+        return ["tensorboard"]
+    names = report_to.split(",") if isinstance(report_to, str) else list(report_to)
+    names = [name.strip().lower() for name in names if name.strip()]
+    if names in (["none"], []):
+        return []
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        from vlm_rl.errors import ConfigError
+
+        raise ConfigError(
+            f"--report_to {','.join(names)}: unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} "
+            "(comma-separated) or none"
+        )
+    return list(dict.fromkeys(names))
+
+
+class MetricsLogger:
+    """Appends one JSON line per logging step to `run_dir/metrics.jsonl` and mirrors its finite
+    scalars to the trackers of `report_to` (default tensorboard; `tensorboard=False` drops it).
+    Only the main process should create one.
+
+    - tensorboard: event files in `run_dir/tensorboard`.
+    - trackio (local-first): its SQLite store, `$TRACKIO_DIR` (default under the Hugging Face cache),
+      project "vlm_rl", the run named after the run folder; `trackio show` opens the dashboard.
+    - wandb: offline unless $WANDB_MODE says otherwise, files in `run_dir/wandb` (`wandb sync` uploads).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        fresh: bool = True,
+        report_to: str | Iterable[str] | None = None,
+        config: Any = None,
+    ):
         run = RunFolder(run_dir)
+        self.trackers = [t for t in parse_report_to(report_to) if tensorboard or t != "tensorboard"]
         run.root.mkdir(parents=True, exist_ok=True)
         self.run_dir = run.root
         self.path = run.metrics_file
         if fresh:  # a new run (not a resumed one) must not mix its rows with an earlier run's
             self.path.unlink(missing_ok=True)
-        self._writer = None
-        if tensorboard:
+        settings = _config_dict(config)
+        self._writer = self._trackio = self._wandb = None
+        if "tensorboard" in self.trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(run.tensorboard_dir))
+        if "trackio" in self.trackers:
+            trackio = _import_tracker("trackio")
+            self._trackio = trackio.init(
+                project=TRACKER_PROJECT,
+                name=run.root.resolve().name,
+                config=settings,
+                resume="never" if fresh else "allow",
+                embed=False,
+            )
+        if "wandb" in self.trackers:
+            wandb = _import_tracker("wandb")
+            self._wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", TRACKER_PROJECT),
+                name=run.root.resolve().name,
+                dir=str(run.root),
+                mode=os.environ.get("WANDB_MODE", "offline"),
+                config=settings,
+            )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {
+            key: value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)
+        }
         if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, step)
+        if self._trackio is not None and scalars:
+            self._trackio.log(scalars, step=step)
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._trackio is not None:
+            self._trackio.finish()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._writer = self._trackio = self._wandb = None
+
+
+def _import_tracker(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ValueError(f"--report_to {name} needs the {name} package: pip install {name} ({err})") from err
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    data = asdict(config) if is_dataclass(config) else dict(config)
+    return json.loads(json.dumps(data, default=str))
 
 
 def _plain(value: Any) -> Any:

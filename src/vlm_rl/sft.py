@@ -14,6 +14,7 @@ import torch
 from transformers import ProcessorMixin
 
 from vlm_rl.data.collators import PromptCollator
+from vlm_rl.models.families import completion_token_type
 from vlm_rl.models.inputs import append_completion
 from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.rl.core import masked_mean
@@ -67,7 +68,7 @@ def supervised_warm_start(
         rows = torch.randint(len(dataset), (batch_size,), generator=generator).tolist()
         batch = collator([dataset[i] for i in rows])
         ids, mask = completion_tensors(processor, batch.columns[answer_column])
-        inputs = append_completion(batch.inputs, ids, mask).to(device)
+        inputs = append_completion(batch.inputs, ids, mask, completion_token_type(policy)).to(device)
         logprobs = module(inputs, ids.to(device))["logprobs"]
         loss = -masked_mean(logprobs, mask.to(device).float())
         loss.backward()

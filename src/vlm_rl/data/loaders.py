@@ -205,7 +205,13 @@ def _rows_to_dataset(rows: list[dict[str, Any]], name: str) -> datasets.Dataset:
             "every prompt a list of messages)"
         ) from err
     if "images" in columns and dataset.features["images"] != datasets.List(datasets.Value("string")):
-        dataset = dataset.cast_column("images", datasets.List(datasets.Value("string")))
+        shown = not datasets.utils.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # an in-memory cast: no progress bar on stderr
+        try:
+            dataset = dataset.cast_column("images", datasets.List(datasets.Value("string")))
+        finally:
+            if shown:
+                datasets.enable_progress_bars()
     return dataset
 
 
@@ -273,3 +279,68 @@ def load_task_dataset(
     if num_samples is not None and len(dataset) > num_samples:
         dataset = dataset.shuffle(seed=seed).select(range(num_samples))
     return dataset
+
+
+def has_held_out_split(name: str) -> bool:
+    """Whether the dataset `name` has a held-out ("test") split of its own: a demo task, a saved
+    DatasetDict with "test", a hub/folder dataset listing one. A JSONL file or a saved Dataset has none."""
+    if tasks.is_task_dataset(name):
+        return True
+    path = Path(name)
+    if path.suffix == ".jsonl" or path.is_file():
+        return False
+    if path.is_dir() and _is_saved_dataset(path):
+        return (path / "dataset_dict.json").is_file() and (path / "test").is_dir()
+    try:
+        return "test" in datasets.get_dataset_split_names(name)
+    except Exception:  # noqa: BLE001 - any failure to list splits means: no known test split
+        return False
+
+
+def load_eval_dataset(
+    train_name: str,
+    eval_name: str | None,
+    *,
+    kind: DatasetKind = "prompt",
+    num_samples: int | None = None,
+    seed: int = 0,
+    **task_options: Any,
+) -> tuple[datasets.Dataset, bool]:
+    """The evaluation rows and whether they are held out: `eval_name` if given (its test split
+    when it has one, else all of it), else the test split of `train_name`; when that has none, the
+    training rows themselves, with False, so that reports never call them held-out."""
+    name = eval_name or train_name
+    held_out = eval_name is not None or has_held_out_split(train_name)
+    split = "test" if has_held_out_split(name) else "train"
+    options = task_options if name == train_name else {}
+    dataset = load_task_dataset(name, split, kind=kind, num_samples=num_samples, seed=seed, **options)
+    return dataset, held_out
+
+
+def image_digests(dataset: datasets.Dataset) -> set[str]:
+    """SHA-256 digests of the content of every image of `dataset` (its ``images`` column): a file's
+    bytes, stored image bytes, or an in-memory image's mode, size and pixels."""
+    import hashlib
+
+    if "images" not in dataset.column_names:
+        return set()
+    digests = set()
+    for batch in dataset.select_columns(["images"]).with_format("arrow").iter(batch_size=1024):
+        for refs in batch.column("images").to_pylist():
+            for ref in refs or ():
+                if isinstance(ref, Mapping) and ref.get("bytes"):
+                    data = ref["bytes"]
+                elif isinstance(ref, Mapping) or isinstance(ref, str):
+                    path = ref["path"] if isinstance(ref, Mapping) else ref
+                    if not path or is_url(path) or not Path(path).is_file():
+                        continue
+                    data = Path(path).read_bytes()
+                else:
+                    continue
+                digests.add(hashlib.sha256(data).hexdigest())
+    return digests
+
+
+def count_shared_images(train: datasets.Dataset, evaluation: datasets.Dataset) -> int:
+    """How many distinct images of `evaluation` also appear (identical content) in `train`."""
+    return len(image_digests(train) & image_digests(evaluation))

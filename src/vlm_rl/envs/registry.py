@@ -13,6 +13,7 @@ import gymnasium
 
 from vlm_rl.envs import cliffwalking, frozenlake, numberline
 from vlm_rl.envs.adapter import TurnEnv, words_of
+from vlm_rl.errors import ConfigError, VlmRlError, closest
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,20 @@ def make_env(
     """
     if name in ENVS:
         if actions is not None or instruction is not None or env_kwargs is not None:
-            raise ValueError(f"{name!r} is a built-in with its own protocol; give it options only")
+            raise ConfigError(f"{name!r} is a built-in with its own protocol; give it options only")
         return ENVS[name].make(**options)
     env_kwargs = dict(env_kwargs or {})
+    try:
+        return _make_other(name, actions, instruction, env_kwargs, options)
+    except VlmRlError:
+        raise
+    except (ValueError, TypeError, gymnasium.error.Error, ImportError) as error:
+        raise ConfigError(f"--env {name}: cannot be played as a turn environment ({error})") from error
+
+
+def _make_other(
+    name: str, actions, instruction, env_kwargs: dict[str, Any], options: dict[str, Any]
+) -> TurnEnv:
     if ":" in name:
         target = _import(name)
         if not (inspect.isclass(target) and issubclass(target, gymnasium.Env)):
@@ -87,9 +99,9 @@ def make_env(
     elif name in gymnasium.registry:
         env = gymnasium.make(name, **{"render_mode": "rgb_array", **env_kwargs})
     else:
-        raise ValueError(
-            f"unknown environment {name!r}; choose a built-in {sorted(ENVS)}, a gymnasium id "
-            "(e.g. 'CliffWalking-v1') or an import path 'pkg.module:Class'"
+        raise ConfigError(
+            f"--env {name!r}: unknown environment{closest(name, [*ENVS, *gymnasium.registry])}; choose a built-in "
+            f"{sorted(ENVS)}, a gymnasium id (e.g. 'CliffWalking-v1') or an import path 'pkg.module:Class'"
         )
     return TurnEnv(env, actions=actions, instruction=instruction, **options)
 
@@ -99,4 +111,6 @@ def _import(path: str) -> Any:
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot load environment {path!r}: {error}") from error
+        raise ConfigError(
+            f"--env {path}: cannot load the environment ({error}); check the module is importable and has {attr!r}"
+        ) from error

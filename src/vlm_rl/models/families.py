@@ -48,26 +48,32 @@ class FamilyFacts:
     image_only_processor: bool = False
     """True when the stock processor needs torchvision for its video sub-processor: without
     torchvision an image-only processor is built instead (see `models.loading`)."""
+    completion_token_type: int = 0
+    """Value of `token_type_ids` for completion tokens appended to a prompt: 0, text (Gemma3 marks
+    image tokens 1); PaliGemma: 1, its causal suffix (0 is the bidirectional prefix)."""
     extra_vocab: tuple[str, ...] = field(default_factory=tuple)
     """Plain words the chat template writes (roles, system prompt), for tiny word-level vocabularies."""
 
+
+LLAVA_CHAT_TOKENS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "</s>", "<s>", "<pad>", "<unk>")
+"""Tokens of the llava_next chat template (and of Llama's tokenizer) that tiny LLaVA-style builds use."""
+QWEN_VL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|image_pad|>",
+    "<|vision_end|>",
+    "<|video_pad|>",
+    "<|endoftext|>",
+    "<unk>",
+)
 
 FAMILIES: dict[str, FamilyFacts] = {
     "llava": FamilyFacts(
         model_type="llava",
         chat_template="llava_next",
         image_token="<image>",
-        special_tokens=(
-            "<image>",
-            "[INST]",
-            "[/INST]",
-            "<<SYS>>",
-            "<</SYS>>",
-            "</s>",
-            "<s>",
-            "<pad>",
-            "<unk>",
-        ),
+        special_tokens=("<image>", *LLAVA_CHAT_TOKENS),
         eos_token="</s>",
         vision_modules=("vision_tower",),
         projector_modules=("multi_modal_projector",),
@@ -81,16 +87,7 @@ FAMILIES: dict[str, FamilyFacts] = {
         model_type="qwen2_5_vl",
         chat_template="qwen2_5_vl",
         image_token="<|image_pad|>",
-        special_tokens=(
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|vision_start|>",
-            "<|image_pad|>",
-            "<|vision_end|>",
-            "<|video_pad|>",
-            "<|endoftext|>",
-            "<unk>",
-        ),
+        special_tokens=QWEN_VL_TOKENS,
         eos_token="<|im_end|>",
         vision_modules=("visual.blocks", "visual.patch_embed"),
         projector_modules=("visual.merger",),
@@ -126,7 +123,113 @@ FAMILIES: dict[str, FamilyFacts] = {
         shared_prefix=True,
         extra_vocab=("user", "assistant", ":"),
     ),
+    "llava_onevision": FamilyFacts(
+        model_type="llava_onevision",
+        chat_template="llava_next",
+        image_token="<image>",
+        special_tokens=("<image>", "<video>", *LLAVA_CHAT_TOKENS),
+        eos_token="</s>",
+        vision_modules=("vision_tower",),
+        projector_modules=("multi_modal_projector",),
+        # Anyres: every tile of every image is one row of the tower's batch (`image_sizes` is read
+        # by the model, not by the tower), so identical images give identical rows.
+        image_encoder="vision_tower",
+        shared_prefill=True,
+        shared_prefix=True,
+        image_only_processor=True,
+    ),
+    "qwen2_vl": FamilyFacts(
+        model_type="qwen2_vl",
+        chat_template="qwen2_5_vl",  # Qwen2-VL's template: Qwen2.5-VL kept it
+        image_token="<|image_pad|>",
+        special_tokens=QWEN_VL_TOKENS,
+        eos_token="<|im_end|>",
+        vision_modules=("visual.blocks", "visual.patch_embed"),
+        projector_modules=("visual.merger",),
+        image_encoder="visual",  # flattened patches split by `grid_thw`, as Qwen2.5-VL
+        shared_prefill=True,
+        prefill_state=("model.rope_deltas",),
+        shared_prefix=True,
+        position_ids_method="model.get_rope_index",
+        image_only_processor=True,
+        extra_vocab=("system", "user", "assistant", "you", "are", "a", "helpful", "."),
+    ),
+    "qwen3_vl": FamilyFacts(
+        model_type="qwen3_vl",
+        chat_template="qwen3_vl",
+        image_token="<|image_pad|>",
+        special_tokens=QWEN_VL_TOKENS,
+        eos_token="<|im_end|>",
+        vision_modules=("visual.blocks", "visual.patch_embed", "visual.pos_embed"),
+        projector_modules=("visual.merger", "visual.deepstack_merger_list"),
+        # Its output holds the merged tokens and the DeepStack features, each split per image like
+        # the patches: gathered per image as well.
+        image_encoder="visual",
+        shared_prefill=True,
+        prefill_state=("model.rope_deltas",),
+        shared_prefix=True,
+        position_ids_method="model.get_rope_index",
+        image_only_processor=True,
+        extra_vocab=("user", "assistant"),
+    ),
+    "gemma3": FamilyFacts(
+        model_type="gemma3",
+        chat_template="gemma3",
+        image_token="<image_soft_token>",  # the template writes <start_of_image>; the processor expands it
+        special_tokens=(
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<unk>",
+            "<start_of_turn>",
+            "<end_of_turn>",
+            "<start_of_image>",
+            "<end_of_image>",
+            "<image_soft_token>",
+        ),
+        eos_token="<end_of_turn>",
+        vision_modules=("vision_tower",),
+        projector_modules=("multi_modal_projector",),
+        image_encoder="vision_tower",
+        # Image tokens attend to each other bidirectionally (`token_type_ids`), text causally: a
+        # prompt's head (all but its last, non-image token) has the same cache either way.
+        shared_prefill=True,
+        shared_prefix=True,  # completions are text: causal over the prompt's cache
+        extra_vocab=("user", "model"),
+    ),
+    "paligemma": FamilyFacts(
+        model_type="paligemma",
+        chat_template="paligemma",  # none upstream: vlm_rl's (see PALIGEMMA_TEMPLATE)
+        image_token="<image>",
+        special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<image>"),
+        eos_token="<eos>",
+        vision_modules=("vision_tower",),
+        projector_modules=("multi_modal_projector",),
+        image_encoder="vision_tower",
+        # Prefix-LM: image and prompt attend to each other bidirectionally, so every prompt token's
+        # cache depends on the prompt's last token; a prefill of all but that token differs.
+        shared_prefill=False,
+        # Scoring on the prompt's cache would be exact in attention (the answer is the causal
+        # suffix) but PaliGemma's positions are 1-based, which the shared-prefix pass does not know.
+        shared_prefix=False,
+        completion_token_type=1,
+    ),
 }
+
+PALIGEMMA_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+)
+"""PaliGemma has no chat template (`load_processor` gives a checkpoint without one its row's): its
+prompts are plain text after the images. This one writes each image item as `<image>` and each text
+item as it is, roles dropped; the processor adds BOS after the last image and a newline after the
+text, the separator PaliGemma was trained with before its answer."""
+_OWN_TEMPLATES = {"paligemma": PALIGEMMA_TEMPLATE}
 
 
 def family_of(model_type: str) -> FamilyFacts | None:
@@ -134,6 +237,14 @@ def family_of(model_type: str) -> FamilyFacts | None:
     return FAMILIES.get(model_type)
 
 
+def completion_token_type(model) -> int:
+    """`FamilyFacts.completion_token_type` of a (possibly LoRA-wrapped) model; 0 for a family without a row."""
+    family = family_of(getattr(model.config, "model_type", ""))
+    return family.completion_token_type if family else 0
+
+
 def chat_template(name: str) -> str:
-    """The text of one of TRL's shipped chat templates."""
+    """The text of one of TRL's shipped chat templates (or of vlm_rl's own, for PaliGemma)."""
+    if name in _OWN_TEMPLATES:
+        return _OWN_TEMPLATES[name]
     return resources.files("trl").joinpath("chat_templates", f"{name}.jinja").read_text()

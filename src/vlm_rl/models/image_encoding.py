@@ -15,10 +15,18 @@ Two input layouts, told apart by the arguments (as in `models.inputs`):
 - flattened patches: `hidden_states` (patches, dim) with `grid_thw` (images, 3) (Qwen-VL).
 A call with any other tensor, list or tuple argument (e.g. Pixtral's `image_sizes`: its tower packs
 all images into one sequence), or to an encoder in training mode with dropout, runs unshared.
+
+Across calls (`remember=True`, an RL step: generation, scoring and update see the same images): an
+encoder with no trainable parameter (a frozen vision tower; LLaVA's and Idefics3's projectors lie
+outside it, so a trained projector still runs on every call) computes a function of the pixels
+alone, so each image's outputs are kept for the rest of the block (keyed by a digest of its bytes)
+and later calls encode only images not seen before. Outputs are the very tensors first computed.
+An encoder holding a trained part (Qwen2.5-VL's `visual` includes its merger) is not remembered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 from collections.abc import Iterator
@@ -79,6 +87,12 @@ class _Sharing:
     stats: list[ImageEncodingStats] = field(default_factory=list)
     plans: list[_Plan | None] = field(default_factory=list)
     """One entry per call in progress (None: that call runs unshared)."""
+    remembering: int = 0
+    """Open blocks with `remember=True`: while > 0 the encoder's forward is wrapped by `_remembering`."""
+    instance_forward: Any = None
+    """The encoder's instance-level `forward` before `_remembering` wrapped it (None: the class's)."""
+    memory: dict[bytes, Any] = field(default_factory=dict)
+    """Digest of one image's inputs -> that image's outputs (the call's outputs sliced to it)."""
 
 
 _ACTIVE: WeakKeyDictionary[nn.Module, _Sharing] = WeakKeyDictionary()
@@ -99,8 +113,9 @@ def image_encoder(model: nn.Module) -> nn.Module | None:
 
 
 @contextmanager
-def share_image_encoding(model: nn.Module) -> Iterator[ImageEncodingStats]:
-    """Within the block, every call of `model`'s image encoder encodes each distinct image once.
+def share_image_encoding(model: nn.Module, *, remember: bool = False) -> Iterator[ImageEncodingStats]:
+    """Within the block, every call of `model`'s image encoder encodes each distinct image once;
+    with `remember`, once for the whole block where the encoder is frozen (module docstring).
 
     Yields the block's `ImageEncodingStats` (images given, encoded, saved). Nested blocks on the
     same model share the hooks and each count the calls made inside them. On a family without an
@@ -126,10 +141,23 @@ def share_image_encoding(model: nn.Module) -> Iterator[ImageEncodingStats]:
         ]
         _ACTIVE[encoder] = sharing
     sharing.stats.append(stats)
+    if remember:
+        if not sharing.remembering:
+            sharing.instance_forward = encoder.__dict__.get("forward")  # a wrapper set before (accelerate)
+            encoder.forward = _remembering(sharing, encoder, encoder.forward)
+        sharing.remembering += 1
     try:
         yield stats
     finally:
         sharing.stats.remove(stats)
+        if remember:
+            sharing.remembering -= 1
+            if not sharing.remembering:
+                if sharing.instance_forward is None:
+                    del encoder.forward  # back to the class's forward
+                else:
+                    encoder.forward = sharing.instance_forward
+                sharing.memory.clear()
         if not sharing.stats:
             for handle in sharing.handles:
                 handle.remove()
@@ -172,26 +200,28 @@ def _after(sharing: _Sharing):
 def _shareable(module: nn.Module, pixels: Any, args: tuple, kwargs: dict, pixel_argument: str) -> bool:
     """Whether a call can be shared: at least two images in a known layout, no argument of unknown
     layout (a tensor, list or tuple: e.g. Pixtral's `image_sizes`), no random dropout."""
+    images = _known_layout_images(pixels, args, kwargs, pixel_argument)
+    return images >= 2 and not (module.training and _has_dropout(module))
+
+
+def _known_layout_images(pixels: Any, args: tuple, kwargs: dict, pixel_argument: str) -> int:
+    """How many images a call holds when its arguments are in a known layout, else 0."""
     if not isinstance(pixels, torch.Tensor) or pixels.dim() < 2:
-        return False
+        return 0
     known = (pixel_argument, *PER_IMAGE_ARGUMENTS, GRID_ARGUMENT, *SETTING_ARGUMENTS)
     structured = (torch.Tensor, list, tuple)
     unknown = [k for k, v in kwargs.items() if isinstance(v, structured) and k not in known]
     unknown += [f"argument {i}" for i, v in enumerate(args[1:], 1) if isinstance(v, structured)]
     if unknown:
         logger.debug("image encoding not shared: arguments of unknown layout %s", unknown)
-        return False
+        return 0
     grid = kwargs.get(GRID_ARGUMENT)
     if grid is not None:
-        images = len(grid)
         if grid.dim() != 2 or int(grid.prod(-1).sum()) != len(pixels):
-            return False
-    else:
-        images = len(pixels)
-        per_image = [kwargs[k] for k in PER_IMAGE_ARGUMENTS if isinstance(kwargs.get(k), torch.Tensor)]
-        if any(len(v) != images for v in per_image):
-            return False
-    return images >= 2 and not (module.training and _has_dropout(module))
+            return 0
+        return len(grid)
+    per_image = [kwargs[k] for k in PER_IMAGE_ARGUMENTS if isinstance(kwargs.get(k), torch.Tensor)]
+    return 0 if any(len(v) != len(pixels) for v in per_image) else len(pixels)
 
 
 def _has_dropout(module: nn.Module) -> bool:
@@ -310,3 +340,103 @@ def _map_tensors(output: Any, fn, name: str = "output") -> Any:
     if isinstance(output, (tuple, list)):
         return type(output)(_map_tensors(v, fn, f"{name}[{i}]") for i, v in enumerate(output))
     return output
+
+
+# -- remembering across calls -----------------------------------------------------------------------
+def _remembering(sharing: _Sharing, encoder: nn.Module, forward):
+    """`forward` (receiving the distinct images of a call, after `_before`) encoding only images
+    whose outputs the block has not kept yet, while the encoder has no trainable parameter."""
+    name = sharing.pixel_argument
+
+    def remembering_forward(*args, **kwargs):
+        pixels = args[0] if args else kwargs.get(name)
+        images = _known_layout_images(pixels, args, kwargs, name)
+        if (
+            not images
+            or (encoder.training and _has_dropout(encoder))
+            or any(p.requires_grad for p in encoder.parameters())
+        ):
+            return forward(*args, **kwargs)
+        grid = kwargs.get(GRID_ARGUMENT)
+        patches = grid.prod(-1).cpu() if grid is not None else None
+        keys = _image_digests(pixels, kwargs, patches)
+        missing = [i for i, key in enumerate(keys) if key not in sharing.memory and keys.index(key) == i]
+        if missing:
+            picked = torch.tensor(missing)
+            if patches is None:
+                args, kwargs = _replace_pixels(args, kwargs, name, pixels[picked.to(pixels.device)])
+                per_image = [k for k in PER_IMAGE_ARGUMENTS if isinstance(kwargs.get(k), torch.Tensor)]
+                kwargs = {**kwargs, **{k: kwargs[k][picked.to(kwargs[k].device)] for k in per_image}}
+            else:
+                starts = torch.cumsum(patches, 0) - patches
+                rows = torch.cat([torch.arange(starts[i], starts[i] + patches[i]) for i in missing])
+                args, kwargs = _replace_pixels(args, kwargs, name, pixels[rows.to(pixels.device)])
+                kwargs = {**kwargs, GRID_ARGUMENT: grid[picked.to(grid.device)]}
+            output = forward(*args, **kwargs)
+            pieces = _split_per_image(output, len(missing), None if patches is None else patches[picked])
+            for i, piece in zip(missing, pieces, strict=True):
+                sharing.memory[keys[i]] = piece
+        for stats in sharing.stats:
+            stats.encoded -= images - len(missing)
+        return _join([sharing.memory[key] for key in keys])
+
+    return remembering_forward
+
+
+def _image_digests(pixels: torch.Tensor, kwargs: dict, patches: torch.Tensor | None) -> list[bytes]:
+    """One digest per image of its pixels (and per-image arguments or grid), shape and dtype included."""
+    if patches is None:
+        per_image = [kwargs[k] for k in PER_IMAGE_ARGUMENTS if isinstance(kwargs.get(k), torch.Tensor)]
+        parts = [[pixels[i], *(v[i] for v in per_image)] for i in range(len(pixels))]
+    else:
+        grid = kwargs[GRID_ARGUMENT]
+        parts = [[segment, grid[i]] for i, segment in enumerate(pixels.split(patches.tolist()))]
+    digests = []
+    for tensors in parts:
+        digest = hashlib.blake2b(digest_size=20)
+        for tensor in tensors:
+            digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(_bits(tensor.detach()).contiguous().cpu().numpy().tobytes())
+        digests.append(digest.digest())
+    return digests
+
+
+def _split_per_image(output: Any, images: int, patches: torch.Tensor | None) -> list[Any]:
+    """A call's outputs on `images` images -> each image's outputs (same structure, sliced)."""
+    pieces: list[dict[str, torch.Tensor]] = [{} for _ in range(images)]
+
+    def split(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if patches is None:
+            if tensor.dim() == 0 or tensor.shape[0] != images:
+                raise RuntimeError(
+                    f"image encoder output {name!r} of shape {tuple(tensor.shape)} has no row per image: "
+                    "cannot remember it; set this family's `image_encoder` to None in vlm_rl.models.families"
+                )
+            parts = tensor.split(1)
+        else:
+            total = int(patches.sum())
+            ratio = total // tensor.shape[0] if tensor.dim() and tensor.shape[0] else 0
+            if not ratio or ratio * tensor.shape[0] != total or (patches % ratio).any():
+                raise RuntimeError(
+                    f"image encoder output {name!r} of shape {tuple(tensor.shape)} is not split per image: "
+                    "cannot remember it; set this family's `image_encoder` to None in vlm_rl.models.families"
+                )
+            parts = tensor.split((patches // ratio).tolist())
+        for piece, part in zip(pieces, parts, strict=True):
+            piece[name] = part
+        return tensor
+
+    _map_tensors(output, split)
+    return [_map_tensors(output, lambda name, tensor, piece=piece: piece[name]) for piece in pieces]
+
+
+def _join(pieces: list[Any]) -> Any:
+    """Per-image outputs (same structure) -> the outputs of all of them, concatenated image after image."""
+    first = pieces[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(pieces)
+    if isinstance(first, dict):  # ModelOutput
+        return type(first)(**{k: _join([p[k] for p in pieces]) for k in first})
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join([p[i] for p in pieces]) for i in range(len(first)))
+    return first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,18 +18,116 @@ from transformers import (
     ProcessorMixin,
 )
 
-from vlm_rl.models.families import FamilyFacts, family_of
-from vlm_rl.models.processors import ImageOnlyQwen2_5_VLProcessor
+from vlm_rl.errors import ModelNotFoundError, one_line
+from vlm_rl.models.families import FamilyFacts, chat_template, family_of
+from vlm_rl.models.processors import load_image_only_processor
 from vlm_rl.models.tiny import ensure_tiny, resolve_tiny_name
 from vlm_rl.run_folder import REWARD_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
 
+GENERIC_VISION_MODULES = ("vision_tower", "vision_model", "visual")
+GENERIC_PROJECTOR_MODULES = ("multi_modal_projector", "connector", "merger")
+"""Module-name fragments of the vision tower and projector of a family without a row."""
+
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""--dtype names; "auto" (not listed) keeps the checkpoint's dtype (float32 for the embedded models)."""
+
+MODEL_LOADING_FIELDS = ("dtype", "attn_implementation", "load_in_4bit", "load_in_8bit", "trust_remote_code")
+"""The config fields (RLConfig, RewardTrainingConfig: their "Model loading" section) that
+`load_model` takes as keyword arguments; `loading_kwargs(config)` reads them."""
+
+
+def loading_kwargs(config) -> dict:
+    """`load_model`'s keyword arguments from a config's "Model loading" fields."""
+    return {name: getattr(config, name) for name in MODEL_LOADING_FIELDS}
+
+
 def resolve_model_path(model_name_or_path: str) -> str:
-    """A hub id or local folder as given; a tiny default name ("tiny-llava") -> its cached folder."""
+    """A hub id or local folder as given; an embedded name ("tiny-llava", "smol-llava") -> its cached
+    folder (built on first use)."""
+    from vlm_rl.models.smol_llava import SMOL_LLAVA, ensure_smol_llava
+
+    if model_name_or_path == SMOL_LLAVA:
+        return str(ensure_smol_llava())
     tiny = resolve_tiny_name(model_name_or_path)
     return str(ensure_tiny(*tiny)) if tiny else model_name_or_path
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """A torch dtype, "auto", or a --dtype name (bf16, fp16, fp32; bfloat16, float16, float32 too)."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    found = getattr(torch, str(dtype), None)
+    if isinstance(found, torch.dtype) and found.is_floating_point:
+        return found
+    raise ValueError(f"--dtype {dtype!r}: choose auto, bf16, fp16 or fp32")
+
+
+def quantization_config(
+    model_name_or_path: str,
+    *,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    dtype: torch.dtype | str = "auto",
+    trust_remote_code: bool = False,
+):
+    """The bitsandbytes config of a QLoRA load (None without 4/8-bit), as TRL's
+    `get_quantization_config`: 4-bit NF4 with double quantisation, computing (and storing, so FSDP
+    can shard it) in the run's dtype (bfloat16 for "auto" or fp32). The projector and the LM head
+    stay unquantised: the projector may be trained fully (--train_projector) and the LM head
+    produces the log-probs."""
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    family = family_of(config.model_type)
+    projector = family.projector_modules if family else GENERIC_PROJECTOR_MODULES
+    # bitsandbytes matches a skip pattern as a regex from the start of a module's full name
+    skip = [r"(?:.*\.)?" + re.escape(name) for name in projector] + ["lm_head"]
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    compute = resolve_dtype(dtype)
+    compute = compute if compute in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+        llm_int8_skip_modules=skip,
+    )
+
+
+HEAP_MMAP_THRESHOLD = 1 << 20
+"""Bytes from which glibc serves (and, once freed, unmaps) an allocation with mmap; see
+`return_freed_tensors_to_the_os`."""
+
+
+def return_freed_tensors_to_the_os(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold at `threshold` bytes, so that freed activation tensors go back to the
+    OS instead of staying in the heap. With glibc's default (a threshold that rises to 32 MB as large
+    blocks are freed) a training step's transient tensors stay in the heap, fragmented: on smol-llava
+    the reward trainer's step peaked at 8.4 GB RSS for 4.1 GB of activations and 0.5 GB of weights
+    (benchmarks/smol_llava_memory.py, 16 pairs); with the threshold at 1 MiB, 5.2 GB. Skipped where
+    the user set MALLOC_MMAP_THRESHOLD_ or the C library is not glibc. Returns True when set."""
+    import ctypes
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False) -> ProcessorMixin:
@@ -43,13 +142,11 @@ def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False) 
         logger.info(
             "video sub-processor unavailable (%s); using an image-only %s processor", error, family.model_type
         )
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        processor = ImageOnlyQwen2_5_VLProcessor(
-            image_processor=AutoImageProcessor.from_pretrained(path, backend="pil"),
-            tokenizer=AutoTokenizer.from_pretrained(path),
-        )
-        processor.chat_template = processor.tokenizer.chat_template
+        processor = load_image_only_processor(family.model_type, path)
+    if getattr(processor, "chat_template", None) is None:  # PaliGemma checkpoints ship none
+        family = family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type)
+        if family is not None:
+            processor.chat_template = chat_template(family.chat_template)
     processor.tokenizer.padding_side = "left"
     return processor
 
@@ -61,25 +158,67 @@ def load_model(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Load a VLM and its processor: a hub id, a local folder, or a tiny default name.
+    """Load a VLM and its processor: a hub id, a local folder, or an embedded name.
 
     Args:
-        model_name_or_path: e.g. "Qwen/Qwen2.5-VL-3B-Instruct", "./my-model" or "tiny-llava".
-        dtype: torch dtype or "auto" (the checkpoint's); tiny models are float32.
+        model_name_or_path: e.g. "Qwen/Qwen2.5-VL-3B-Instruct", "./my-model", "tiny-llava" or
+            "smol-llava".
+        dtype: "auto" (the checkpoint's; the embedded models are float32), "bf16", "fp16", "fp32"
+            or a torch dtype.
         device: where to put the model; None leaves it on CPU (accelerate moves it later).
         trust_remote_code: only for checkpoints that need custom code; off by default.
+        attn_implementation: "sdpa", "eager", "flash_attention_2", ... (None: transformers' choice).
+        load_in_4bit, load_in_8bit: QLoRA (bitsandbytes, CUDA only; see `quantization_config`); the
+            model is placed on this process's GPU and `wrap_with_lora` prepares it for k-bit training.
     """
     path = resolve_model_path(model_name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+    if device is None or torch.device(device).type == "cpu":
+        return_freed_tensors_to_the_os()  # host RAM is where a CPU run's activations live
+    quantization = quantization_config(
+        path,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
     )
-    if device is not None:
+    extra = {}
+    if quantization is not None:
+        from accelerate import PartialState
+
+        # bitsandbytes weights are placed at load time, one copy per process (TRL's kbit device map)
+        extra = {"quantization_config": quantization, "device_map": {"": PartialState().local_process_index}}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=resolve_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            use_safetensors=True,  # never unpickle weights
+            **extra,
+        )
+    except OSError as error:
+        raise _model_not_found(model_name_or_path, error) from error
+    if device is not None and quantization is None:
         model.to(device)
     processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
+
+
+def _model_not_found(model_name_or_path: str, error: OSError) -> ModelNotFoundError:
+    """The error of a model that cannot be loaded: the id, why, and how to point at a local folder."""
+    reason = one_line(str(error)).split(". Check")[0]
+    if Path(model_name_or_path).is_dir() and not any(Path(model_name_or_path).glob("*.safetensors")):
+        reason = "no *.safetensors weights there (vlm_rl loads weights only from safetensors; convert a pickled checkpoint with `model.save_pretrained(dir)` in a trusted session)"
+    return ModelNotFoundError(
+        f"--model_name_or_path {model_name_or_path}: cannot load the model ({reason}); give a hub id that exists "
+        "(offline: one already in the hub cache), or a local folder holding config.json, model.safetensors "
+        "and the processor files"
+    )
 
 
 def family_facts(model: PreTrainedModel) -> FamilyFacts | None:
@@ -89,8 +228,8 @@ def family_facts(model: PreTrainedModel) -> FamilyFacts | None:
 def _vision_and_projector_prefixes(model: nn.Module) -> tuple[list[str], list[str]]:
     """Module-name prefixes of the vision tower and of the projector, found from the model itself."""
     family = family_of(getattr(model.config, "model_type", ""))
-    vision_keys = family.vision_modules if family else ("vision_tower", "vision_model", "visual")
-    projector_keys = family.projector_modules if family else ("multi_modal_projector", "connector", "merger")
+    vision_keys = family.vision_modules if family else GENERIC_VISION_MODULES
+    projector_keys = family.projector_modules if family else GENERIC_PROJECTOR_MODULES
     vision, projector = [], []
     for name, _ in model.named_modules():
         if any(name == k or name.endswith("." + k) for k in projector_keys):
@@ -114,6 +253,59 @@ def language_model_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _projector_parts(model: nn.Module, projector: list[str]) -> list[str]:
+    """peft `modules_to_save` names of the projector modules (a list's elements: Qwen3-VL's
+    DeepStack mergers are a ModuleList, which peft cannot save whole)."""
+    parts = []
+    for prefix in projector:
+        name = prefix.rsplit(".", 1)[-1]
+        module = model.get_submodule(prefix)
+        parts += [f"{name}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [name]
+    return parts
+
+
+def lora_targets(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[str]:
+    """Full names of the layers LoRA wraps: every linear layer of the language model, or with
+    `target_modules` those whose name is, or ends with ".<name>", one of them (a full name works)."""
+    targets = language_model_linear_names(model)
+    if not targets:
+        raise ValueError(f"no linear layers found in the language model of {type(model).__name__}")
+    if not target_modules:
+        return targets
+    chosen = [t for t in targets if any(t == n or t.endswith("." + n) for n in target_modules)]
+    unmatched = [n for n in target_modules if not any(t == n or t.endswith("." + n) for t in targets)]
+    if unmatched:
+        suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        raise ValueError(
+            f"--lora_target_modules {' '.join(unmatched)}: no such linear layer in the language model of "
+            f"{type(model).__name__}; its layers are named {', '.join(suffixes)}"
+        )
+    return chosen
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for a model loaded in 4 or 8 bits (bitsandbytes)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_for_training(model: PreTrainedModel, *, gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """Before adapters go on: a 4/8-bit model through peft's `prepare_model_for_kbit_training`
+    (weights frozen, the unquantised half-precision ones upcast to fp32, checkpointing as asked);
+    otherwise gradient checkpointing, non-reentrant, when asked."""
+    checkpointing_kwargs = {"use_reentrant": False}
+    if is_quantized(model):
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+    return model
+
+
 def wrap_with_lora(
     model: PreTrainedModel,
     *,
@@ -122,24 +314,29 @@ def wrap_with_lora(
     dropout: float = 0.0,
     train_projector: bool = False,
     adapter_name: str = "default",
+    target_modules: Sequence[str] | None = None,
+    gradient_checkpointing: bool = False,
 ):
     """Wrap `model` with a LoRA adapter on the language model's linear layers (peft).
 
     The vision tower and projector stay frozen; `train_projector=True` trains the projector fully
-    (peft `modules_to_save`). Targets come from the model's structure, not a per-checkpoint list.
+    (peft `modules_to_save`). Targets come from the model's structure, not a per-checkpoint list;
+    `target_modules` (e.g. ["q_proj", "v_proj"]) narrows them to the language-model layers whose
+    name ends with one of those names. `gradient_checkpointing` recomputes each decoder layer's
+    activations in the backward pass (non-reentrant) instead of keeping them. A 4/8-bit model
+    (`load_model(load_in_4bit=True)`) goes through peft's `prepare_model_for_kbit_training` first.
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = language_model_linear_names(model)
-    if not targets:
-        raise ValueError(f"no linear layers found in the language model of {type(model).__name__}")
+    targets = lora_targets(model, target_modules)
+    model = prepare_for_training(model, gradient_checkpointing=gradient_checkpointing)
     _, projector = _vision_and_projector_prefixes(model)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules="^(" + "|".join(re.escape(t) for t in targets) + ")$",
-        modules_to_save=[p.rsplit(".", 1)[-1] for p in projector] if train_projector else None,
+        modules_to_save=_projector_parts(model, projector) if train_projector else None,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
@@ -164,6 +361,9 @@ def load_policy(
     dtype: torch.dtype | str = "auto",
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
 ):
     """A trained policy: the base VLM named by the adapter's config plus the LoRA adapter.
 
@@ -172,6 +372,7 @@ def load_policy(
     `revision` and a custom `endpoint`; the token comes from the environment or the login). The
     base is loaded by `load_model`, so tiny defaults ("tiny-llava") and hub ids both work. Returns
     (policy in eval mode, processor: the adapter folder's own if it has one, else the base's).
+    The loading options are `load_model`'s.
     """
     from peft import PeftModel
 
@@ -196,7 +397,15 @@ def load_policy(
         raise ValueError(
             f"{config_file} names no base model (base_model_name_or_path): cannot load the policy"
         )
-    model, processor = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model, processor = load_model(
+        base,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+    )
     policy = PeftModel.from_pretrained(model, str(path)).eval()
     if (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file():
         processor = load_processor(str(path), trust_remote_code=trust_remote_code)

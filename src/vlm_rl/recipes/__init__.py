@@ -17,6 +17,8 @@ from typing import Any
 from vlm_rl.errors import ConfigError, MissingPathError, ModelNotFoundError, VlmRlError, closest, one_line
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+EMBEDDED_MODELS = ("smol-llava",)
+"""Model names built offline besides the tiny defaults (vlm_rl.models.smol_llava)."""
 
 
 def project_dir() -> Path:
@@ -70,15 +72,14 @@ def parse_config(types: tuple[type, ...], argv: list[str] | None, default_config
         unused = re.search(r"not used by the HfArgumentParser: (\[.*\])", message)
         from_file = re.search(r"Unknown arguments from config file: (\[.*?\])", message)
         if unused or from_file:
-            names = [
-                name for name in ast.literal_eval((unused or from_file).group(1)) if name.startswith("-")
-            ]
-            name = names[0] if names else (unused or from_file).group(1)
-            where = (
-                f"--config {config_file}: unknown key {name.lstrip('-')!r}"
-                if from_file
-                else f"unknown flag {name}"
+            remaining = [str(item) for item in ast.literal_eval((unused or from_file).group(1))]
+            name = next(
+                (item for item in remaining if item.startswith("-")), remaining[0] if remaining else "?"
             )
+            if from_file:
+                where = f"--config {config_file}: unknown key {name.lstrip('-')!r}"
+            else:
+                where = f"unknown flag {name}" if name.startswith("-") else f"unexpected argument {name!r}"
             raise ConfigError(
                 f"{where}{closest(name, flags)}; `{parser.prog} --help` lists the flags"
             ) from err
@@ -98,7 +99,7 @@ def check_model_source(model_name_or_path: str, flag: str = "--model_name_or_pat
     """A tiny default name, a local model folder, or a hub id (which offline must be in the cache)."""
     from vlm_rl.models.tiny import TINY_MODELS, resolve_tiny_name
 
-    if resolve_tiny_name(model_name_or_path):
+    if resolve_tiny_name(model_name_or_path) or model_name_or_path in EMBEDDED_MODELS:
         return
     path = Path(model_name_or_path).expanduser()
     fix = (

@@ -17,15 +17,14 @@ held-out success before and after RL beside the random and image-blind baselines
 
 from __future__ import annotations
 
-from trl import TrlParser
-
 from vlm_rl import envs
 from vlm_rl.envs.baselines import frozenlake_baselines, success_rate
-from vlm_rl.models import load_model
-from vlm_rl.recipes import CONFIGS, recipe_args
+from vlm_rl.errors import ConfigError
+from vlm_rl.models.tiny import check_vocabulary, resolve_tiny_name, tiny_vocabulary
+from vlm_rl.recipes import CONFIGS, check_rl_inputs, parse_config
 from vlm_rl.rl.agent import AgentContext, AgentTrainer, expert_dataset
 from vlm_rl.rl.config import AgentConfig, RLConfig, WarmStartConfig
-from vlm_rl.rl.pipeline import build_policy, reward_from_config, start, warm_start
+from vlm_rl.rl.pipeline import build_policy, load_base, reward_from_config, start, warm_start
 
 DEFAULT_CONFIG = CONFIGS / "ppo_agent.yaml"
 
@@ -43,14 +42,30 @@ def baselines(agent: AgentConfig, env, eval_seeds: list[int]) -> dict[str, float
     return {"random": success_rate(env, lambda env, turn: rng.choice(env.actions), eval_seeds)}
 
 
+def check_action_words(model_name_or_path: str, env_name: str, env) -> None:
+    """A tiny default can only answer with words of its vocabulary: every action word of the
+    environment must be one (a gymnasium id's default words "0", "1", ... are not)."""
+    tiny = resolve_tiny_name(model_name_or_path)
+    if tiny is None:
+        return
+    vocabulary = tiny_vocabulary(tiny[0])
+    missing = [word for word in env.actions if word.lower() not in vocabulary]
+    if missing:
+        raise ConfigError(
+            f"--env {env_name}: its action words {list(env.actions)} do not fit --model_name_or_path "
+            f"{model_name_or_path}, whose word-level vocabulary lacks {missing}; use a built-in environment "
+            f"({', '.join(sorted(envs.ENVS))}) with tiny-llava-agent, or a model with a real tokenizer"
+        )
+    check_vocabulary(model_name_or_path, [env.instruction], env_name, flag="--env")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    config, agent, warm = TrlParser((RLConfig, AgentConfig, WarmStartConfig)).parse_args_and_config(
-        args=recipe_args(argv, DEFAULT_CONFIG)
-    )
+    config, agent, warm = parse_config((RLConfig, AgentConfig, WarmStartConfig), argv, DEFAULT_CONFIG)
+    check_rl_inputs(config)  # before anything is loaded
+    spec = envs.ENVS.get(agent.env)
     accelerator = start(config)
 
     # Environment: built-in specs give train/held-out seeds and an expert; others use seed ranges
-    spec = envs.ENVS.get(agent.env)
     options = (
         agent.env_options()
         if spec
@@ -61,6 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
         return envs.make_env(agent.env, **options)
 
     env = make()
+    if warm.warm_start_steps and (spec is None or spec.expert is None):
+        raise ConfigError(
+            f"--warm_start_steps {warm.warm_start_steps}: needs an expert; {agent.env!r} has none (use 0)"
+        )
+    check_action_words(config.model_name_or_path, agent.env, env)
     train_seeds = list(spec.train_seeds) if spec else list(range(10_000))
     eval_seeds = list(spec.eval_seeds if spec else range(100_000, 100_000 + agent.eval_episodes))[
         : agent.eval_episodes
@@ -68,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     context = AgentContext(frames=agent.context_frames, actions=agent.context_actions)
 
     # Policy and reward (environment reward + any reward functions / reward model on turns)
-    with accelerator.main_process_first():  # the first build of a tiny model writes the cache
-        model, processor = load_model(config.model_name_or_path)
+    model, processor = load_base(config, accelerator)
     policy, value_head = build_policy(config, model)
     reward = reward_from_config(config, accelerator.device)
 
@@ -86,8 +105,6 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator=accelerator,
         value_head=value_head,
     )
-    if warm.warm_start_steps and (spec is None or spec.expert is None):
-        raise ValueError(f"--warm_start_steps needs an expert; {agent.env!r} has none (use 0)")
     # Supervised warm start on expert (shortest-path) turns of training maps, then RL
     base = warm_start(
         trainer,
@@ -110,8 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"-step warm start (RL starts here): {before['eval/success_rate']:.3f}"
             )
         what = "maps never seen in training" if agent.env == "frozenlake" else "held-out seeds"
+        disjoint = (
+            f"seeds disjoint from the {len(train_seeds)} training seeds"
+            if set(train_seeds).isdisjoint(eval_seeds)
+            else f"WARNING: {len(set(train_seeds) & set(eval_seeds))} of these seeds are training seeds too"
+        )
         print(
-            f"held-out ({len(eval_seeds)} {what}): success rate {before['eval/success_rate']:.3f} -> "
+            f"held-out ({len(eval_seeds)} {what}, {disjoint}): success rate {before['eval/success_rate']:.3f} -> "
             f"{after['eval/success_rate']:.3f}, return {before['eval/return']:.3f} -> {after['eval/return']:.3f}, "
             f"invalid actions {before['eval/invalid_action_rate']:.3f} -> {after['eval/invalid_action_rate']:.3f}; "
             f"baselines on the same episodes: {shown}; adapter saved to {final}"

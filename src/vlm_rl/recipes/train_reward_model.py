@@ -18,9 +18,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from trl import TrlParser
-
-from vlm_rl.recipes import CONFIGS, check_resume, recipe_args
+from vlm_rl.recipes import CONFIGS, check_model_source, check_output_dir, check_resume, parse_config
 from vlm_rl.rewards.trainer import RewardTrainingConfig, train_reward_model
 from vlm_rl.tasks.easy_vqa import PreferenceOptions
 
@@ -28,12 +26,11 @@ DEFAULT_CONFIG = CONFIGS / "caption_preference.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    config, pair_options = TrlParser((RewardTrainingConfig, PreferenceOptions)).parse_args_and_config(
-        args=recipe_args(argv, DEFAULT_CONFIG)
-    )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Before any model loads: the checkpoint exists and was saved by a run of the same model shapes.
+    config, pair_options = parse_config((RewardTrainingConfig, PreferenceOptions), argv, DEFAULT_CONFIG)
+    check_model_source(config.model_name_or_path)  # before anything is loaded
+    check_output_dir(config.output_dir)
     check_resume(config, ("model_name_or_path", "lora_r", "lora_alpha", "train_projector"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # The demo pairs take their options; any other preference data is read as it is.
     easy_vqa_pairs = config.dataset == "easy-vqa:caption_preference"
@@ -42,10 +39,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        pairs = int(metrics["eval/pairs"])
+        if not metrics["eval/held_out"]:
+            what = (
+                f"pairwise accuracy on training pairs (no held-out split in {config.dataset}; pass "
+                f"--eval_dataset for a held-out score): {metrics['eval/accuracy_before']:.3f} before -> "
+                f"{metrics['eval/accuracy']:.3f} after ({pairs} training pairs"
+            )
+        else:
+            shared = int(metrics["eval/images_shared_with_training"])
+            where = f"of {config.eval_dataset}" if config.eval_dataset else "on unseen images"
+            overlap = f"{shared} image(s) shared with training" if shared else "no image shared with training"
+            what = (
+                f"held-out pairwise accuracy: {metrics['eval/accuracy_before']:.3f} before -> "
+                f"{metrics['eval/accuracy']:.3f} after ({pairs} pairs {where}; {overlap}"
+            )
         print(
-            f"held-out pairwise accuracy: {metrics['eval/accuracy_before']:.3f} before -> "
-            f"{metrics['eval/accuracy']:.3f} after ({int(metrics['eval/pairs'])} pairs on unseen images, "
-            f"{int(metrics['train/steps'])} steps); model saved to {Path(config.output_dir) / 'final'}"
+            f"{what}; {int(metrics['train/steps'])} steps); model saved to {Path(config.output_dir) / 'final'}"
         )
         if config.push_to_hub:
             from vlm_rl.hub import push_after_training

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,10 +37,10 @@ def check_reward_model_path(path: str) -> None:
         )
 
 
-def load_reward_model(path: str, device: torch.device | str = "cpu") -> RewardModel:
-    """Load a reward model, or fail with the command that trains it."""
+def load_reward_model(path: str, device: torch.device | str = "cpu", **loading: Any) -> RewardModel:
+    """Load a reward model, or fail with the command that trains it (`loading`: `load_model`'s options)."""
     check_reward_model_path(path)
-    model = RewardModel.from_pretrained(path)
+    model = RewardModel.from_pretrained(path, **loading)
     model.scorer.to(device)
     return model
 
@@ -86,16 +87,17 @@ def build_reward(
     reward_weights: list[float] | tuple[float, ...] | None = None,
     normalize: bool = False,
     device: torch.device | str = "cpu",
+    loading: dict[str, Any] | None = None,
 ) -> CombinedReward:
     """A CombinedReward from a reward-model path and reward functions (names or import paths) with
-    their weights."""
+    their weights; the reward model's base is loaded with `loading` (`load_model`'s options)."""
     weights = list(reward_weights) if reward_weights else [1.0] * len(reward_funcs)
     components = []
     for spec, weight in zip(reward_funcs, weights, strict=True):
         name, function = resolve_reward_function(spec)
         components.append(RewardComponent(name, function, weight=weight, normalize=normalize))
     if reward_model_path:
-        reward_model = load_reward_model(reward_model_path, device)
+        reward_model = load_reward_model(reward_model_path, device, **(loading or {}))
         components.append(
             RewardComponent("reward_model", reward_model, weight=reward_model_weight, normalize=normalize)
         )

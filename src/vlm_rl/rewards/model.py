@@ -80,12 +80,23 @@ class RewardModel:
         lora_r: int = 16,
         lora_alpha: int = 32,
         train_projector: bool = True,
-        dtype: torch.dtype | str = "auto",
         seed: int = 0,
+        target_modules: Sequence[str] | None = None,
+        gradient_checkpointing: bool = False,
+        **loading: Any,
     ) -> RewardModel:
-        """A fresh (untrained) reward model on top of a base VLM."""
-        model, processor = load_model(model_name_or_path, dtype=dtype)
-        backbone = wrap_with_lora(model, r=lora_r, alpha=lora_alpha, train_projector=train_projector)
+        """A fresh (untrained) reward model on top of a base VLM. `target_modules` and
+        `gradient_checkpointing` go to `wrap_with_lora`; `loading` (dtype, attn_implementation,
+        load_in_4bit, load_in_8bit, trust_remote_code) to `load_model`."""
+        model, processor = load_model(model_name_or_path, **loading)
+        backbone = wrap_with_lora(
+            model,
+            r=lora_r,
+            alpha=lora_alpha,
+            train_projector=train_projector,
+            target_modules=target_modules,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         generator = torch.Generator().manual_seed(seed)
         head = nn.Linear(hidden_size(model), 1)
         with torch.no_grad():
@@ -96,15 +107,23 @@ class RewardModel:
             "lora_r": lora_r,
             "lora_alpha": lora_alpha,
             "train_projector": train_projector,
+            "lora_target_modules": list(target_modules) if target_modules else None,
             "hidden_size": hidden_size(model),
         }
         return cls(RewardScorer(backbone, head), processor, config)
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo: str | Path, *, revision: str | None = None, endpoint: str | None = None
+        cls,
+        path_or_repo: str | Path,
+        *,
+        revision: str | None = None,
+        endpoint: str | None = None,
+        **loading: Any,
     ) -> RewardModel:
-        """Load a saved reward model from a folder or a hub repo id (endpoint: $HF_ENDPOINT by default)."""
+        """Load a saved reward model from a folder or a hub repo id (endpoint: $HF_ENDPOINT by default).
+        `loading` (dtype, attn_implementation, load_in_4bit, load_in_8bit, trust_remote_code) goes to
+        `load_model` for the base."""
         from peft import PeftModel
 
         path = Path(path_or_repo)
@@ -119,16 +138,17 @@ class RewardModel:
                 "`accelerate launch recipes/train_reward_model.py --output_dir <dir>`"
             )
         config = json.loads(config_file.read_text())
-        model, _ = load_model(config["base_model"])
+        model, _ = load_model(config["base_model"], **loading)
         backbone = PeftModel.from_pretrained(model, str(path))
         head = nn.Linear(config["hidden_size"], 1)
         head.load_state_dict(load_file(str(path / HEAD_NAME)))
         from vlm_rl.models import load_processor
 
+        trust_remote_code = loading.get("trust_remote_code", False)
         processor = (
-            load_processor(str(path))
+            load_processor(str(path), trust_remote_code=trust_remote_code)
             if (path / "processor_config.json").exists()
-            else load_processor(config["base_model"])
+            else load_processor(config["base_model"], trust_remote_code=trust_remote_code)
         )
         rm = cls(RewardScorer(backbone, head), processor, config)
         rm.scorer.eval()

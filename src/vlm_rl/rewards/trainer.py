@@ -20,9 +20,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,17 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from vlm_rl.data.collators import PreferenceBatch, PreferenceCollator
-from vlm_rl.data.loaders import load_task_dataset
+from vlm_rl.data.loaders import count_shared_images, load_eval_dataset, load_task_dataset
+from vlm_rl.data.validation import completion_text
 from vlm_rl.distributed import make_accelerator
-from vlm_rl.errors import ConfigError, check_ranges
+from vlm_rl.errors import ConfigError, DataError, check_ranges
+from vlm_rl.models.loading import loading_kwargs
+from vlm_rl.models.tiny import check_vocabulary
+from vlm_rl.report import report_at_step
+from vlm_rl.report.records import save_eval_scores
 from vlm_rl.rewards.model import RewardModel, RewardScorer
-from vlm_rl.run_folder import TRAINER_STATE_NAME, CheckpointManager, RunFolder, atomic_dir
+from vlm_rl.run_folder import TRAINER_STATE_NAME, CheckpointManager, RunFolder, atomic_dir, parse_report_to
+from vlm_rl.tasks import is_task_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +79,36 @@ class RewardTrainingConfig:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     train_projector: bool = field(
         default=True, metadata={"help": "Train the vision-to-text projector fully."}
+    )
+    # Model loading (vlm_rl.models.load_model / wrap_with_lora)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto",
+        metadata={
+            "help": "Weights' dtype: auto (the checkpoint's; the embedded models are fp32), bf16, fp16 or fp32."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute decoder activations in the backward pass (less memory)."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2, ... (default: auto)."},
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the backbone in 4-bit NF4 (bitsandbytes, CUDA)."}
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the backbone in 8-bit (bitsandbytes, CUDA)."}
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA only on the language model's linear layers with these names (e.g. q_proj v_proj)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run modelling code shipped with the checkpoint (trusted repos only)."},
     )
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -121,10 +158,27 @@ class RewardTrainingConfig:
     hub_revision: str | None = field(
         default=None, metadata={"help": "Push to this branch of the repo (created if missing); default main."}
     )
+    # Report
+    report_to: str = field(
+        default="tensorboard",
+        metadata={
+            "help": "Trackers mirroring metrics.jsonl, comma-separated: tensorboard, trackio (local), wandb "
+            "(offline unless $WANDB_MODE), or none. --report_to_tensorboard false drops tensorboard."
+        },
+    )
+    report_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Also write report.html every this many steps; 0 = only at the end (vlm_rl.report)."
+        },
+    )
 
     def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("--push_to_hub needs --hub_model_id")
+        parse_report_to(self.report_to)  # an unknown tracker fails here, before any model loads
         self.validate()
 
     def validate(self) -> None:
@@ -148,6 +202,7 @@ class RewardTrainingConfig:
                 "eval_steps": ">= 0",
                 "logging_steps": ">= 1",
                 "save_steps": ">= 0",
+                "report_steps": ">= 0",
                 "save_total_limit": ">= 1",
                 "seed": ">= 0",
                 "num_threads": ">= 1",
@@ -156,6 +211,12 @@ class RewardTrainingConfig:
         from vlm_rl.rl.config import _check_scheduler
 
         _check_scheduler(self.lr_scheduler_type)
+
+
+def pair_texts(dataset, limit: int = 2000) -> list[str]:
+    """The prompt, chosen and rejected texts of at most `limit` preference rows."""
+    rows = dataset.select(range(min(limit, len(dataset))))
+    return [completion_text(value) for column in ("prompt", "chosen", "rejected") for value in rows[column]]
 
 
 def bradley_terry_loss(
@@ -199,15 +260,25 @@ def score_pairs(scorer: RewardScorer, batch: PreferenceBatch) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def evaluate(scorer: RewardScorer, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    """Pairwise accuracy (r_chosen > r_rejected) and mean margin over held-out pairs."""
+def evaluate(
+    scorer: RewardScorer,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    keep_scores: Callable[[list[float], list[float]], None] | None = None,
+) -> dict[str, float]:
+    """Pairwise accuracy (r_chosen > r_rejected) and mean margin over held-out pairs;
+    `keep_scores(chosen, rejected)` receives every pair's scores (the report's histograms)."""
     scorer.eval()
-    margins = []
+    chosen_scores, rejected_scores = [], []
     for batch in loader:
         chosen, rejected = score_pairs(scorer, batch)
-        margins.append(accelerator.gather_for_metrics(chosen - rejected))
+        chosen_scores.append(accelerator.gather_for_metrics(chosen))
+        rejected_scores.append(accelerator.gather_for_metrics(rejected))
     scorer.train()
-    margin = torch.cat(margins).float()
+    chosen, rejected = torch.cat(chosen_scores).float(), torch.cat(rejected_scores).float()
+    margin = chosen - rejected
+    if keep_scores is not None:
+        keep_scores(chosen.tolist(), rejected.tolist())
     return {
         "eval/accuracy": (margin > 0).float().mean().item(),
         "eval/margin": margin.mean().item(),
@@ -239,18 +310,24 @@ def train_reward_model(
         seed=config.seed,
         **options,
     )
-    eval_name = config.eval_dataset or config.dataset
-    eval_options = options if eval_name == config.dataset else {}
-    eval_data = load_task_dataset(
-        eval_name,
-        "test",
+    if not is_task_dataset(config.dataset):
+        check_vocabulary(config.model_name_or_path, pair_texts(train_data), config.dataset)
+    eval_data, held_out = load_eval_dataset(  # no held-out split: the training pairs, and held_out False
+        config.dataset,
+        config.eval_dataset,
         kind="preference",
         num_samples=config.max_eval_samples,
         seed=config.seed,
-        **eval_options,
+        **options,
     )
     if len(train_data) == 0:
-        raise ValueError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
+        raise DataError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
+    data_report = {
+        "eval/held_out": float(held_out),
+        "eval/images_shared_with_training": float(count_shared_images(train_data, eval_data))
+        if held_out
+        else 0.0,
+    }
 
     # Model
     with accelerator.main_process_first():  # the first build of a tiny model writes the cache
@@ -260,6 +337,9 @@ def train_reward_model(
             lora_alpha=config.lora_alpha,
             train_projector=config.train_projector,
             seed=config.seed,
+            target_modules=config.lora_target_modules,
+            gradient_checkpointing=config.gradient_checkpointing,
+            **loading_kwargs(config),
         )
     reward_model.config["dataset"] = config.dataset
     collator = PreferenceCollator(reward_model.processor)
@@ -312,6 +392,13 @@ def train_reward_model(
             {**asdict(config), **options},
             tensorboard=config.report_to_tensorboard,
             resume=bool(config.resume_from_checkpoint),
+            report_to=config.report_to,
+        )
+
+    def keep_scores(step: int) -> Callable[[list[float], list[float]], None] | None:
+        """The held-out scores of the evaluation at `step`, kept for the report (main process)."""
+        return (
+            (lambda chosen, rejected: save_eval_scores(run, step, chosen, rejected)) if metrics_log else None
         )
 
     def save(folder: Path) -> None:
@@ -347,7 +434,7 @@ def train_reward_model(
     running = [torch.tensor(values, device=accelerator.device) for values in state["running"]]
     start = time.perf_counter() - state["elapsed_s"]
     if initial is None:
-        initial = final = evaluate(scorer, eval_loader, accelerator)
+        initial = final = evaluate(scorer, eval_loader, accelerator, keep_scores(0))
         if accelerator.is_main_process:
             logger.info("held-out pairwise accuracy before training: %.3f", initial["eval/accuracy"])
         if metrics_log:
@@ -397,7 +484,7 @@ def train_reward_model(
                 if metrics_log:
                     metrics_log.log(train_metrics, step=step)
             if (config.eval_steps and step % config.eval_steps == 0) or step == max_steps:
-                final = evaluate(scorer, eval_loader, accelerator)
+                final = evaluate(scorer, eval_loader, accelerator, keep_scores(step))
                 if metrics_log:
                     metrics_log.log(final, step=step)
                 if final["eval/accuracy"] > best_accuracy:
@@ -406,6 +493,8 @@ def train_reward_model(
                     save(run.best_dir)
             if config.save_steps and step % config.save_steps == 0:
                 save_checkpoint()
+            if metrics_log:
+                report_at_step(run.root, step, config.report_steps)
             if step >= max_steps:
                 break
         else:
@@ -415,5 +504,6 @@ def train_reward_model(
     save(run.final_dir)
     if metrics_log:
         metrics_log.close()
-    final = {**final, "eval/accuracy_before": initial["eval/accuracy"], "train/steps": step}
+        report_at_step(run.root, step, config.report_steps, final=True)
+    final = {**final, "eval/accuracy_before": initial["eval/accuracy"], "train/steps": step, **data_report}
     return final

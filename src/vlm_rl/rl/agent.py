@@ -28,6 +28,8 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from vlm_rl.data.collators import PromptBatch, PromptCollator
 from vlm_rl.envs.adapter import Turn, TurnEnv
+from vlm_rl.models.families import completion_token_type
+from vlm_rl.report.records import FILM_STRIPS, save_eval_episodes
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.config import RLConfig
 from vlm_rl.rl.rollout import Rollout, generate
@@ -211,6 +213,7 @@ def play_episodes(
         turn_index=torch.tensor([turn for _, turn in rows]),
         group_index=torch.tensor([episodes[episode].group for episode, _ in rows]),
         observation_keys=[observation_key(e) for e in examples],
+        completion_token_type=completion_token_type(model),
     )
     all_turns.columns["env_reward"] = rewards
     return rollout, all_turns, episodes
@@ -305,6 +308,10 @@ class AgentTrainer(RLTrainer):
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start : start + batch_size]
             _, _, episodes = self.play(chunk, list(range(len(chunk))), greedy=True)
+            if (
+                start == 0 and self.metrics_log is not None
+            ):  # main process, in a run: the report's film strips
+                save_eval_episodes(self.run, self.step, episodes[:FILM_STRIPS])
             for key, value in episode_metrics(episodes).items():
                 totals[key] = totals.get(key, 0.0) + value * len(episodes)
             count += len(episodes)

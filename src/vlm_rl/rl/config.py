@@ -37,6 +37,30 @@ class RLConfig:
     lora_alpha: int = _f(32, "LoRA alpha.")
     train_projector: bool = _f(True, "Also train the vision-to-text projector (fully).")
     init_adapter: str | None = _f(None, "Start from this saved adapter folder (e.g. an SFT warm start).")
+    # Model loading (vlm_rl.models.load_model / wrap_with_lora; the reward model loads the same way)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto",
+        "Weights' dtype: auto (the checkpoint's; the embedded models are fp32), bf16, fp16 or fp32. "
+        "Training runs in it (no autocast); LoRA weights stay fp32.",
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Recompute each decoder layer's activations in the backward pass (less memory, more compute)."
+    )
+    attn_implementation: str | None = _f(
+        None, "Attention kernel: sdpa, eager, flash_attention_2, ... (default: transformers' choice)."
+    )
+    load_in_4bit: bool = _f(
+        False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA); projector and LM head unquantised."
+    )
+    load_in_8bit: bool = _f(False, "Load the base in 8-bit (bitsandbytes, CUDA).")
+    lora_target_modules: list[str] = _f(
+        None,
+        "LoRA only on the language model's linear layers with these names (e.g. q_proj v_proj); "
+        "default: all of them.",
+    )
+    trust_remote_code: bool = _f(
+        False, "Run modelling code shipped with the checkpoint (only for repositories you trust)."
+    )
     # Data
     dataset: str = _f(
         "easy-vqa:caption",
@@ -163,6 +187,15 @@ class RLConfig:
         False,
         "With --push_to_hub, also push each checkpoint's adapter as it is saved (a failed push is logged).",
     )
+    # Report
+    report_to: str = _f(
+        "tensorboard",
+        "Trackers mirroring metrics.jsonl, comma-separated: tensorboard, trackio (local), wandb (offline "
+        "unless $WANDB_MODE), or none. --report_to_tensorboard false drops tensorboard.",
+    )
+    report_steps: int = _f(
+        0, "Also write report.html every this many steps; 0 = only at the end (vlm_rl.report)."
+    )
 
     def __post_init__(self):
         if self.reward_funcs is None:
@@ -170,6 +203,8 @@ class RLConfig:
         if self.reward_weights is None:
             self.reward_weights = [1.0] * len(self.reward_funcs)
         self.validate()
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other: pick one")
         from vlm_rl.rl.algorithms import ALGORITHMS, get_algorithm
 
         if self.algorithm not in ALGORITHMS:
@@ -182,7 +217,7 @@ class RLConfig:
         algorithm = get_algorithm(self.algorithm)
         if self.samples_per_prompt < algorithm.min_samples_per_prompt:
             raise ConfigError(
-                f"--samples_per_prompt {self.samples_per_prompt}: {self.algorithm} needs >= "
+                f"--samples_per_prompt {self.samples_per_prompt}: {self.algorithm} needs samples_per_prompt >= "
                 f"{algorithm.min_samples_per_prompt} (advantages come from the group)"
             )
         if self.kl_estimator is None:
@@ -207,6 +242,9 @@ class RLConfig:
             raise ConfigError(
                 "--use_vllm needs --trainer trl (the native engine generates with transformers)"
             )
+        from vlm_rl.run_folder import parse_report_to
+
+        parse_report_to(self.report_to)  # an unknown tracker fails here, before any model loads
 
     def validate(self) -> None:
         """Ranges of the numeric fields and consistent combinations (before anything is loaded)."""
@@ -228,6 +266,7 @@ class RLConfig:
                 "learning_rate": "> 0",
                 "warmup_steps": ">= 0",
                 "weight_decay": ">= 0",
+                "report_steps": ">= 0",
                 "total_steps": ">= 1",
                 "lr_decay_steps": ">= 1",
                 "ppo_epochs": ">= 1",

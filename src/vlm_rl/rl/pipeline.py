@@ -13,16 +13,21 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
+from transformers import PreTrainedModel, ProcessorMixin
 
-from vlm_rl.data.loaders import load_task_dataset
+from vlm_rl.data.loaders import count_shared_images, load_eval_dataset, load_task_dataset
+from vlm_rl.data.validation import completion_text
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import load_model, wrap_with_lora
+from vlm_rl.models.loading import loading_kwargs, prepare_for_training
+from vlm_rl.models.tiny import check_vocabulary
 from vlm_rl.models.value import load_value_head
 from vlm_rl.rewards.build import build_reward
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
 from vlm_rl.rl.trainer import EvalMetric, RLTrainer
 from vlm_rl.sft import supervised_warm_start
+from vlm_rl.tasks import is_task_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +51,37 @@ def reward_from_config(config: RLConfig, device: torch.device) -> CombinedReward
         reward_weights=config.reward_weights,
         normalize=config.normalize_rewards,
         device=device,
+        loading=loading_kwargs(config),
     )
+
+
+def load_base(config: RLConfig, accelerator: Accelerator) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The base VLM and processor of `config.model_name_or_path`, loaded with the config's "Model
+    loading" options (dtype, attention kernel, 4/8-bit, trust_remote_code); both engines (native and
+    --trainer trl) and the agent recipe load it here."""
+    with accelerator.main_process_first():  # the first build of an embedded model writes the cache
+        return load_model(config.model_name_or_path, **loading_kwargs(config))
 
 
 def build_policy(config: RLConfig, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear | None]:
     """The policy RL starts from: a fresh LoRA adapter on `model`, or with `config.init_adapter` a
     saved one (e.g. an SFT adapter, or an earlier run's final/), trainable; with it the saved value
-    head, if the folder has one (a PPO run's). Returns (policy, value head or None)."""
+    head, if the folder has one (a PPO run's). Returns (policy, value head or None).
+    `config.lora_target_modules` and `config.gradient_checkpointing` apply to a fresh adapter; a
+    saved one keeps its targets (gradient checkpointing applies to it too)."""
     if not config.init_adapter:
         policy = wrap_with_lora(
-            model, r=config.lora_r, alpha=config.lora_alpha, train_projector=config.train_projector
+            model,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            train_projector=config.train_projector,
+            target_modules=config.lora_target_modules,
+            gradient_checkpointing=config.gradient_checkpointing,
         )
         return policy, None
     from peft import PeftModel
+
+    model = prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
 
     folder = Path(config.init_adapter)
     if not (folder / "adapter_config.json").is_file():
@@ -92,6 +115,42 @@ def warm_start(
     return base
 
 
+def load_rl_datasets(config: RLConfig, held_out: str) -> tuple[datasets.Dataset, datasets.Dataset, str]:
+    """(training prompts, evaluation prompts, how the closing line names the evaluation): the
+    evaluation prompts come from --eval_dataset, else the dataset's test split (`held_out` names
+    them, e.g. "unseen images"), else (a JSONL file, a saved Dataset) the training prompts, and the
+    name says so. Images shared by both sets (identical content) are counted and named too. The
+    tiny default refuses text it would read as mostly <unk>."""
+    train_dataset = load_task_dataset(
+        config.dataset, "train", num_samples=config.max_train_prompts, seed=config.seed
+    )
+    if not is_task_dataset(config.dataset):
+        check_vocabulary(config.model_name_or_path, _texts(train_dataset), config.dataset)
+    eval_dataset, is_held_out = load_eval_dataset(
+        config.dataset, config.eval_dataset, num_samples=config.max_eval_prompts, seed=config.seed
+    )
+    if not is_held_out:
+        name = (
+            f"no held-out split in {config.dataset} ({len(eval_dataset)} training prompts evaluated; pass "
+            "--eval_dataset for a held-out score)"
+        )
+        return train_dataset, eval_dataset, name
+    shared = count_shared_images(train_dataset, eval_dataset)
+    if config.eval_dataset:
+        held_out = f"prompts of {config.eval_dataset}"
+    if shared:
+        logger.warning("%d image(s) of the evaluation prompts also appear in the training prompts", shared)
+    overlap = f"{shared} image(s) shared with training" if shared else "no image shared with training"
+    return train_dataset, eval_dataset, f"held-out ({len(eval_dataset)} {held_out}; {overlap})"
+
+
+def _texts(dataset: datasets.Dataset, limit: int = 2000) -> list[str]:
+    """The prompt (and chosen/rejected) texts of at most `limit` rows."""
+    rows = dataset.select(range(min(limit, len(dataset))))
+    columns = [column for column in ("prompt", "chosen", "rejected") if column in rows.column_names]
+    return [completion_text(value) for column in columns for value in rows[column]]
+
+
 def run_rl(
     config: RLConfig,
     warm: WarmStartConfig,
@@ -111,15 +170,9 @@ def run_rl(
     "caption_accuracy") and the reward before and after, for `held_out` items (e.g. "unseen
     images"), then pushes the run when `config.push_to_hub`.
     """
-    with accelerator.main_process_first():  # the first build of a tiny model writes the cache
-        model, processor = load_model(config.model_name_or_path)
+    train_dataset, eval_dataset, held_out = load_rl_datasets(config, held_out)  # validated before the model
+    model, processor = load_base(config, accelerator)
     policy, value_head = build_policy(config, model)
-    train_dataset = load_task_dataset(
-        config.dataset, "train", num_samples=config.max_train_prompts, seed=config.seed
-    )
-    eval_dataset = load_task_dataset(
-        config.dataset, "test", num_samples=config.max_eval_prompts, seed=config.seed
-    )
 
     trainer = RLTrainer(
         config, policy, processor, reward, train_dataset, eval_dataset, eval_metric, accelerator, value_head
@@ -141,7 +194,7 @@ def run_rl(
                 f"(RL starts here): {score(before)}"
             )
         print(
-            f"held-out ({len(eval_dataset)} {held_out}): {label} {score(before)} -> {score(after)}, reward "
+            f"{held_out}: {label} {score(before)} -> {score(after)}, reward "
             f"{before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; adapter saved to {final}"
         )
         if config.push_to_hub:

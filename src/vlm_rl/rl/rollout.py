@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
+from vlm_rl.models.families import completion_token_type
 from vlm_rl.models.inputs import append_completion, select_rows
 from vlm_rl.models.prefill import sampling_inputs
 
@@ -56,6 +57,8 @@ class Rollout:
     """(N,) the episode's group (episodes of the same env seed, for group baselines)."""
     observation_keys: list[str] | None = None
     """A hash of what the policy saw on each turn (GiGPO's step groups)."""
+    completion_token_type: int = 0
+    """`token_type_ids` of completion tokens (the family's; PaliGemma: 1, its causal suffix)."""
 
     @property
     def is_multi_turn(self) -> bool:
@@ -67,7 +70,9 @@ class Rollout:
     def model_inputs(self, rows: torch.Tensor) -> BatchFeature:
         """Model inputs (prompt + completion, with the prompt's images) for the given sample rows."""
         prompts = select_rows(self.prompt_inputs, self.prompt_index[rows], self.images_per_prompt)
-        return append_completion(prompts, self.completion_ids[rows], self.completion_mask[rows])
+        return append_completion(
+            prompts, self.completion_ids[rows], self.completion_mask[rows], self.completion_token_type
+        )
 
 
 def completion_mask_from_ids(
@@ -143,4 +148,5 @@ def generate(
         completion_mask=completion_mask.cpu(),
         ended=ended.cpu(),
         completions=[t.strip() for t in texts],
+        completion_token_type=completion_token_type(model),
     )

@@ -17,9 +17,10 @@ learning-rate schedule, and is counted in `train/skipped_steps`.
 Memory: one base model. The policy is base + LoRA; the reference is the same base with the
 adapter disabled; a critic is a value head on the policy's trunk.
 
-Speed (both exact up to float summation order): generation prefills each prompt once for its G
-samples (`vlm_rl.models.prefill`); the scoring and update passes repeat each prompt's images G
-times, and within each call the vision encoder runs once per distinct image
+Speed (all exact up to float summation order): generation prefills each prompt once for its G
+samples (`vlm_rl.models.prefill`); the scoring and update passes forward each prompt once for its
+G completions (`vlm_rl.models.shared_prefix`, `RLConfig.shared_prefix`); a frozen vision encoder
+encodes each distinct image once per step, its outputs reused by every pass
 (`vlm_rl.models.share_image_encoding`).
 """
 
@@ -48,6 +49,8 @@ from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import share_image_encoding
 from vlm_rl.models.shared_prefix import PromptGroups
 from vlm_rl.models.value import PolicyWithValue, save_value_head
+from vlm_rl.report import report_at_step
+from vlm_rl.report.records import GALLERY_SIZE, save_eval_samples
 from vlm_rl.rewards.compose import CombinedReward, NonFiniteRewardError
 from vlm_rl.rl import core
 from vlm_rl.rl.algorithms import StepPlan, get_algorithm, objective_settings
@@ -314,6 +317,7 @@ class RLTrainer:
             _as_conversation(text, prompt) for text, prompt in zip(rollout.completions, prompts, strict=True)
         ]
         result = self.reward(prompts=prompts, completions=completions, **columns)
+        self.last_reward_components = result.per_component  # per sample, for the report's gallery
         rewards = result.total.clone()
         rewards -= self.config.missing_eos_penalty * (~rollout.ended).float()
         return rewards, result.metrics()
@@ -451,9 +455,9 @@ class RLTrainer:
 
         step_start = time.perf_counter()
         try:
-            # Scoring and update passes (and generation where the prefill is not shared) see each
-            # prompt's images G times: encode each distinct image once.
-            with share_image_encoding(self.unwrapped.policy) as image_encoding:
+            # Generation, scoring and update see each prompt's images (G times each where a pass
+            # is not shared): a frozen vision encoder encodes each distinct image once per step.
+            with share_image_encoding(self.unwrapped.policy, remember=True) as image_encoding:
                 with timed("rollout"):
                     rollout, batch, sample_metrics = self.sample(self.step)
                 with timed("reward"):
@@ -548,6 +552,8 @@ class RLTrainer:
             with share_image_encoding(self.unwrapped.policy):  # prompts may share an image
                 rollout = self.generate(batch, greedy=True, samples=1)
             rewards, _ = self.compute_rewards(rollout, batch)
+            if start == 0 and self.metrics_log is not None:  # main process, in a run: the report's gallery
+                self._keep_eval_samples(indices, batch, rollout, rewards)
             n = len(rollout)
             totals["eval/reward"] += rewards.sum().item()
             if self.eval_metric is not None:
@@ -558,6 +564,23 @@ class RLTrainer:
         values = torch.tensor([totals[k] for k in keys] + [count], dtype=torch.float64, device=self.device)
         values = self.accelerator.reduce(values, reduction="sum")
         return {k: v / values[-1].item() for k, v in zip(keys, values[:-1].tolist(), strict=True)}
+
+    def _keep_eval_samples(
+        self, indices: list[int], batch: PromptBatch, rollout: Rollout, rewards: torch.Tensor
+    ) -> None:
+        """The first held-out prompts of this evaluation (one greedy completion each), for the report."""
+        n = min(GALLERY_SIZE, len(rollout))
+        save_eval_samples(
+            self.run,
+            self.step,
+            indices[:n],
+            batch.prompts[:n],
+            batch.images[:n],
+            rollout.completions[:n],
+            rewards[:n].tolist(),
+            {name: values[:n].tolist() for name, values in self.last_reward_components.items()},
+            {key: values[:n] for key, values in batch.columns.items()},
+        )
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -627,7 +650,10 @@ class RLTrainer:
             self.load_checkpoint(config.resume_from_checkpoint)
         if self.accelerator.is_main_process:  # a fresh run in an existing folder starts fresh logs
             self.metrics_log = self.run.start(
-                config, tensorboard=config.report_to_tensorboard, resume=bool(config.resume_from_checkpoint)
+                config,
+                tensorboard=config.report_to_tensorboard,
+                resume=bool(config.resume_from_checkpoint),
+                report_to=config.report_to,
             )
         if self.accelerator.is_main_process:
             logger.info(
@@ -655,6 +681,8 @@ class RLTrainer:
                 self._log(self.evaluate())
             if config.save_steps and self.step % config.save_steps == 0:
                 self.save_checkpoint()
+            if self.metrics_log:
+                report_at_step(self.run.root, self.step, config.report_steps)
         progress.close()
         after = self.evaluate()
         self._log(after)
@@ -663,6 +691,7 @@ class RLTrainer:
         self.wait_for_uploads()
         if self.metrics_log:
             self.metrics_log.close()
+            report_at_step(self.run.root, self.step, config.report_steps, final=True)
         return {"before": before, "after": after}
 
     def _log(self, metrics: dict[str, float]) -> None:

@@ -57,12 +57,11 @@ from accelerate import Accelerator
 from transformers import TrainerCallback
 
 from vlm_rl.data.collators import PromptCollator
-from vlm_rl.data.loaders import load_task_dataset
-from vlm_rl.models import load_model
 from vlm_rl.models.value import PolicyWithValue
+from vlm_rl.report import report_at_step
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
-from vlm_rl.rl.pipeline import build_policy, warm_start
+from vlm_rl.rl.pipeline import build_policy, load_base, load_rl_datasets, warm_start
 from vlm_rl.rl.rollout import eos_token_ids, suppressed_tokens
 from vlm_rl.rl.trainer import EvalMetric, RLTrainer
 from vlm_rl.run_folder import MetricsLogger, RunFolder
@@ -151,7 +150,9 @@ def grpo_config(
         use_cpu=use_cpu,
         bf16=False,
         fp16=False,
-        activation_checkpointing=False,  # TRL's default is on; the native engine recomputes nothing
+        # TRL's default is on; as the native engine, recompute only with --gradient_checkpointing
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         report_to="none",  # metrics.jsonl and tensorboard/ are written at RL steps by `_RunLog`
         seed=config.seed,
         max_steps=config.total_steps * k,
@@ -218,6 +219,7 @@ class TRLRun:
     save_final = RLTrainer.save_final
     _save_adapter = RLTrainer._save_adapter
     _batch = RLTrainer._batch
+    _keep_eval_samples = RLTrainer._keep_eval_samples
     unwrapped = RLTrainer.unwrapped
     device = RLTrainer.device
 
@@ -233,6 +235,7 @@ class TRLRun:
         self.run = RunFolder(config.output_dir)
         self.steps_per_rl_step = optimizer_steps_per_rl_step(trainer.args)
         self.step = 0  # RL steps done (TRL's global_step / k)
+        self.metrics_log: MetricsLogger | None = None  # main process: evaluations keep the report's gallery
 
 
 class _RunLog(TrainerCallback):
@@ -283,15 +286,9 @@ def run_trl(
     from trl import GRPOTrainer
 
     check_mappable(config)  # before anything is loaded
-    with accelerator.main_process_first():  # the first build of a tiny model writes the cache
-        model, processor = load_model(config.model_name_or_path)
+    train_dataset, eval_dataset, held_out = load_rl_datasets(config, held_out)
+    model, processor = load_base(config, accelerator)  # the native engine's loading and LoRA
     policy, _ = build_policy(config, model)
-    train_dataset = load_task_dataset(
-        config.dataset, "train", num_samples=config.max_train_prompts, seed=config.seed
-    )
-    eval_dataset = load_task_dataset(
-        config.dataset, "test", num_samples=config.max_eval_prompts, seed=config.seed
-    )
     eos = eos_token_ids(model, processor)
     args = grpo_config(
         config,
@@ -311,7 +308,10 @@ def run_trl(
     resume = config.resume_from_checkpoint
     metrics_log = None
     if accelerator.is_main_process:
-        metrics_log = run.run.start(config, tensorboard=config.report_to_tensorboard, resume=bool(resume))
+        metrics_log = run.run.start(
+            config, tensorboard=config.report_to_tensorboard, resume=bool(resume), report_to=config.report_to
+        )
+    run.metrics_log = metrics_log
     run_log = _RunLog(run, metrics_log)
     trainer.add_callback(run_log)
     logger.info(
@@ -325,6 +325,7 @@ def run_trl(
     final = run.save_final(after)
     if metrics_log is not None:
         metrics_log.close()
+        report_at_step(run.run.root, run.step, config.report_steps, final=True)
 
     if accelerator.is_main_process:
         label = metric.replace("_", " ")
@@ -337,7 +338,7 @@ def run_trl(
                 f"base policy: {label} {score(base)}; after the {warm.warm_start_steps}-step warm start: {score(before)}"
             )
         print(
-            f"TRL GRPOTrainer, held-out ({len(eval_dataset)} {held_out}): {label} {score(before)} -> "
+            f"TRL GRPOTrainer, {held_out}: {label} {score(before)} -> "
             f"{score(after)}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; adapter "
             f"saved to {final}"
         )

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# GPU check of vlm_rl on one machine, no downloads, under 10 minutes on one GPU:
+#   1. a GRPO step of vlm_rl against TRL's GRPOTrainer (benchmarks/grpo_vs_trl.py) on Qwen2.5-VL-3B's
+#      architecture with random weights (benchmarks/model_sizes.py, 3.75 B parameters) in bf16:
+#      stage times, completion tokens/s, peak GPU memory on both sides;
+#   2. a PPO step on the same model (benchmarks/ppo_step.py): stage times, tokens/s, peak GPU memory
+#      against a plain LoRA training step;
+#   3. the accelerate configs recipes/accelerate/{ddp,fsdp,zero2,zero3}.yaml, each running the GRPO
+#      recipe for 3 steps on a mid-size model on every GPU (ZeRO: skipped when deepspeed is missing).
+#
+#   bash benchmarks/gpu_check.sh              # on the GPU machine; logs in runs/gpu_check/
+#   bash benchmarks/gpu_check.sh --dry-run    # on CPU: the same steps on the tiny preset, 1 step each
+#
+# Environment: PYTHON (default .venv/bin/python), GPU_CHECK_OUT (log folder), GPU_CHECK_ONLY (a
+# space-separated subset of "grpo ppo ddp fsdp zero2 zero3"). Exit status: the number of failed checks.
+set -u
+cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; fi
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT=${GPU_CHECK_OUT:-runs/gpu_check}
+ONLY=${GPU_CHECK_ONLY:-grpo ppo ddp fsdp zero2 zero3}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+
+if [ "$DRY_RUN" = 1 ]; then
+  DEVICE=cpu; CONFIG=tiny; ACC_CONFIG=tiny; DTYPE=bf16; STEPS=1; GPUS=1; LIMIT=900; ACC_LIMIT=600; THREADS=1
+  GRPO_SIZE=(--prompts 2 --samples 2 --max-new-tokens 4); PPO_SIZE=(--prompts 2 --samples 2 --max-new-tokens 4)
+  echo "gpu_check DRY RUN on CPU (tiny preset, 1 step each; the GPU run uses qwen2.5-vl-3b in bf16)"
+else
+  DEVICE=cuda; CONFIG=qwen2.5-vl-3b; ACC_CONFIG=mid; DTYPE=bf16; STEPS=2; LIMIT=180; ACC_LIMIT=50; THREADS=4
+  GRPO_SIZE=(--prompts 2 --samples 8 --max-new-tokens 64); PPO_SIZE=(--prompts 4 --samples 4 --max-new-tokens 64)
+  GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
+  if [ "$GPUS" -lt 1 ]; then echo "gpu_check: no GPU found (nvidia-smi -L); use --dry-run on CPU" >&2; exit 2; fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/GPU: /'
+fi
+"$PYTHON" -c "import torch, transformers, trl, peft, accelerate; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"
+
+PASSED=0; FAILED=0; SKIPPED=0
+wanted() { case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# run NAME LIMIT_S PATTERN COMMAND...: run COMMAND with a time limit, log it, print the lines of its
+# output that match PATTERN (the figures), count it passed or failed.
+run() {
+  local name=$1 limit=$2 pattern=$3; shift 3
+  local log="$OUT/$name.log" start=$SECONDS
+  echo "== $name: $*" | tee "$log"
+  timeout "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  grep -E "$pattern" "$log" | grep -v '^==' | sed 's/^/   /'
+  if [ $rc = 0 ]; then
+    PASSED=$((PASSED + 1)); echo "   PASS $name ($((SECONDS - start)) s)"
+  else
+    FAILED=$((FAILED + 1))
+    [ $rc = 124 ] && echo "   FAIL $name: over its ${limit} s limit" || echo "   FAIL $name (exit $rc); last lines of $log:"
+    tail -n 15 "$log" | sed 's/^/   | /'
+  fi
+}
+
+FIGURES='VLM:|GRPO step|PPO step|stage|total|tokens/s|peak|memory|ratio|vlm_rl / TRL|held-out|wall time'
+if wanted grpo; then
+  run grpo "$LIMIT" "$FIGURES" "$PYTHON" benchmarks/grpo_vs_trl.py --device "$DEVICE" --config "$CONFIG" \
+    --dtype "$DTYPE" "${GRPO_SIZE[@]}" --steps "$STEPS" --warmup 1 --threads "$THREADS"
+fi
+if wanted ppo; then
+  run ppo "$LIMIT" "$FIGURES" "$PYTHON" benchmarks/ppo_step.py --device "$DEVICE" --config "$CONFIG" \
+    --dtype "$DTYPE" "${PPO_SIZE[@]}" --steps "$STEPS" --threads "$THREADS"
+fi
+
+ACCELERATE_CONFIGS=""
+for config in ddp fsdp zero2 zero3; do wanted "$config" && ACCELERATE_CONFIGS="$ACCELERATE_CONFIGS $config"; done
+if [ -n "$ACCELERATE_CONFIGS" ]; then
+  MODEL="$OUT/model-$ACC_CONFIG"
+  if [ ! -f "$MODEL/config.json" ]; then
+    "$PYTHON" benchmarks/model_sizes.py --config "$ACC_CONFIG" --dtype "$DTYPE" --device "$DEVICE" --out "$MODEL" \
+      || { echo "gpu_check: building $MODEL failed" >&2; exit 2; }
+  fi
+  HAS_DEEPSPEED=0
+  "$PYTHON" -c "import deepspeed" >/dev/null 2>&1 && HAS_DEEPSPEED=1
+  for config in $ACCELERATE_CONFIGS; do
+    if [ "$DRY_RUN" = 1 ] && [ "$config" != ddp ]; then
+      echo "== $config: dry run, not launched on CPU ($config needs CUDA): would run"
+      echo "   accelerate launch --config_file recipes/accelerate/$config.yaml --num_processes $GPUS recipes/grpo_vqa.py ..."
+      SKIPPED=$((SKIPPED + 1)); continue
+    fi
+    if [[ $config == zero* ]] && [ "$HAS_DEEPSPEED" = 0 ]; then
+      echo "== $config: SKIP (deepspeed is not installed: pip install deepspeed)"; SKIPPED=$((SKIPPED + 1)); continue
+    fi
+    run "$config" "$ACC_LIMIT" 'held-out|Error|error' "$PYTHON" -m accelerate.commands.launch \
+      --config_file "recipes/accelerate/$config.yaml" --num_processes "$GPUS" recipes/grpo_vqa.py \
+      --model_name_or_path "$MODEL" --dtype "$DTYPE" --total_steps 3 --prompts_per_step "$((4 * GPUS))" \
+      --samples_per_prompt 4 --minibatch_size 16 --max_new_tokens 4 --max_train_prompts 64 \
+      --max_eval_prompts "$((4 * GPUS))" --eval_steps 0 --save_steps 0 --warm_start_steps 0 --num_threads 2 \
+      --report_to_tensorboard false --output_dir "$OUT/$config"
+  done
+fi
+
+echo "gpu_check: $PASSED passed, $FAILED failed, $SKIPPED skipped (logs in $OUT/)"
+exit "$FAILED"
