@@ -35,24 +35,19 @@ def work(kill_test, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("recipe", "processes", "trials"),
-    [("train_reward_model", 1, 2), ("grpo_vqa", 1, 1), ("train_reward_model", 2, 1)],
+    ("recipe", "processes", "in_write"),
+    [("train_reward_model", 1, False), ("grpo_vqa", 1, True), ("train_reward_model", 2, True)],
 )
 def test_killed_runs_resume_to_bit_identical_weights(
-    kill_test, work, recipe: str, processes: int, trials: int
+    kill_test, work, recipe: str, processes: int, in_write: bool
 ):
+    """One trial per case: the kill lands a random moment after the run's first checkpoint, or
+    (`in_write`) inside the write of a checkpoint after the first; both leave one to resume from."""
     folder, env = work
     random.seed(0)
-    # Trial 1 (with 2 trials): a random moment after the first checkpoint; the last trial: inside a
-    # checkpoint write, on a checkpoint after the first, so that run always resumes from a checkpoint.
-    in_write = [False, True][-trials:]
-    reference, results = kill_test.run_case(recipe, processes, trials, 1, folder, env, [], in_write)
-    for trial in results:
-        assert trial.kills == 1
-        assert trial.identical, f"weights differ after a kill and resume: {trial.mismatched[:3]}"
-    # the kill inside a write came after the first checkpoint: that run really resumed
-    assert (
-        results[-1].resumed_from[0] is not None
-        and results[-1].resumed_from[0] >= reference.checkpoint_steps[0]
-    )
+    reference, results = kill_test.run_case(recipe, processes, 1, 1, folder, env, [], [in_write])
+    (trial,) = results
+    assert trial.kills == 1
+    assert trial.identical, f"weights differ after a kill and resume: {trial.mismatched[:3]}"
+    assert trial.resumed_from[0] is not None and trial.resumed_from[0] >= reference.checkpoint_steps[0]
     assert len(reference.digests) > 10  # adapter (+ reward head) tensors compared
