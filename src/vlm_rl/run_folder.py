@@ -498,7 +498,9 @@ def _import_tracker(name: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError as err:
-        raise ValueError(f"--report_to {name} needs the {name} package: pip install {name} ({err})") from err
+        from vlm_rl.errors import ConfigError
+
+        raise ConfigError(f"--report_to {name} needs the {name} package: pip install {name} ({err})") from err
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
