@@ -26,11 +26,12 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 
 if [ "$DRY_RUN" = 1 ]; then
-  DEVICE=cpu; CONFIG=tiny; ACC_CONFIG=tiny; DTYPE=bf16; STEPS=1; GPUS=1; LIMIT=900; ACC_LIMIT=600; THREADS=1
+  DEVICE=cpu; CONFIG=tiny; ACC_CONFIG=tiny; DTYPE=bf16; STEPS=1; GPUS=1; LIMIT=900; PPO_LIMIT=900; ACC_LIMIT=600; THREADS=1
   GRPO_SIZE=(--prompts 2 --samples 2 --max-new-tokens 4); PPO_SIZE=(--prompts 2 --samples 2 --max-new-tokens 4)
   echo "gpu_check DRY RUN on CPU (tiny preset, 1 step each; the GPU run uses qwen2.5-vl-3b in bf16)"
 else
-  DEVICE=cuda; CONFIG=qwen2.5-vl-3b; ACC_CONFIG=mid; DTYPE=bf16; STEPS=2; LIMIT=180; ACC_LIMIT=50; THREADS=4
+  # limits: grpo 170 s (2 processes), ppo 250 s (6 processes: shared/unshared/plain, timed and memory), 4 x 45 s
+  DEVICE=cuda; CONFIG=qwen2.5-vl-3b; ACC_CONFIG=mid; DTYPE=bf16; STEPS=2; LIMIT=170; PPO_LIMIT=250; ACC_LIMIT=45; THREADS=4
   GRPO_SIZE=(--prompts 2 --samples 8 --max-new-tokens 64); PPO_SIZE=(--prompts 4 --samples 4 --max-new-tokens 64)
   GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
   if [ "$GPUS" -lt 1 ]; then echo "gpu_check: no GPU found (nvidia-smi -L); use --dry-run on CPU" >&2; exit 2; fi
@@ -65,7 +66,7 @@ if wanted grpo; then
     --dtype "$DTYPE" "${GRPO_SIZE[@]}" --steps "$STEPS" --warmup 1 --threads "$THREADS"
 fi
 if wanted ppo; then
-  run ppo "$LIMIT" "$FIGURES" "$PYTHON" benchmarks/ppo_step.py --device "$DEVICE" --config "$CONFIG" \
+  run ppo "$PPO_LIMIT" "$FIGURES" "$PYTHON" benchmarks/ppo_step.py --device "$DEVICE" --config "$CONFIG" \
     --dtype "$DTYPE" "${PPO_SIZE[@]}" --steps "$STEPS" --threads "$THREADS"
 fi
 
