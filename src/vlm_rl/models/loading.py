@@ -108,7 +108,8 @@ def quantization_config(
 
 RETURN_FREED_MIN_PARAMETERS = 50_000_000
 """CPU models from this size on get `return_freed_tensors_to_the_os` (smol-llava does; the tiny
-defaults do not: on them an mmap per freed megabyte slowed the agent recipe's update ~1.3-2x)."""
+defaults do not: they gain nothing from it, and 4-step agent runs measured their update
+~1.3-2x slower with it, on a CPU shared with another run, so a noisy figure)."""
 
 HEAP_MMAP_THRESHOLD = 1 << 20
 """Bytes from which glibc serves (and, once freed, unmaps) an allocation with mmap; see
