@@ -80,6 +80,18 @@ def test_scoring_the_sampled_completions_gives_the_sampling_log_probs(
     catches position ids (Qwen's 3-D RoPE), token types (PaliGemma's causal suffix, Gemma3's image
     blocks) and vision inputs that scoring would rebuild differently from generation."""
     model, processor = load_model(name)
+    assert_scoring_gives_the_sampling_log_probs(model, processor, easy_vqa_images)
+
+
+def test_scoring_caps_the_logits_as_a_softcapped_model_samples(easy_vqa_images: list) -> None:
+    """PaliGemma2's Gemma2 text model caps its logits (cap * tanh(logits / cap), cap 30): scoring
+    caps them too. A cap of 1 squeezes the tiny model's logits hard, so an uncapped score differs."""
+    model, processor = load_model("tiny-paligemma")
+    model.config.get_text_config().final_logit_softcapping = 1.0
+    assert_scoring_gives_the_sampling_log_probs(model, processor, easy_vqa_images)
+
+
+def assert_scoring_gives_the_sampling_log_probs(model, processor, easy_vqa_images: list) -> None:
     prompts = prompt_batch(processor, easy_vqa_images)
     images_per_prompt = torch.tensor([1, 1])
     torch.manual_seed(0)

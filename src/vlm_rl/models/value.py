@@ -51,13 +51,23 @@ class PolicyWithValue(nn.Module):
         completion_ids: (N, T). Returns (N, T) `logprobs`, and `entropy` / `values` when asked."""
         hidden = completion_states(self.policy, inputs, completion_ids)  # (N, T, H), predict each token
         lm_head = self.policy.get_output_embeddings()
-        logits = lm_head(hidden).float() / temperature  # (N, T, V)
+        logits = softcap_logits(self.policy, lm_head(hidden).float()) / temperature  # (N, T, V)
         out = {"logprobs": selective_log_softmax(logits, completion_ids)}
         if with_entropy:
             out["entropy"] = entropy_from_logits(logits)
         if with_values and self.value_head is not None:
             out["values"] = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return out
+
+
+def softcap_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """`logits` capped as the model's own forward caps them: cap * tanh(logits / cap) where the text
+    config sets `final_logit_softcapping` (Gemma2-based models such as PaliGemma2, cap 30), so the
+    scored distribution is the sampled one; unchanged otherwise."""
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
 
 
 VALUE_HEAD_NAME = "value_head.safetensors"
