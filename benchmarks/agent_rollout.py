@@ -17,7 +17,8 @@ Prints both rates and the batched / one-at-a-time ratio against the target (>= 5
 
 Then the training step on those episodes (`--train-steps`, 0 = skip): an `AgentTrainer` with the GRPO
 agent recipe's settings (`--episodes` / `--group` maps x `--group` episodes per map, 2 epochs of
-64-turn minibatches, GiGPO step groups) runs 1 + 2 x `--train-steps` steps, the shared prefix
+64-turn minibatches, GiGPO step groups; `--train-algorithm ppo`: the PPO agent recipe's, 2 episodes
+per map, a value head, bi-level turn credit) runs 1 + 2 x `--train-steps` steps, the shared prefix
 (RLConfig.shared_prefix: turns with the same observation, e.g. the first turn of a map's episodes,
 forward their prompt once) on in odd steps and off in even ones after the first (a warm-up), so
 both see the same machine load. Prints seconds of scoring + update per turn with and without, and
@@ -49,7 +50,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--train-steps", type=int, default=3, help="Timed agent training steps per shared-prefix setting."
     )
-    parser.add_argument("--group", type=int, default=8, help="Episodes per map in the training step.")
+    parser.add_argument("--group", type=int, default=8, help="Episodes per map in the GRPO training step.")
+    parser.add_argument(
+        "--train-algorithm",
+        choices=("grpo", "ppo"),
+        default="grpo",
+        help="The training step's settings: the GRPO agent recipe's (--group episodes per map, step "
+        "groups) or the PPO agent recipe's (2 episodes per map, value head, bi-level turn credit).",
+    )
+    parser.add_argument(
+        "--min-rows-per-prompt",
+        type=float,
+        default=None,
+        help="Override vlm_rl.models.shared_prefix.MIN_ROWS_PER_PROMPT (share a prefix only when the "
+        "rows are at least this multiple of the distinct prompts); 1.01 shares whenever a prompt repeats.",
+    )
     return parser.parse_args()
 
 
@@ -153,22 +168,27 @@ def train_step_comparison(args: argparse.Namespace, policy, processor, spec) -> 
     import tempfile
 
     from vlm_rl.envs import make_env
+    from vlm_rl.models import shared_prefix
     from vlm_rl.rewards.compose import CombinedReward
     from vlm_rl.rl.agent import AgentTrainer, env_reward
     from vlm_rl.rl.config import RLConfig
 
     with tempfile.TemporaryDirectory() as output_dir:
+        group = args.group if args.train_algorithm == "grpo" else 2
+        recipe = (
+            dict(step_group_weight=1.0, scale_rewards=False)
+            if args.train_algorithm == "grpo"
+            else dict(turn_credit="bi_level", turn_gamma=0.95, turn_lam=0.95, entropy_coef=0.01)
+        )
         config = RLConfig(
-            algorithm="grpo",
+            algorithm=args.train_algorithm,
             model_name_or_path=args.model_name_or_path,
-            prompts_per_step=args.episodes // args.group,
-            samples_per_prompt=args.group,
+            prompts_per_step=args.episodes // group,
+            samples_per_prompt=group,
             max_new_tokens=args.max_new_tokens,
             learning_rate=3e-4,
             ppo_epochs=2,
             minibatch_size=64,
-            step_group_weight=1.0,
-            scale_rewards=False,
             missing_eos_penalty=0.1,
             total_steps=1 + 2 * args.train_steps,
             eval_steps=0,
@@ -176,6 +196,7 @@ def train_step_comparison(args: argparse.Namespace, policy, processor, spec) -> 
             sample_log_steps=0,
             report_to_tensorboard=False,
             output_dir=output_dir,
+            **recipe,
         )
         trainer = AgentTrainer(
             config,
@@ -186,7 +207,9 @@ def train_step_comparison(args: argparse.Namespace, policy, processor, spec) -> 
             spec.train_seeds,
             max_turns=spec.max_turns,
         )
-        measured: dict[bool, list[tuple[float, int]]] = {True: [], False: []}
+        if args.min_rows_per_prompt is not None:
+            shared_prefix.MIN_ROWS_PER_PROMPT = args.min_rows_per_prompt
+        measured: dict[bool, list[tuple[float, float, int]]] = {True: [], False: []}
         for step in range(1 + 2 * args.train_steps):
             shared = step % 2 == 1
             trainer.config.shared_prefix = shared
@@ -194,12 +217,21 @@ def train_step_comparison(args: argparse.Namespace, policy, processor, spec) -> 
             trainer.step += 1
             if step:
                 turns = sum(e.turns for e in trainer.last_episodes)
-                measured[shared].append((metrics["time/score_s"] + metrics["time/update_s"], turns))
-    per_turn = {k: sum(s for s, _ in v) / sum(t for _, t in v) * 1e3 for k, v in measured.items()}
+                measured[shared].append((metrics["time/score_s"], metrics["time/update_s"], turns))
+
+    def per_turn(shared: bool, part: slice) -> float:
+        rows = measured[shared]
+        return sum(sum(r[part]) for r in rows) / sum(r[2] for r in rows) * 1e3
+
+    both, score, update = slice(0, 2), slice(0, 1), slice(1, 2)
     print(
-        f"agent GRPO step ({config.prompts_per_step} maps x {args.group} episodes, 2 epochs, minibatch 64), "
-        f"scoring + update per turn, {args.train_steps} steps each: shared prefix {per_turn[True]:.2f} ms, "
-        f"a forward per turn {per_turn[False]:.2f} ms: {per_turn[True] / per_turn[False]:.2f}x"
+        f"agent {args.train_algorithm.upper()} step ({config.prompts_per_step} maps x {group} episodes, 2 epochs, "
+        "minibatch 64), "
+        f"scoring + update per turn, {args.train_steps} steps each (MIN_ROWS_PER_PROMPT "
+        f"{shared_prefix.MIN_ROWS_PER_PROMPT}): shared prefix {per_turn(True, both):.2f} ms, a forward per turn "
+        f"{per_turn(False, both):.2f} ms: {per_turn(True, both) / per_turn(False, both):.2f}x (scoring "
+        f"{per_turn(True, score) / per_turn(False, score):.2f}x, update "
+        f"{per_turn(True, update) / per_turn(False, update):.2f}x)"
     )
 
 

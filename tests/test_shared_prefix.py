@@ -14,6 +14,7 @@ from vlm_rl.models import (
     image_encoder,
     load_model,
     share_image_encoding,
+    shared_prefix,
     wrap_with_lora,
 )
 from vlm_rl.models.shared_prefix import PromptGroups, shares_prefix
@@ -144,13 +145,23 @@ def test_fallback_for_a_family_without_shared_prefix(
     torch.testing.assert_close(fallback["values"][on], shared["values"][on], **TOLERANCE)
 
 
-def test_no_sharing_under_gradient_checkpointing_or_without_repeats(easy_vqa_images: list) -> None:
+def test_no_sharing_under_gradient_checkpointing_or_with_few_repeats(
+    easy_vqa_images: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
     module, processor = policy_with_value("tiny-llava")
     groups, completion_ids, mask = groups_and_completions(processor, easy_vqa_images)
     module.train()
-    assert shares_prefix(module.policy, groups)
-    one_each = PromptGroups(groups.prompt_inputs, groups.images_per_prompt, torch.arange(2), mask[:2])
-    assert not shares_prefix(module.policy, one_each)
+    assert shares_prefix(module.policy, groups)  # 6 rows over 2 prompts
+
+    def rows_of(prompt_index: list[int]) -> PromptGroups:
+        index = torch.tensor(prompt_index)
+        return PromptGroups(groups.prompt_inputs, groups.images_per_prompt, index, mask[: len(index)])
+
+    assert not shares_prefix(module.policy, rows_of([0, 1]))  # no repeat
+    assert shares_prefix(module.policy, rows_of([0, 0, 1]))  # 1.5 rows per prompt: MIN_ROWS_PER_PROMPT
+    monkeypatch.setattr(shared_prefix, "MIN_ROWS_PER_PROMPT", 3.5)
+    assert not shares_prefix(module.policy, groups)  # 3 rows per prompt < 3.5
+    monkeypatch.undo()
     module.gradient_checkpointing_enable()
     assert not shares_prefix(module.policy, groups)
     with torch.no_grad():  # no gradients: the cache is kept, sharing is on again
