@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/accelerate launch --num_processes 1 --cpu recipes/ppo_caption.py
+	$(BIN)/accelerate launch -q --num_processes 1 --cpu recipes/ppo_caption.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests recipes benchmarks

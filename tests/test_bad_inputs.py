@@ -299,6 +299,18 @@ CASES: list[Case] = [
     ("file-config-missing", _flags("--config", "no_such.yaml"), ["--config no_such.yaml", "file not found"]),
     # -- configs -----------------------------------------------------------------------------------
     ("config-unknown-flag", _flags("--totl_steps", "5"), ["unknown flag --totl_steps", "--total_steps"]),
+    (
+        "config-trl-flag-name",
+        _flags("--max_steps", "5"),
+        ["unknown flag --max_steps", "TRL's --max_steps is --total_steps here"],
+    ),
+    (
+        "config-trl-yaml-key",
+        lambda d: _flags("--config", jsonl(d, "trl.yaml", [], raw="algorithm: grpo\nnum_generations: 4\n"))(
+            d
+        ),
+        ["trl.yaml: unknown key 'num_generations'", "TRL's --num_generations is --samples_per_prompt here"],
+    ),
     ("config-unexpected-argument", _flags("total_steps=5"), ["unexpected argument 'total_steps=5'"]),
     ("config-bad-int", _flags("--total_steps", "many"), ["--total_steps", "invalid int value: 'many'"]),
     ("config-top-p-range", _flags("--top_p", "1.5"), ["--top_p 1.5", "(0, 1]"]),
@@ -537,6 +549,24 @@ def test_two_processes_print_the_message_once(data: Path):
     assert result.returncode != 0
     assert len(re.findall(r"exitcode\s+:\s*2 \(pid", result.stderr)) == 2, result.stderr[-4000:]  # both ranks
     assert not re.search(r'File ".*vlm_rl', result.stderr), result.stderr[-4000:]
+
+
+def test_one_process_accelerate_launch_quiet_prints_the_line_alone(data: Path):
+    """`accelerate launch` with one process re-raises a failed child with its own traceback
+    (CalledProcessError); with `-q` (as `make demo` runs) the line stays alone, exit code 1."""
+    command = [
+        ACCELERATE, "launch", "-q", "--num_processes", "1", "--cpu", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "recipes" / "grpo_vqa.py"), "--totl_steps", "5", "--output_dir", str(data.parent / "runs" / "q"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("grpo_vqa.py: error: ")]
+    assert errors == [
+        "grpo_vqa.py: error: unknown flag --totl_steps (did you mean '--total_steps'?); "
+        "`grpo_vqa.py --help` lists the flags"
+    ], result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert result.returncode == 1
 
 
 # -- odd but valid inputs -------------------------------------------------------------------------------

@@ -40,6 +40,33 @@ def recipe_args(argv: list[str] | None, default_config: Path) -> list[str]:
 
 
 # -- parsing and checks before anything is loaded ----------------------------------------------
+PEER_FLAG_NAMES = {
+    "max_steps": "total_steps",
+    "num_generations": "samples_per_prompt",
+    "max_completion_length": "max_new_tokens",
+    "num_iterations": "ppo_epochs",
+    "num_ppo_epochs": "ppo_epochs",
+    "beta": "kl_coef",
+    "epsilon": "clip_range",
+    "epsilon_high": "clip_range_high",
+    "cliprange": "clip_range",
+    "cliprange_value": "value_clip_range",
+    "vf_coef": "value_coef",
+    "loss_type": "loss_aggregation",
+}
+"""TRL's GRPOConfig / PPOConfig names with a vlm_rl flag of the same meaning: an unknown flag (or
+YAML key) spelled the TRL way is answered with the vlm_rl name."""
+
+
+def _suggestion(name: str, flags: list[str]) -> str:
+    """' (TRL's --x is --y here)' for a TRL name this parser has under another name, else the nearest
+    flag (' (did you mean ...?)') or ''."""
+    ours = PEER_FLAG_NAMES.get(name.lstrip("-"))
+    if ours is not None and f"--{ours}" in flags:
+        return f" (TRL's --{name.lstrip('-')} is --{ours} here)"
+    return closest(name, flags)
+
+
 def parse_config(types: tuple[type, ...], argv: list[str] | None, default_config: Path) -> tuple:
     """The recipe's config dataclasses from `argv` (after `--config default_config` unless given):
     TrlParser's parse, with every flag or YAML mistake (unknown flag or key, bad value, missing or
@@ -81,7 +108,7 @@ def parse_config(types: tuple[type, ...], argv: list[str] | None, default_config
             else:
                 where = f"unknown flag {name}" if name.startswith("-") else f"unexpected argument {name!r}"
             raise ConfigError(
-                f"{where}{closest(name, flags)}; `{parser.prog} --help` lists the flags"
+                f"{where}{_suggestion(name, flags)}; `{parser.prog} --help` lists the flags"
             ) from err
         raise ConfigError(message) from err
 
