@@ -607,6 +607,15 @@ def test_odd_but_valid_inputs_train_and_the_closing_line_is_honest(data: Path, c
     assert code == 0, stderr[-3000:]
     assert f"no held-out split in {train} (4 training prompts evaluated; pass --eval_dataset" in out, out
     assert "held-out (" not in out
+    # `vlm-rl evaluate` and the report do not call these evaluations held-out either
+    code, stderr, out = run_in_process(["evaluate", str(data.parent / "runs" / "odd")], capsys)
+    assert code == 0, stderr[-3000:]
+    assert "evaluation on training data (no held-out split in" in out and "held-out evaluation" not in out, (
+        out
+    )
+    code, stderr, _ = run_in_process(["report", str(data.parent / "runs" / "odd")], capsys)
+    page = (data.parent / "runs" / "odd" / "report.html").read_text()
+    assert code == 0 and "Evaluation (training prompts)" in page and ">Held-out" not in page, stderr[-3000:]
 
     evaluation = jsonl(data, "odd_eval.jsonl", [ODD_ROWS[0], GOOD_PROMPT_ROW])
     code, stderr, out = run_in_process(
@@ -614,6 +623,8 @@ def test_odd_but_valid_inputs_train_and_the_closing_line_is_honest(data: Path, c
     )
     assert code == 0, stderr[-3000:]
     assert f"held-out (2 prompts of {evaluation}; 1 image(s) shared with training): accuracy" in out, out
+    code, stderr, out = run_in_process(["evaluate", str(data.parent / "runs" / "odd2")], capsys)
+    assert f"held-out evaluation (held-out (2 prompts of {evaluation}; 1 image(s) shared" in out, out
 
 
 # -- the pieces ---------------------------------------------------------------------------------------

@@ -195,6 +195,25 @@ def test_push_run_of_an_rl_run_pushes_final_with_a_card_from_the_run(hub: LocalH
     assert digest(run_dir) == before  # the card went into a temporary copy
 
 
+def test_push_run_takes_the_run_report_along_and_links_it(hub: LocalHub, tmp_path: Path):
+    from vlm_rl.report import write_report
+
+    run_dir = rl_run_folder(tmp_path)
+    report = write_report(run_dir)
+    before = digest(run_dir)
+
+    push_run(run_dir, REPO, token=TOKEN)
+
+    files = hub.files(REPO)
+    assert files["report.html"] == report.read_bytes()
+    assert pushed_files(hub, REPO) == {**folder_files(run_dir / "final"), "report.html": files["report.html"]}
+    assert "[report.html](report.html)" in files["README.md"].decode()
+    assert digest(run_dir) == before
+    report.unlink()
+    push_run(run_dir, REPO, token=TOKEN)  # no report: no link
+    assert "report.html" not in hub.files(REPO)["README.md"].decode()
+
+
 @pytest.mark.parametrize("finished", [True, False], ids=["finished-run", "run-without-final"])
 def test_push_run_of_a_checkpoint_pushes_its_adapter_with_the_metrics_of_its_step(
     hub: LocalHub, tmp_path: Path, finished: bool

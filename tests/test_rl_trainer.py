@@ -14,6 +14,7 @@ from vlm_rl.rewards.rules import completion_text
 from vlm_rl.rl.config import RLConfig
 from vlm_rl.rl.rollout import completion_mask_from_ids
 from vlm_rl.rl.trainer import RLTrainer, SkippedStep
+from vlm_rl.run_folder import RunFolder
 from vlm_rl.tasks.easy_vqa import caption_dataset, caption_match
 
 
@@ -85,7 +86,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, prompts
     straight.train()
     expected = trainable_state(straight)
 
-    first = make_trainer(tmp_path / "resumed", prompts, total_steps=2, save_steps=2)
+    # "Killed" after step 3, its last checkpoint at step 2: the resumed run redoes step 3.
+    first = make_trainer(tmp_path / "resumed", prompts, total_steps=3, save_steps=2)
     first.train()
     assert (tmp_path / "resumed" / "run" / "checkpoints" / "step-000002" / "trainer_state.json").exists()
     torch.manual_seed(123)  # a different process state: the checkpoint must restore everything
@@ -103,6 +105,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, prompts
     assert moved, "training did not change the weights"
     for name, value in expected.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+    # The resumed run's rows replace what the first one logged after its checkpoint: no step twice.
+    run = RunFolder(tmp_path / "resumed" / "run")
+    assert [row["step"] for row in run.read_metrics() if "reward/mean" in row] == [1, 2, 3, 4]
+    sampled = [row["step"] for row in run.read_samples()]
+    assert sorted(set(sampled)) == [0, 1, 2, 3] and all(sampled.count(step) == 16 for step in range(4))
 
 
 def test_non_finite_reward_skips_the_step_and_leaves_weights_untouched(tmp_path, prompts):

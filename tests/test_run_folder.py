@@ -94,6 +94,39 @@ def test_start_writes_the_config_and_starts_fresh_logs_unless_resuming(tmp_path:
     assert run.read_metrics() == [] and run.read_samples() == []
 
 
+@pytest.mark.parametrize("evaluates_again", [True, False])
+def test_a_resumed_run_drops_what_the_interrupted_run_wrote_after_its_checkpoint(
+    tmp_path: Path, evaluates_again: bool
+):
+    """Killed after step 3 with a checkpoint at step 2: rows of step 3 (and the samples drawn for it,
+    at step 2) go; the evaluation at step 2 goes too when the resumed run evaluates there again."""
+    run = RunFolder(tmp_path / "run")
+    metrics_log = run.start(Config(str(run.root)), tensorboard=False)
+    for step in range(4):
+        if step:
+            metrics_log.log({"reward/mean": step / 10}, step=step)
+        if step % 2 == 0:
+            metrics_log.log({"eval/accuracy": step / 4}, step=step)
+    metrics_log.close()
+    run.write_samples([{"step": step, "completion": "c"} for step in range(4)])
+    run.eval_samples_file.write_text("".join(json.dumps({"step": s, "index": 0}) + "\n" for s in (0, 2)))
+    untouched = run.episodes_file
+    untouched.write_text(json.dumps({"step": 1}) + "\n")
+    before = untouched.stat().st_mtime_ns
+
+    resumed = run.start(
+        Config(str(run.root)), tensorboard=False, resume=True, resumed_step=2, evaluates_again=evaluates_again
+    )
+    resumed.close()
+    kept = [(row["step"], next(k for k in row if k != "step")) for row in run.read_metrics()]
+    expected = [(0, "eval/accuracy"), (1, "reward/mean"), (2, "reward/mean")]
+    assert kept == expected + ([] if evaluates_again else [(2, "eval/accuracy")])
+    assert [row["step"] for row in run.read_samples()] == [0, 1]
+    eval_rows = [json.loads(line)["step"] for line in run.eval_samples_file.read_text().splitlines()]
+    assert eval_rows == ([0] if evaluates_again else [0, 2])
+    assert untouched.stat().st_mtime_ns == before  # nothing to drop: not rewritten
+
+
 def test_metrics_of_an_old_reward_model_run_are_read_from_run(tmp_path: Path):
     run = RunFolder(tmp_path / "rm")
     assert run.find_metrics_file() is None and run.read_metrics() == []

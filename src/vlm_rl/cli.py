@@ -133,7 +133,8 @@ def run_recipe(command: str, recipe_argv: list[str]) -> None:
 
 # -- evaluate ---------------------------------------------------------------------------------
 def evaluate(run_dir: Path) -> None:
-    """Print a run's held-out metrics (first and last evaluation), its last training reward and final metrics."""
+    """Print a run's evaluation metrics (first and last evaluation; called held-out unless the run
+    recorded that they ran on training data), its last training reward and final metrics."""
     run = RunFolder(run_dir)
     metrics_file = run.find_metrics_file()  # metrics.jsonl, or run/metrics.jsonl of an older run
     if metrics_file is None:
@@ -145,15 +146,19 @@ def evaluate(run_dir: Path) -> None:
     print(f"{metrics_file}: {len(records)} records, last step {records[-1]['step'] if records else '-'}")
 
     evals = [record for record in records if any(key.startswith("eval/") for key in record)]
+    evaluation = run.read_evaluation()  # None for runs before evaluation.json
+    label = "held-out evaluation" if run.evaluation_label() == "Held-out" else "evaluation on training data"
+    if evaluation is not None:
+        label += f" ({evaluation['description']})"
     if evals:
         first, last = evals[0], evals[-1]
         keys = sorted({key for record in (first, last) for key in record if key.startswith("eval/")})
         width = max(len(key) for key in keys)
-        print(f"held-out evaluation, step {first['step']} -> step {last['step']}:")
+        print(f"{label}, step {first['step']} -> step {last['step']}:")
         for key in keys:
             print(f"  {key:{width}}  {_number(first.get(key))} -> {_number(last.get(key))}")
     else:
-        print("held-out evaluation: none logged yet")
+        print(f"{label}: none logged yet")
     training = [record for record in records if any(key in record for key in TRAINING_KEYS)]
     if training:
         values = ", ".join(

@@ -2,6 +2,7 @@
 
     output_dir/
         run_config.json              the resolved config (`save_config`)
+        evaluation.json              whether the evaluations are held out, and on what
         metrics.jsonl                one JSON line per logging step (`MetricsLogger`)
         tensorboard/                 the same scalars, when tensorboard is on
         samples.jsonl                sampled completions with their rewards (RL runs)
@@ -68,6 +69,9 @@ class RunFolder:
         self.best_dir = self.root / "best"
         self.report_file = self.root / "report.html"
         # each held-out evaluation's samples, episodes or pair scores (vlm_rl.report.records)
+        self.evaluation_file = (
+            self.root / "evaluation.json"
+        )  # what the evaluations score (`write_evaluation`)
         self.eval_samples_file = self.root / "eval_samples.jsonl"
         self.eval_images_dir = self.root / "eval_samples"
         self.eval_episodes_file = self.root / "eval_episodes.jsonl"
@@ -79,16 +83,27 @@ class RunFolder:
 
     # -- config and metrics ---------------------------------------------------------------------
     def start(
-        self, config: Any, *, tensorboard: bool = True, resume: bool = False, report_to: str | None = None
+        self,
+        config: Any,
+        *,
+        tensorboard: bool = True,
+        resume: bool = False,
+        report_to: str | None = None,
+        resumed_step: int | None = None,
+        evaluates_again: bool = True,
     ) -> MetricsLogger:
         """Begin writing the run (main process only): run_config.json, and a metrics logger that
         mirrors to the trackers of `report_to` (see `MetricsLogger`).
 
         A fresh run (not `resume`) in an existing folder starts metrics.jsonl and samples.jsonl
-        empty (episodes.jsonl too), so its rows never mix with an earlier run's.
+        empty (episodes.jsonl too), so its rows never mix with an earlier run's. A resumed one from
+        the checkpoint of `resumed_step` first drops what the interrupted run wrote after that
+        checkpoint (`rewind`), so no step's rows appear twice.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(config, self.config_file)
+        if resume and resumed_step is not None:
+            self.rewind(resumed_step, evaluates_again=evaluates_again)
         if not resume:
             self.samples_file.unlink(missing_ok=True)
             self.episodes_file.unlink(missing_ok=True)
@@ -99,6 +114,60 @@ class RunFolder:
         return MetricsLogger(
             self.root, tensorboard=tensorboard, fresh=not resume, report_to=report_to, config=config
         )
+
+    def rewind(self, step: int, *, evaluates_again: bool = True) -> None:
+        """Drop the rows an interrupted run wrote after its checkpoint at `step`: the resumed run
+        writes them again. Kept: metrics of steps <= `step` (a metrics row's step counts the
+        optimizer steps done), samples and episodes sampled before it (their step counts the steps
+        done before sampling: < `step`), and the evaluations up to `step`, or before it when the
+        resumed run `evaluates_again` at `step` (RL runs evaluate when they start). Each file is
+        replaced atomically; a file without rows to drop is left untouched."""
+
+        def is_eval(row: dict[str, Any]) -> bool:
+            return any(key.startswith("eval/") for key in row)
+
+        def metrics_kept(row: dict[str, Any]) -> bool:
+            return row["step"] < step or (row["step"] == step and not (evaluates_again and is_eval(row)))
+
+        last_eval = step - 1 if evaluates_again else step
+        rules: list[tuple[Path, Callable[[dict[str, Any]], bool]]] = [
+            (self.metrics_file, metrics_kept),
+            (self.samples_file, lambda row: row["step"] < step),
+            (self.episodes_file, lambda row: row["step"] < step),
+            *(
+                (path, lambda row: row["step"] <= last_eval)
+                for path in (self.eval_samples_file, self.eval_episodes_file, self.eval_scores_file)
+            ),
+        ]
+        for path, kept in rules:
+            if not path.is_file():
+                continue
+            lines = path.read_text().splitlines(keepends=True)
+            keep = [line for line in lines if line.strip() and kept(json.loads(line))]
+            if len(keep) < len(lines):
+                tmp = path.with_name(f".{path.name}.tmp")
+                _write_synced(tmp, "".join(keep))
+                os.replace(tmp, path)
+
+    def write_evaluation(self, description: str, held_out: bool) -> None:
+        """Record what the run's evaluations score (main process, before training): `held_out`
+        False when they run on training prompts or pairs (a dataset without a held-out split), so
+        `vlm-rl evaluate` and the report do not call them held-out. `description`: the recipe's
+        closing-line words, e.g. "held-out (200 questions on unseen images; ...)"."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.evaluation_file.with_name(f".{self.evaluation_file.name}.tmp")
+        _write_synced(tmp, json.dumps({"held_out": held_out, "description": description}, indent=2))
+        os.replace(tmp, self.evaluation_file)
+
+    def read_evaluation(self) -> dict[str, Any] | None:
+        """{"held_out": bool, "description": str}, or None for a run that did not record it."""
+        return read_json(self.evaluation_file) if self.evaluation_file.is_file() else None
+
+    def evaluation_label(self) -> str:
+        """ "Held-out", or "Evaluation (training prompts)" when the run recorded its evaluations
+        run on training data; "Held-out" for a run that recorded nothing (runs before the record)."""
+        evaluation = self.read_evaluation()
+        return "Evaluation (training prompts)" if evaluation and not evaluation["held_out"] else "Held-out"
 
     def read_config(self) -> dict[str, Any]:
         return read_json(self.config_file)

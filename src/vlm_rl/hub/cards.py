@@ -24,8 +24,10 @@ def write_model_card(
     reward_components: dict[str, float] | None,
     metrics: dict[str, float],
     repo_id: str,
+    report: bool = False,
 ) -> Path:
-    """Write `folder/README.md`: YAML front matter, summary, training, final metrics, how to load.
+    """Write `folder/README.md`: YAML front matter, summary, training, final metrics, the run
+    report's link (`report`: report.html is pushed beside it), how to load.
 
     Hyperparameters whose name looks like a secret (`hub_token`, `api_key`, ...) are redacted.
     `base_model` goes into the front matter only when it is a hub id: a local path or a tiny
@@ -92,6 +94,14 @@ def write_model_card(
         lines += _table(("Component", "Weight"), reward_components)
     lines += ["## Final metrics", ""]
     lines += _table(("Metric", "Value"), metrics)
+    if report:
+        lines += [
+            "## Run report",
+            "",
+            "[report.html](report.html): the run's curves, held-out evaluations and samples "
+            "on one self-contained page (download it and open it in a browser).",
+            "",
+        ]
     lines += ["## How to load", "", "```python", *how_to_load, "```", ""]
 
     path = Path(folder) / "README.md"

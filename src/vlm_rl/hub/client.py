@@ -37,13 +37,15 @@ def push_folder(
     revision: str | None = None,
     commit_message: str | None = None,
     card: dict[str, Any] | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> str:
     """Upload `folder` to the model repo `repo_id`; returns the commit URL (it ends with the commit oid).
 
     Creates the repo if needed (`private` applies only then) and the branch `revision` if given
     and missing. `card` holds `write_model_card`'s keyword arguments (all but folder and
     repo_id); the card is written into a temporary copy of the folder, so the run folder is
-    never modified.
+    never modified. `extra_files` maps names in the repo to files outside `folder` that go with it
+    (a run's report.html), copied into that temporary copy too.
 
     Args:
         token: defaults to $HF_TOKEN, then the login of `hf auth login`.
@@ -61,12 +63,17 @@ def push_folder(
     logger.info("pushing %s to %s at %s (revision %s)", folder, repo_id, endpoint, revision or "main")
     with tempfile.TemporaryDirectory(prefix="vlm_rl-push-") as staging_root:
         upload_folder = folder
-        if card is not None:
+        if card is not None or extra_files:
             upload_folder = Path(staging_root) / folder.name
             shutil.copytree(
                 folder, upload_folder, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".git")
             )
-            write_model_card(upload_folder, repo_id=repo_id, **card)
+            for name, path in (extra_files or {}).items():
+                target = upload_folder / name
+                target.unlink(missing_ok=True)  # never write through a hard link into the run folder
+                shutil.copyfile(path, target)
+            if card is not None:
+                write_model_card(upload_folder, repo_id=repo_id, **card)
         if token:
             _refuse_if_token_inside(upload_folder, token, repo_id, folder)
         step = "creating the repo"

@@ -44,6 +44,9 @@ REWARD_MODEL_CARD_HYPERPARAMETERS = (
 )
 
 
+REPORT_NAME = "report.html"
+
+
 def push_run(
     run_dir: str | Path,
     repo_id: str,
@@ -64,7 +67,8 @@ def push_run(
 
     The card comes from the run's own files: run_config.json (dataset, reward components and
     weights, key hyperparameters), final/vlm_rl_run.json or reward_config.json (algorithm, base
-    model, final metrics), metrics.jsonl (the metrics of a checkpoint). The commit message names
+    model, final metrics), metrics.jsonl (the metrics of a checkpoint). The run's report.html, when
+    it has one (`vlm-rl report`), goes along at the top of the repo and the card links it. The commit message names
     the run folder and the step: "vlm_rl ppo run 'ppo_caption' step 300". Token, endpoint,
     private and revision behave as in `push_folder`; the run folder is never modified.
 
@@ -74,6 +78,9 @@ def push_run(
         HubError: the hub refused or could not be reached.
     """
     folder, card, commit_message = _run_upload(Path(run_dir), checkpoint)
+    report = RunFolder(run_dir).report_file
+    extra_files = {REPORT_NAME: report} if report.is_file() else None
+    card["report"] = extra_files is not None
     return push_folder(
         folder,
         repo_id,
@@ -83,6 +90,7 @@ def push_run(
         revision=revision,
         commit_message=commit_message,
         card=card,
+        extra_files=extra_files,
     )
 
 

@@ -25,6 +25,7 @@ from vlm_rl.recipes import CONFIGS, check_rl_inputs, parse_config
 from vlm_rl.rl.agent import AgentContext, AgentTrainer, expert_dataset
 from vlm_rl.rl.config import AgentConfig, RLConfig, WarmStartConfig
 from vlm_rl.rl.pipeline import build_policy, load_base, reward_from_config, start, warm_start
+from vlm_rl.run_folder import RunFolder
 
 DEFAULT_CONFIG = CONFIGS / "ppo_agent.yaml"
 
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
         : agent.eval_episodes
     ]
     context = AgentContext(frames=agent.context_frames, actions=agent.context_actions)
+    if accelerator.is_main_process:
+        overlap = len(set(train_seeds) & set(eval_seeds))
+        RunFolder(config.output_dir).write_evaluation(
+            f"{len(eval_seeds)} evaluation seeds of {agent.env}, {overlap} of them training seeds",
+            overlap == 0,
+        )
 
     # Policy and reward (environment reward + any reward functions / reward model on turns)
     model, processor = load_base(config, accelerator)

@@ -140,7 +140,7 @@ def build_report(run: RunFolder) -> str:
     config = run.read_config() if run.config_file.is_file() else {}
     records = run.read_metrics()
     kind = run_kind(run, config, records)
-    held_out, training, other = _curves(records, kind)
+    held_out, training, other = _curves(records, kind, run.evaluation_label())
     examples = {"rl": _gallery, "agent": _film_strips, "reward_model": _score_histograms}[kind](run)
     sections = [
         _summary(run, config, records, kind),
@@ -210,7 +210,11 @@ def _summary(run: RunFolder, config: dict[str, Any], records: list[dict[str, Any
     total = config.get("total_steps") or config.get("max_steps")
     rows.append(("Steps", f"{number(last_step)} of {number(total)}" if total else number(last_step)))
     rows.append(("Wall time", _wall_time(run)))
-    rows.append(("Held-out", _held_out_line(records)))
+    evaluation = run.read_evaluation()
+    line = _held_out_line(records)
+    if evaluation is not None:
+        line = f"{escape(evaluation['description'])}<br>{line}"
+    rows.append((run.evaluation_label(), line))
     body = "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in rows)
     return f'<h2 id="summary">Summary</h2><table class="summary">{body}</table>'
 
@@ -282,7 +286,7 @@ def _series(records: list[dict[str, Any]], key: str) -> list[tuple[float, float]
     ]
 
 
-def _curves(records: list[dict[str, Any]], kind: str) -> tuple[str, str, str]:
+def _curves(records: list[dict[str, Any]], kind: str, label: str = "Held-out") -> tuple[str, str, str]:
     """The sections of curves: held-out metrics, training (grouped), other metrics."""
     numeric = []
     for record in records:
@@ -311,7 +315,7 @@ def _curves(records: list[dict[str, Any]], kind: str) -> tuple[str, str, str]:
         charts.append(line_chart(title, {k: _series(records, k) for k in keys}, bands=bands))
     held_out = [k for k in numeric if k.startswith("eval/") and k not in taken]
     held_out_charts = [
-        line_chart(f"Held-out {k.removeprefix('eval/')}", {k: _series(records, k)}) for k in held_out
+        line_chart(f"{label} {k.removeprefix('eval/')}", {k: _series(records, k)}) for k in held_out
     ]
     taken.update(held_out)
     others = [line_chart(k, {k: _series(records, k)}) for k in numeric if k not in taken]
@@ -321,7 +325,7 @@ def _curves(records: list[dict[str, Any]], kind: str) -> tuple[str, str, str]:
         return f'<h2 id="{anchor}">{name}</h2><div class="charts">{"".join(items)}</div>' if items else ""
 
     return (
-        block("Held-out evaluation", held_out_charts, "curves-held-out"),
+        block(f"{label} evaluation" if label == "Held-out" else label, held_out_charts, "curves-held-out"),
         block("Training curves", charts, "curves-training"),
         block("Other metrics", others, "curves-other"),
     )
@@ -364,7 +368,7 @@ NOTHING_KEPT = '<p class="muted">No held-out evaluation kept yet.</p>'
 def _gallery(run: RunFolder) -> str:
     records, steps = _kept(run.eval_samples_file)
     if steps is None:
-        return f'<h2 id="gallery">Held-out gallery</h2>{NOTHING_KEPT}'
+        return f'<h2 id="gallery">{run.evaluation_label()} gallery</h2>{NOTHING_KEPT}'
     first, last = steps
     by_step = {step: {r["index"]: r for r in records if r["step"] == step} for step in steps}
     cards = []
@@ -383,7 +387,7 @@ def _gallery(run: RunFolder) -> str:
             f"<table>{evaluations}</table></div>"
         )
     return (
-        '<h2 id="gallery">Held-out gallery</h2>'
+        f'<h2 id="gallery">{run.evaluation_label()} gallery</h2>'
         f'<p class="muted">Greedy completions on the first held-out prompts at the first (step {first}) and '
         f"last (step {last}) evaluation, with their reward and its components.</p>"
         f'<div class="cards">{"".join(cards)}</div>'
@@ -393,9 +397,9 @@ def _gallery(run: RunFolder) -> str:
 def _film_strips(run: RunFolder) -> str:
     records, steps = _kept(run.eval_episodes_file)
     if steps is None:
-        return f'<h2 id="episodes">Held-out episodes</h2>{NOTHING_KEPT}'
+        return f'<h2 id="episodes">{run.evaluation_label()} episodes</h2>{NOTHING_KEPT}'
     parts = [
-        '<h2 id="episodes">Held-out episodes</h2>',
+        f'<h2 id="episodes">{run.evaluation_label()} episodes</h2>',
         '<p class="muted">Greedy episodes on held-out seeds: each frame with the action taken on it and '
         "the reward it earned.</p>",
     ]
@@ -428,18 +432,19 @@ def _film_strips(run: RunFolder) -> str:
 def _score_histograms(run: RunFolder) -> str:
     records, steps = _kept(run.eval_scores_file)
     if steps is None:
-        return f'<h2 id="scores">Held-out scores</h2>{NOTHING_KEPT}'
+        return f'<h2 id="scores">{run.evaluation_label()} scores</h2>{NOTHING_KEPT}'
     charts = []
     for step in dict.fromkeys(steps):
         record = next(r for r in records if r["step"] == step)
         charts.append(
             histogram(
-                f"Held-out scores at step {step}",
+                f"{run.evaluation_label()} scores at step {step}",
                 {"chosen": record["chosen"], "rejected": record["rejected"]},
             )
         )
     return (
-        f'<h2 id="scores">Held-out scores: chosen vs rejected</h2><div class="charts">{"".join(charts)}</div>'
+        f'<h2 id="scores">{run.evaluation_label()} scores: chosen vs rejected</h2>'
+        f'<div class="charts">{"".join(charts)}</div>'
     )
 
 

@@ -322,6 +322,11 @@ def train_reward_model(
     )
     if len(train_data) == 0:
         raise DataError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
+    if accelerator.is_main_process:
+        where = config.eval_dataset or config.dataset
+        run.write_evaluation(
+            f"{len(eval_data)} {'held-out' if held_out else 'training'} pairs of {where}", held_out
+        )
     data_report = {
         "eval/held_out": float(held_out),
         "eval/images_shared_with_training": float(count_shared_images(train_data, eval_data))
@@ -393,6 +398,8 @@ def train_reward_model(
             tensorboard=config.report_to_tensorboard,
             resume=bool(config.resume_from_checkpoint),
             report_to=config.report_to,
+            resumed_step=state["step"] if config.resume_from_checkpoint else None,
+            evaluates_again=False,  # its evaluations are kept in the checkpoint's state
         )
 
     def keep_scores(step: int) -> Callable[[list[float], list[float]], None] | None:

@@ -26,6 +26,7 @@ from vlm_rl.rewards.build import build_reward
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
 from vlm_rl.rl.trainer import EvalMetric, RLTrainer
+from vlm_rl.run_folder import RunFolder
 from vlm_rl.sft import supervised_warm_start
 from vlm_rl.tasks import is_task_dataset
 
@@ -115,8 +116,9 @@ def warm_start(
     return base
 
 
-def load_rl_datasets(config: RLConfig, held_out: str) -> tuple[datasets.Dataset, datasets.Dataset, str]:
-    """(training prompts, evaluation prompts, how the closing line names the evaluation): the
+def load_rl_datasets(config: RLConfig, held_out: str) -> tuple[datasets.Dataset, datasets.Dataset, str, bool]:
+    """(training prompts, evaluation prompts, how the closing line names the evaluation, whether it
+    is held out): the
     evaluation prompts come from --eval_dataset, else the dataset's test split (`held_out` names
     them, e.g. "unseen images"), else (a JSONL file, a saved Dataset) the training prompts, and the
     name says so. Images shared by both sets (identical content) are counted and named too. The
@@ -134,14 +136,14 @@ def load_rl_datasets(config: RLConfig, held_out: str) -> tuple[datasets.Dataset,
             f"no held-out split in {config.dataset} ({len(eval_dataset)} training prompts evaluated; pass "
             "--eval_dataset for a held-out score)"
         )
-        return train_dataset, eval_dataset, name
+        return train_dataset, eval_dataset, name, False
     shared = count_shared_images(train_dataset, eval_dataset)
     if config.eval_dataset:
         held_out = f"prompts of {config.eval_dataset}"
     if shared:
         logger.warning("%d image(s) of the evaluation prompts also appear in the training prompts", shared)
     overlap = f"{shared} image(s) shared with training" if shared else "no image shared with training"
-    return train_dataset, eval_dataset, f"held-out ({len(eval_dataset)} {held_out}; {overlap})"
+    return train_dataset, eval_dataset, f"held-out ({len(eval_dataset)} {held_out}; {overlap})", True
 
 
 def _texts(dataset: datasets.Dataset, limit: int = 2000) -> list[str]:
@@ -170,7 +172,11 @@ def run_rl(
     "caption_accuracy") and the reward before and after, for `held_out` items (e.g. "unseen
     images"), then pushes the run when `config.push_to_hub`.
     """
-    train_dataset, eval_dataset, held_out = load_rl_datasets(config, held_out)  # validated before the model
+    train_dataset, eval_dataset, held_out, is_held_out = load_rl_datasets(
+        config, held_out
+    )  # before the model
+    if accelerator.is_main_process:
+        RunFolder(config.output_dir).write_evaluation(held_out, is_held_out)
     model, processor = load_base(config, accelerator)
     policy, value_head = build_policy(config, model)
 

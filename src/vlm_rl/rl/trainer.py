@@ -654,6 +654,8 @@ class RLTrainer:
                 tensorboard=config.report_to_tensorboard,
                 resume=bool(config.resume_from_checkpoint),
                 report_to=config.report_to,
+                resumed_step=self.step if config.resume_from_checkpoint else None,
+                evaluates_again=True,  # `before` below, at the resumed step
             )
         if self.accelerator.is_main_process:
             logger.info(

@@ -286,7 +286,9 @@ def run_trl(
     from trl import GRPOTrainer
 
     check_mappable(config)  # before anything is loaded
-    train_dataset, eval_dataset, held_out = load_rl_datasets(config, held_out)
+    train_dataset, eval_dataset, held_out, is_held_out = load_rl_datasets(config, held_out)
+    if accelerator.is_main_process:
+        RunFolder(config.output_dir).write_evaluation(held_out, is_held_out)
     model, processor = load_base(config, accelerator)  # the native engine's loading and LoRA
     policy, _ = build_policy(config, model)
     eos = eos_token_ids(model, processor)
