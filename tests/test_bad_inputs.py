@@ -530,7 +530,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_print_the_message_once(data: Path):
-    """Under `accelerate launch` with 2 CPU processes both ranks exit 2 and only rank 0 prints.
+    """Under `accelerate launch` with 2 CPU processes a rank exits 2 (the other too, unless torchrun
+    has terminated it first) and only rank 0 prints.
 
     The launcher (torchrun's elastic agent) then reports the failed ranks itself, with its own
     traceback of the launcher and exit code 1: that part is accelerate's, not a vlm_rl frame."""
@@ -547,7 +548,10 @@ def test_two_processes_print_the_message_once(data: Path):
     assert len(errors) == 1, result.stderr[-4000:]
     assert "outside the dataset folder" in errors[0]
     assert result.returncode != 0
-    assert len(re.findall(r"exitcode\s+:\s*2 \(pid", result.stderr)) == 2, result.stderr[-4000:]  # both ranks
+    # Each rank exits 2; torchrun SIGTERMs the other rank as soon as one fails, so the summary lists
+    # rank 1's own exit code 2 only when it got there first (a race: 1 or 2 entries).
+    assert 1 <= len(re.findall(r"exitcode\s+:\s*2 \(pid", result.stderr)) <= 2, result.stderr[-4000:]
+    assert not re.search(r"exitcode\s+:\s*(?!2 |-15 )-?\d+ \(pid", result.stderr), result.stderr[-4000:]
     assert not re.search(r'File ".*vlm_rl', result.stderr), result.stderr[-4000:]
 
 
