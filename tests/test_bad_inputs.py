@@ -620,6 +620,8 @@ def test_odd_but_valid_inputs_train_and_the_closing_line_is_honest(data: Path, c
     code, stderr, _ = run_in_process(["report", str(data.parent / "runs" / "odd")], capsys)
     page = (data.parent / "runs" / "odd" / "report.html").read_text()
     assert code == 0 and "Evaluation (training prompts)" in page and ">Held-out" not in page, stderr[-3000:]
+    assert "held-out prompts" not in page and "training prompts (no held-out split)" in page
+    assert f"(evaluation: no held-out split in {train} (4 training prompts evaluated" in page
 
     evaluation = jsonl(data, "odd_eval.jsonl", [ODD_ROWS[0], GOOD_PROMPT_ROW])
     code, stderr, out = run_in_process(

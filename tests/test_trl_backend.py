@@ -150,3 +150,7 @@ def test_trl_run_resumes_from_its_latest_checkpoint(tmp_path):
     # "before" of the resumed run is evaluated after TRL loaded checkpoint-2: the first run's end.
     assert resumed["before"] == first["after"]
     assert json.loads((tmp_path / "final" / "vlm_rl_run.json").read_text())["step"] == 3
+    # the first run's closing evaluation at step 2 gave way to the resumed run's: one per step
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [row["step"] for row in rows if any(key.startswith("eval/") for key in row)]
+    assert evaluations == [0, 2, 3], evaluations

@@ -181,27 +181,38 @@ def evaluations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if any(k.startswith("eval/") for k in r)]
 
 
+def _data(run: RunFolder, config: dict[str, Any], kind: str) -> str:
+    """The data row: the dataset (or environment) and what the run recorded its evaluations score;
+    runs from before that record get the recipe's default (a test split, unseen seeds)."""
+    source = "episodes of a visual environment" if kind == "agent" else str(config.get("dataset", "-"))
+    evaluation = run.read_evaluation()
+    if evaluation is not None:
+        return escape(f"{source} (evaluation: {evaluation['description']})")
+    if kind == "agent":
+        return escape(f"{source} (held out: unseen seeds)")
+    held_out = config.get("eval_dataset") or "its test split"
+    return escape(f"{source} (held out: {held_out})")
+
+
+def _evaluated_on(run: RunFolder, held_out_words: str) -> str:
+    """`held_out_words` (e.g. "held-out prompts"), or the training data's words when the run
+    recorded that its evaluations run on training data."""
+    if run.evaluation_label() == "Held-out":
+        return held_out_words
+    return held_out_words.replace("held-out", "training") + " (no held-out split)"
+
+
 def _summary(run: RunFolder, config: dict[str, Any], records: list[dict[str, Any]], kind: str) -> str:
     rows: list[tuple[str, str]] = [("Base model", escape(str(config.get("model_name_or_path", "-"))))]
     if kind == "reward_model":
         rows.append(("Algorithm", "reward model, Bradley-Terry loss on preference pairs"))
-        rows.append(
-            (
-                "Data",
-                escape(
-                    f"{config.get('dataset', '-')} (held out: {config.get('eval_dataset') or 'its test split'})"
-                ),
-            )
-        )
         settings = REWARD_MODEL_SETTINGS
     else:
         rows.append(("Algorithm", escape(str(config.get("algorithm", "-")).upper())))
-        if kind == "agent":
-            rows.append(("Data", "episodes of a visual environment (held out: unseen seeds)"))
-        else:
-            rows.append(("Data", escape(f"{config.get('dataset', '-')} (held out: its test split)")))
-        rows.append(("Reward components", _reward_components(config)))
         settings = RL_SETTINGS
+    rows.append(("Data", _data(run, config, kind)))
+    if kind != "reward_model":
+        rows.append(("Reward components", _reward_components(config)))
     shown = ", ".join(
         f"{key} {escape(number(config[key]))}" for key in settings if config.get(key) is not None
     )
@@ -374,7 +385,7 @@ def _gallery(run: RunFolder) -> str:
     cards = []
     for index, record in by_step[first].items():
         images = "".join(
-            _image(run.eval_images_dir / name, "sample", f"held-out item {index}")
+            _image(run.eval_images_dir / name, "sample", f"evaluation item {index}")
             for name in record["images"]
         )
         columns = ", ".join(f"{escape(k)}: {escape(str(v))}" for k, v in record.get("columns", {}).items())
@@ -388,8 +399,8 @@ def _gallery(run: RunFolder) -> str:
         )
     return (
         f'<h2 id="gallery">{run.evaluation_label()} gallery</h2>'
-        f'<p class="muted">Greedy completions on the first held-out prompts at the first (step {first}) and '
-        f"last (step {last}) evaluation, with their reward and its components.</p>"
+        f'<p class="muted">Greedy completions on the first {_evaluated_on(run, "held-out prompts")} at the '
+        f"first (step {first}) and last (step {last}) evaluation, with their reward and its components.</p>"
         f'<div class="cards">{"".join(cards)}</div>'
     )
 
@@ -400,8 +411,8 @@ def _film_strips(run: RunFolder) -> str:
         return f'<h2 id="episodes">{run.evaluation_label()} episodes</h2>{NOTHING_KEPT}'
     parts = [
         f'<h2 id="episodes">{run.evaluation_label()} episodes</h2>',
-        '<p class="muted">Greedy episodes on held-out seeds: each frame with the action taken on it and '
-        "the reward it earned.</p>",
+        f'<p class="muted">Greedy episodes on {_evaluated_on(run, "held-out seeds")}: each frame with the '
+        "action taken on it and the reward it earned.</p>",
     ]
     numbers = sorted({r["episode"] for r in records if r["step"] == steps[0]})
     for number_ in numbers:

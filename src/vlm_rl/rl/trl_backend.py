@@ -51,10 +51,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
 from vlm_rl.data.collators import PromptCollator
 from vlm_rl.models.value import PolicyWithValue
@@ -271,6 +274,19 @@ class _RunLog(TrainerCallback):
             self.evaluate(state)
 
 
+def resumed_rl_step(checkpoints_dir: str, resume: str | None, steps_per_rl_step: int) -> int | None:
+    """The RL step of the TRL checkpoint that `resume` ("latest" or a checkpoint-N folder) loads,
+    read from its trainer_state.json; None when nothing is resumed or no checkpoint is there yet
+    (TRL then says so itself)."""
+    if not resume or (resume == "latest" and not Path(checkpoints_dir).is_dir()):
+        return None
+    path = get_last_checkpoint(checkpoints_dir) if resume == "latest" else resume
+    state_file = Path(path) / TRAINER_STATE_NAME if path else None
+    if state_file is None or not state_file.is_file():
+        return None
+    return TrainerState.load_from_json(str(state_file)).global_step // steps_per_rl_step
+
+
 def run_trl(
     config: RLConfig,
     warm: WarmStartConfig,
@@ -311,7 +327,12 @@ def run_trl(
     metrics_log = None
     if accelerator.is_main_process:
         metrics_log = run.run.start(
-            config, tensorboard=config.report_to_tensorboard, resume=bool(resume), report_to=config.report_to
+            config,
+            tensorboard=config.report_to_tensorboard,
+            resume=bool(resume),
+            report_to=config.report_to,
+            resumed_step=resumed_rl_step(args.output_dir, resume, run.steps_per_rl_step),
+            evaluates_again=True,  # _RunLog evaluates when training begins, after the checkpoint is loaded
         )
     run.metrics_log = metrics_log
     run_log = _RunLog(run, metrics_log)
