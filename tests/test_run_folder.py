@@ -127,6 +127,34 @@ def test_a_resumed_run_drops_what_the_interrupted_run_wrote_after_its_checkpoint
     assert untouched.stat().st_mtime_ns == before  # nothing to drop: not rewritten
 
 
+def test_tensorboard_curves_of_a_resumed_run_hide_the_steps_after_its_checkpoint(tmp_path: Path):
+    """Killed after step 4 with a checkpoint at step 2: TensorBoard shows steps 1-2 of the first run
+    and 3 of the resumed one; a fresh run in the same folder starts its curves empty."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def curve() -> list[tuple[int, float]]:
+        events = EventAccumulator(str(run.tensorboard_dir))
+        events.Reload()
+        return [(e.step, round(e.value, 3)) for e in events.Scalars("reward/mean")]
+
+    run = RunFolder(tmp_path / "run")
+    metrics_log = run.start(Config(str(run.root)))
+    for step in range(1, 5):
+        metrics_log.log({"reward/mean": step / 10}, step=step)
+    metrics_log.close()
+    time.sleep(1.1)  # event files are named by the second they were opened
+    resumed = run.start(Config(str(run.root)), resume=True, resumed_step=2)
+    resumed.log({"reward/mean": 0.75}, step=3)
+    resumed.close()
+    assert curve() == [(1, 0.1), (2, 0.2), (3, 0.75)]
+
+    time.sleep(1.1)
+    fresh = run.start(Config(str(run.root)))
+    fresh.log({"reward/mean": 0.5}, step=1)
+    fresh.close()
+    assert curve() == [(1, 0.5)]
+
+
 def test_metrics_of_an_old_reward_model_run_are_read_from_run(tmp_path: Path):
     run = RunFolder(tmp_path / "rm")
     assert run.find_metrics_file() is None and run.read_metrics() == []

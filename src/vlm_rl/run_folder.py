@@ -112,7 +112,12 @@ class RunFolder:
             for folder in (self.eval_images_dir, self.eval_episodes_dir):
                 shutil.rmtree(folder, ignore_errors=True)
         return MetricsLogger(
-            self.root, tensorboard=tensorboard, fresh=not resume, report_to=report_to, config=config
+            self.root,
+            tensorboard=tensorboard,
+            fresh=not resume,
+            report_to=report_to,
+            config=config,
+            resumed_step=resumed_step if resume else None,
         )
 
     def rewind(self, step: int, *, evaluates_again: bool = True) -> None:
@@ -490,7 +495,8 @@ class MetricsLogger:
     scalars to the trackers of `report_to` (default tensorboard; `tensorboard=False` drops it).
     Only the main process should create one.
 
-    - tensorboard: event files in `run_dir/tensorboard`.
+    - tensorboard: event files in `run_dir/tensorboard`; a fresh run removes an earlier run's, a
+      run resumed from the checkpoint of `resumed_step` hides the steps after it (purge_step).
     - trackio (local-first): its SQLite store, `$TRACKIO_DIR` (default under the Hugging Face cache),
       project "vlm_rl", the run named after the run folder; `trackio show` opens the dashboard.
     - wandb: offline unless $WANDB_MODE says otherwise, files in `run_dir/wandb` (`wandb sync` uploads).
@@ -503,6 +509,7 @@ class MetricsLogger:
         fresh: bool = True,
         report_to: str | Iterable[str] | None = None,
         config: Any = None,
+        resumed_step: int | None = None,
     ):
         run = RunFolder(run_dir)
         self.trackers = [t for t in parse_report_to(report_to) if tensorboard or t != "tensorboard"]
@@ -516,7 +523,13 @@ class MetricsLogger:
         if "tensorboard" in self.trackers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(run.tensorboard_dir))
+            if fresh:  # as metrics.jsonl: an earlier run's curves would be drawn as this run's
+                for events in run.tensorboard_dir.glob("events.out.tfevents.*"):
+                    events.unlink()
+            # a resumed run hides what the interrupted one logged after its checkpoint (as `rewind`
+            # does in metrics.jsonl; the resumed step's own rows stay)
+            purge_step = None if fresh or resumed_step is None else resumed_step + 1
+            self._writer = SummaryWriter(log_dir=str(run.tensorboard_dir), purge_step=purge_step)
         if "trackio" in self.trackers:
             trackio = _import_tracker("trackio")
             self._trackio = trackio.init(

@@ -188,23 +188,38 @@ def run_rl(
     final = trainer.save_final(result["after"])
 
     if accelerator.is_main_process:
-        before, after = result["before"], result["after"]
-        label = metric.replace("_", " ")
-
-        def score(metrics: dict) -> str:
-            return f"{metrics.get(f'eval/{metric}', float('nan')):.3f}"
-
-        if base is not None:
-            print(
-                f"base policy: {label} {score(base)}; after the {warm.warm_start_steps}-step warm start "
-                f"(RL starts here): {score(before)}"
-            )
-        print(
-            f"{held_out}: {label} {score(before)} -> {score(after)}, reward "
-            f"{before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; adapter saved to {final}"
-        )
-        if config.push_to_hub:
-            from vlm_rl.hub import push_after_training
-
-            print(push_after_training(config))
+        print_closing(config, warm, metric, held_out, base, result["before"], result["after"], final)
     return result
+
+
+def print_closing(
+    config: RLConfig,
+    warm: WarmStartConfig,
+    metric: str,
+    held_out: str,
+    base: dict | None,
+    before: dict,
+    after: dict,
+    final: str | Path,
+    engine: str = "",
+) -> None:
+    """The closing lines of an RL run (main process): the warm start's effect when one ran, `metric`
+    and the reward before -> after on the `held_out` items, where the adapter is, then the push."""
+    label = metric.replace("_", " ")
+
+    def score(metrics: dict) -> str:
+        return f"{metrics.get(f'eval/{metric}', float('nan')):.3f}"
+
+    if base is not None:
+        print(
+            f"base policy: {label} {score(base)}; after the {warm.warm_start_steps}-step warm start "
+            f"(RL starts here): {score(before)}"
+        )
+    print(
+        f"{engine}{held_out}: {label} {score(before)} -> {score(after)}, reward "
+        f"{before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; adapter saved to {final}"
+    )
+    if config.push_to_hub:
+        from vlm_rl.hub import push_after_training
+
+        print(push_after_training(config))

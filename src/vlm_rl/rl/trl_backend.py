@@ -64,7 +64,7 @@ from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.report import report_at_step
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
-from vlm_rl.rl.pipeline import build_policy, load_base, load_rl_datasets, warm_start
+from vlm_rl.rl.pipeline import build_policy, load_base, load_rl_datasets, print_closing, warm_start
 from vlm_rl.rl.rollout import eos_token_ids, suppressed_tokens
 from vlm_rl.rl.trainer import EvalMetric, RLTrainer
 from vlm_rl.run_folder import MetricsLogger, RunFolder
@@ -351,22 +351,5 @@ def run_trl(
         report_at_step(run.run.root, run.step, config.report_steps, final=True)
 
     if accelerator.is_main_process:
-        label = metric.replace("_", " ")
-
-        def score(metrics: dict) -> str:
-            return f"{metrics.get(f'eval/{metric}', float('nan')):.3f}"
-
-        if base is not None:
-            print(
-                f"base policy: {label} {score(base)}; after the {warm.warm_start_steps}-step warm start: {score(before)}"
-            )
-        print(
-            f"TRL GRPOTrainer, {held_out}: {label} {score(before)} -> "
-            f"{score(after)}, reward {before['eval/reward']:.3f} -> {after['eval/reward']:.3f}; adapter "
-            f"saved to {final}"
-        )
-        if config.push_to_hub:
-            from vlm_rl.hub import push_after_training
-
-            print(push_after_training(config))
+        print_closing(config, warm, metric, held_out, base, before, after, final, engine="TRL GRPOTrainer, ")
     return {"before": before, "after": after}
