@@ -34,6 +34,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/score_throughput.py
+	$(BIN)/python benchmarks/reward_step.py
 	$(BIN)/python benchmarks/ppo_step.py
 	$(BIN)/python benchmarks/grpo_vs_trl.py
 	$(BIN)/python benchmarks/agent_rollout.py

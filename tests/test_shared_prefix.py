@@ -352,3 +352,67 @@ def test_image_features_computed_once_per_step(
     assert any("modules_to_save" in n for n in grads) == train_projector
     for key, value in expected_grads.items():
         assert_gradients_close(grads[key], value, key)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_reward_model_scores_a_pair_with_its_prompt_forwarded_once(name: str) -> None:
+    """Preference pairs (the reward model's training and evaluation batches): the prompt once for
+    its chosen and rejected answers gives the rewards and Bradley-Terry gradients of the two full
+    sequences, with the prompt rows forwarded once."""
+    from vlm_rl.data.collators import PreferenceCollator
+    from vlm_rl.rewards.model import RewardModel
+    from vlm_rl.rewards.trainer import bradley_terry_loss, score_pairs
+    from vlm_rl.tasks.easy_vqa import caption_preference_dataset
+
+    reward_model = RewardModel.from_base(name, lora_r=4, lora_alpha=8)
+    scorer = reward_model.scorer
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param_name, param in scorer.named_parameters():
+            if "lora_" in param_name:
+                param.normal_(0, 0.1)
+    scorer.train()
+    rows = list(caption_preference_dataset("train", num_samples=3, seed=0))
+    shapes: list[tuple[int, ...]] = []
+    scorer.backbone.get_input_embeddings().register_forward_pre_hook(
+        lambda m, args: shapes.append(tuple(args[0].shape))
+    )
+    results = {}
+    for shared in (False, True):
+        batch = PreferenceCollator(reward_model.processor, shared_prefix=shared)(rows)
+        assert (batch.groups is not None) == shared
+        shapes.clear()
+        scorer.zero_grad()
+        chosen, rejected = score_pairs(scorer, batch)
+        bradley_terry_loss(chosen, rejected, None, 0.01).backward()
+        grads = {n: p.grad.clone() for n, p in scorer.named_parameters() if p.grad is not None}
+        results[shared] = chosen.detach(), rejected.detach(), grads, list(shapes)
+    (chosen, rejected, grads, calls), (shared_chosen, shared_rejected, shared_grads, shared_calls) = (
+        results[False],
+        results[True],
+    )
+    torch.testing.assert_close(shared_chosen, chosen, **TOLERANCE)
+    torch.testing.assert_close(shared_rejected, rejected, **TOLERANCE)
+    assert not torch.allclose(chosen, rejected)  # the two answers are told apart
+    assert grads.keys() == shared_grads.keys() and any("lora_A" in n for n in grads)
+    for key, value in grads.items():
+        assert_gradients_close(shared_grads[key], value, key)
+    # 6 full sequences; then 3 prompts and 6 answers on their cache
+    assert [rows_ for rows_, _ in calls] == [6] and [rows_ for rows_, _ in shared_calls] == [3, 6]
+    assert sum(r * t for r, t in shared_calls) < sum(r * t for r, t in calls)
+
+
+def test_answers_that_merge_with_the_prompt_into_one_token_are_scored_whole() -> None:
+    """A BPE tokenizer that merges the prompt's last "\\n" with an answer's leading "\\n": the answer's
+    own tokens would not be the full text's, so the collator keeps the full sequences."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from vlm_rl.data.collators import completion_token_ids
+
+    vocab = {c: i for i, c in enumerate(dict.fromkeys("Q: shape?\nred circl"))}
+    vocab["\n\n"] = len(vocab)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, [("\n", "\n")])))
+    assert completion_token_ids(tokenizer, ["Q: shape?\n"], ["red circle"]) is not None
+    assert completion_token_ids(tokenizer, ["Q: shape?\n"], ["\nred circle"]) is None  # "\n\n" is one token
+    assert completion_token_ids(tokenizer, ["Q: shape?\n"], [""]) is None  # nothing to read a score at

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -17,6 +17,9 @@ from transformers import BatchFeature, ProcessorMixin
 
 from vlm_rl.data.loaders import materialize_images
 from vlm_rl.data.validation import completion_text
+
+if TYPE_CHECKING:
+    from vlm_rl.models.shared_prefix import PromptGroups
 
 _STANDARD_COLUMNS = ("prompt", "images", "image", "chosen", "rejected", "margin")
 
@@ -96,37 +99,85 @@ def prompt_completion_texts(
 
 @dataclass
 class PreferenceBatch:
-    """Chosen and rejected sequences in one padded batch: rows [0, n) chosen, rows [n, 2n) rejected,
-    so a reward model scores both in a single forward pass."""
+    """Chosen and rejected sequences of `num_pairs` pairs, rows [0, n) chosen, rows [n, 2n)
+    rejected, so a reward model scores both in a single forward pass: either `inputs`, one
+    left-padded batch of the 2n full sequences, or (a shared prefix) `groups`, the n prompts once
+    with the 2n completions' tokens in `completion_ids` (right-padded, `groups.completion_mask`)."""
 
-    inputs: BatchFeature
+    inputs: BatchFeature | None
     num_pairs: int
     margin: torch.Tensor | None = None
     """Per-pair margin (float, shape (num_pairs,)) when the dataset has a `margin` column."""
+    groups: PromptGroups | None = None
+    completion_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.num_pairs
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PreferenceBatch:
-        margin = None if self.margin is None else self.margin.to(device, non_blocking=non_blocking)
-        return PreferenceBatch(self.inputs.to(device), self.num_pairs, margin)
+        def move(value):
+            return None if value is None else value.to(device)
+
+        return PreferenceBatch(
+            move(self.inputs), self.num_pairs, move(self.margin), move(self.groups), move(self.completion_ids)
+        )
+
+
+def completion_token_ids(tokenizer, prompts: list[str], completions: list[str]) -> list[list[int]] | None:
+    """Each completion's token ids when every prompt + completion text tokenizes as the prompt's
+    tokens followed by the completion's (no token merges across the boundary, no empty
+    completion), so scoring them after the prompt's tokens is scoring the full text; else None."""
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    full = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)], add_special_tokens=False)
+    for prompt, completion, whole in zip(prompt_ids, ids, full["input_ids"], strict=True):
+        if not completion or prompt + completion != whole:
+            return None
+    return ids
 
 
 @dataclass
 class PreferenceCollator:
     """(prompt, chosen, rejected, images) -> one left-padded batch, so the last position of every
-    row is its final token (where a reward model reads its score)."""
+    row is its final token (where a reward model reads its score). `shared_prefix`: the prompts
+    once and the completions' tokens apart (`PreferenceBatch.groups`), where the texts tokenize
+    apart as they do together (`completion_token_ids`; else the full sequences, as without it)."""
 
     processor: ProcessorMixin
     root: Path | None = None
+    shared_prefix: bool = False
 
     def __call__(self, examples: list[dict]) -> PreferenceBatch:
         images = [_images_of(ex, self.root) for ex in examples]
         prompts = [ex["prompt"] for ex in examples]
-        chosen = prompt_completion_texts(self.processor, prompts, [ex["chosen"] for ex in examples])
-        rejected = prompt_completion_texts(self.processor, prompts, [ex["rejected"] for ex in examples])
         margin = None
         if "margin" in examples[0]:
             margin = torch.tensor([float(ex["margin"]) for ex in examples], dtype=torch.float32)
+        if self.shared_prefix:
+            texts = [render_prompt(self.processor, p) for p in prompts]
+            answers = [completion_text(ex[key]) for key in ("chosen", "rejected") for ex in examples]
+            ids = completion_token_ids(self.processor.tokenizer, texts + texts, answers)
+            if ids is not None:
+                groups, completion_ids = self._groups(texts, images, ids)
+                return PreferenceBatch(None, len(examples), margin, groups, completion_ids)
+        chosen = prompt_completion_texts(self.processor, prompts, [ex["chosen"] for ex in examples])
+        rejected = prompt_completion_texts(self.processor, prompts, [ex["rejected"] for ex in examples])
         inputs = encode(self.processor, chosen + rejected, images + images)
         return PreferenceBatch(inputs=inputs, num_pairs=len(examples), margin=margin)
+
+    def _groups(
+        self, prompts: list[str], images: list[list[Image.Image]], ids: list[list[int]]
+    ) -> tuple[PromptGroups, torch.Tensor]:
+        from vlm_rl.models.shared_prefix import PromptGroups
+
+        T = max(len(row) for row in ids)
+        pad = self.processor.tokenizer.pad_token_id or 0  # masked out
+        completion_ids = torch.tensor([row + [pad] * (T - len(row)) for row in ids])
+        completion_mask = torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in ids])
+        groups = PromptGroups(
+            encode(self.processor, prompts, images),
+            torch.tensor([len(picks) for picks in images]),
+            torch.arange(len(prompts)).repeat(2),
+            completion_mask,
+        )
+        return groups, completion_ids

@@ -11,12 +11,14 @@ gives them. The same idea as Prefix Grouper (Liu et al. 2025, "Efficient GRPO Tr
 Shared-Prefix Forward"), which splits attention into prefix self-attention and suffix
 concat-attention inside a modified model; here the stock HF attention with a cache does that split.
 
-Exact up to float summation order: per-token log-probs, values and LoRA/projector gradients equal
-those of the per-sample forward within 3e-6 in float32 (tests/test_shared_prefix.py asserts it
-within 1e-5 for every family row with `shared_prefix`). Falls back to the per-sample forward (same
-results, no saving) when a family has no `shared_prefix`, the prompts repeat too little
-(`MIN_ROWS_PER_PROMPT`), the prompts are right-padded, or gradient checkpointing is on in a pass with
-gradients (HF then turns the cache off).
+Exact up to float summation order: per-token log-probs and values equal those of the per-sample
+forward within 3e-6 in float32, LoRA/projector gradients within 2.4e-6 of each tensor's largest
+entry (tests/test_shared_prefix.py asserts 1e-5 and 1e-5 of it for every family row with
+`shared_prefix`). Reward models use the same split for a preference pair's two answers
+(`sequence_end_states`: the state at each answer's last token). Falls back to the per-sample
+forward (same results, no saving) when a family has no `shared_prefix`, the prompts repeat too
+little (`MIN_ROWS_PER_PROMPT`), the prompts are right-padded, or gradient checkpointing is on in a
+pass with gradients (HF then turns the cache off).
 """
 
 from __future__ import annotations
@@ -125,40 +127,49 @@ def completion_states(
     completion, N rows), or `PromptGroups` (each prompt forwarded once where `shares_prefix`);
     completion_ids: (N, T).
     """
-    T = completion_ids.shape[1]
     if isinstance(inputs, PromptGroups):
-        if shares_prefix(model, inputs):
-            return _shared_prefix_states(model, inputs, completion_ids)
-        inputs = inputs.full_inputs(completion_ids, completion_token_type(model))
+        return _prompt_end_and_completion_states(model, inputs, completion_ids)[:, :-1]
+    T = completion_ids.shape[1]
     hidden = vlm_trunk(model)(**inputs).last_hidden_state  # (N, L + T, H)
     return hidden[:, -T - 1 : -1]
 
 
-def _shared_prefix_states(
+def sequence_end_states(model: nn.Module, groups: PromptGroups, completion_ids: torch.Tensor) -> torch.Tensor:
+    """(N, H): each row's last hidden state at its final token (its last completion token under
+    `groups.completion_mask`, right-padded; the prompt's last token for an empty completion), where a
+    reward model reads its score. Each prompt is forwarded once where `shares_prefix`."""
+    states = _prompt_end_and_completion_states(model, groups, completion_ids)  # (N, T + 1, H)
+    lengths = groups.completion_mask.sum(dim=1).long()
+    return states[torch.arange(len(states), device=states.device), lengths]
+
+
+def _prompt_end_and_completion_states(
     model: nn.Module, groups: PromptGroups, completion_ids: torch.Tensor
 ) -> torch.Tensor:
-    trunk = vlm_trunk(model)
-    prompts = groups.prompt_inputs
-    index = groups.prompt_index
-    prefix = trunk(**prompts, use_cache=True)  # (U, L, H), the cache of the U prompts
-    cache = prefix.cache
-    if cache is None:  # a family that ignores use_cache: cannot share
-        return completion_states(
-            model, groups.full_inputs(completion_ids, completion_token_type(model)), completion_ids
-        )
-    cache.batch_select_indices(index)  # (U, heads, L, d) -> (N, heads, L, d) per layer, differentiable
-    attention_mask = torch.cat(
-        [prompts["attention_mask"][index], groups.completion_mask.to(prompts["attention_mask"].dtype)], dim=1
-    )
-    suffix = trunk(
-        input_ids=completion_ids,
-        attention_mask=attention_mask,
-        position_ids=_completion_positions(model, groups, completion_ids),
-        cache=cache,
-        use_cache=True,
-    ).last_hidden_state  # (N, T, H)
-    last_prompt_state = prefix.last_hidden_state[:, -1:][index]  # (N, 1, H): predicts completion token 0
-    return torch.cat([last_prompt_state, suffix[:, :-1]], dim=1)
+    """(N, T + 1, H): the states at the prompt's last token and at each completion token."""
+    T = completion_ids.shape[1]
+    if shares_prefix(model, groups):
+        trunk = vlm_trunk(model)
+        prompts = groups.prompt_inputs
+        index = groups.prompt_index
+        prefix = trunk(**prompts, use_cache=True)  # (U, L, H), the cache of the U prompts
+        cache = prefix.cache
+        if cache is not None:  # a family that ignores use_cache cannot share: the full forward below
+            cache.batch_select_indices(
+                index
+            )  # (U, heads, L, d) -> (N, heads, L, d) per layer, differentiable
+            mask = groups.completion_mask.to(prompts["attention_mask"].dtype)
+            suffix = trunk(
+                input_ids=completion_ids,
+                attention_mask=torch.cat([prompts["attention_mask"][index], mask], dim=1),
+                position_ids=_completion_positions(model, groups, completion_ids),
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state  # (N, T, H)
+            return torch.cat([prefix.last_hidden_state[:, -1:][index], suffix], dim=1)
+    inputs = groups.full_inputs(completion_ids, completion_token_type(model))
+    hidden = vlm_trunk(model)(**inputs).last_hidden_state  # (N, L + T, H)
+    return hidden[:, -T - 1 :]
 
 
 def _completion_positions(

@@ -17,6 +17,7 @@ from transformers import ProcessorMixin
 from vlm_rl.data.collators import encode, prompt_completion_texts
 from vlm_rl.data.loaders import materialize_images
 from vlm_rl.models import hidden_size, load_model, share_image_encoding, vlm_trunk, wrap_with_lora
+from vlm_rl.models.shared_prefix import PromptGroups, sequence_end_states
 from vlm_rl.run_folder import REWARD_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,22 @@ class RewardScorer(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        groups: PromptGroups | None = None,
+        completion_ids: torch.Tensor | None = None,
+        **inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Full sequences' processor `inputs` (left-padded), or `groups` + `completion_ids` (each
+        prompt forwarded once for its completions: `sequence_end_states`) -> (batch,) rewards."""
         # Rows repeat images (a preference pair's two texts, G completions of one prompt).
         with share_image_encoding(self.backbone):
-            hidden = vlm_trunk(self.backbone)(**inputs).last_hidden_state  # (batch, seq, hidden)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(inputs["attention_mask"])]  # (batch, hidden)
+            if groups is not None:
+                last = sequence_end_states(self.backbone, groups, completion_ids)  # (batch, hidden)
+            else:
+                hidden = vlm_trunk(self.backbone)(**inputs).last_hidden_state  # (batch, seq, hidden)
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                last = hidden[rows, last_token_index(inputs["attention_mask"])]  # (batch, hidden)
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1)
 
 

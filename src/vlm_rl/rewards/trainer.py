@@ -39,6 +39,7 @@ from vlm_rl.data.validation import completion_text
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.errors import ConfigError, DataError, check_ranges
 from vlm_rl.models.loading import loading_kwargs
+from vlm_rl.models.shared_prefix import supports_shared_prefix
 from vlm_rl.models.tiny import check_vocabulary
 from vlm_rl.report import report_at_step
 from vlm_rl.report.records import save_eval_scores
@@ -89,6 +90,13 @@ class RewardTrainingConfig:
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute decoder activations in the backward pass (less memory)."}
+    )
+    shared_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Forward each pair's prompt (image + question) once for its chosen and rejected answers "
+            "(families whose row allows it; off under gradient checkpointing). Same scores and gradients."
+        },
     )
     attn_implementation: str | None = field(
         default=None,
@@ -255,7 +263,10 @@ class EpochPermutation(Sampler[int]):
 
 
 def score_pairs(scorer: RewardScorer, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    rewards = scorer(**batch.inputs)
+    if batch.groups is not None:  # through the (possibly DDP-wrapped) module's forward
+        rewards = scorer(groups=batch.groups, completion_ids=batch.completion_ids)
+    else:
+        rewards = scorer(**batch.inputs)
     return rewards[: batch.num_pairs], rewards[batch.num_pairs :]
 
 
@@ -347,7 +358,11 @@ def train_reward_model(
             **loading_kwargs(config),
         )
     reward_model.config["dataset"] = config.dataset
-    collator = PreferenceCollator(reward_model.processor)
+    # HF turns the cache off under gradient checkpointing: the prefix could not be shared
+    shared = config.shared_prefix and not config.gradient_checkpointing
+    collator = PreferenceCollator(
+        reward_model.processor, shared_prefix=shared and supports_shared_prefix(reward_model.scorer.backbone)
+    )
     order = EpochPermutation(len(train_data), config.seed)
     train_loader = DataLoader(
         train_data, batch_size=config.per_device_batch_size, sampler=order, collate_fn=collator
