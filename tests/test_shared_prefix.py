@@ -416,3 +416,39 @@ def test_answers_that_merge_with_the_prompt_into_one_token_are_scored_whole() ->
     assert completion_token_ids(tokenizer, ["Q: shape?\n"], ["red circle"]) is not None
     assert completion_token_ids(tokenizer, ["Q: shape?\n"], ["\nred circle"]) is None  # "\n\n" is one token
     assert completion_token_ids(tokenizer, ["Q: shape?\n"], [""]) is None  # nothing to read a score at
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_reward_model_scoring_forwards_a_repeated_prompt_once(name: str, easy_vqa_images: list) -> None:
+    """`RewardModel.score` on an RL group's rows (3 samples of each of 2 prompts): the rewards of
+    the full sequences, with the 2 prompts forwarded once; rows without repeats stay whole."""
+    from vlm_rl.rewards.model import RewardModel
+
+    reward_model = RewardModel.from_base(name, lora_r=4, lora_alpha=8)
+    with torch.no_grad():
+        for param_name, param in reward_model.scorer.named_parameters():
+            if "lora_" in param_name:
+                param.normal_(0, 0.1)
+    prompts = ["Describe the shape.", "What color is the shape?"]
+    rows = [0, 0, 0, 1, 1, 1]
+    images = [[easy_vqa_images[r].copy()] for r in rows]  # equal pixels, other objects
+    completions = ["red circle", "blue square", "green", "red", "gray triangle", "blue"]
+    texts = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompts[r]}]}] for r in rows
+    ]
+    shapes: list[tuple[int, ...]] = []
+    reward_model.scorer.backbone.get_input_embeddings().register_forward_pre_hook(
+        lambda m, args: shapes.append(tuple(args[0].shape))
+    )
+    shared = torch.tensor(reward_model.score(images, texts, completions))
+    assert [r for r, _ in shapes] == [2, 6]
+    shapes.clear()
+    reward_model.shared_prefix = False
+    whole = torch.tensor(reward_model.score(images, texts, completions))
+    assert [r for r, _ in shapes] == [6]
+    torch.testing.assert_close(shared, whole, **TOLERANCE)
+    assert len(set(whole.tolist())) == 6
+    shapes.clear()
+    reward_model.shared_prefix = True
+    reward_model.score(images[::3], texts[::3], completions[::3])  # one row per prompt: nothing repeats
+    assert [r for r, _ in shapes] == [2]

@@ -7,6 +7,7 @@ image placeholders, so every family (and every processor quirk: `image_grid_thw`
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -136,6 +137,52 @@ def completion_token_ids(tokenizer, prompts: list[str], completions: list[str]) 
     return ids
 
 
+def shared_prompt_batch(
+    processor: ProcessorMixin,
+    prompts: list[str],
+    images: list[list[Image.Image]],
+    prompt_index: torch.Tensor,
+    completions: list[str],
+) -> tuple[PromptGroups, torch.Tensor] | None:
+    """The U rendered `prompts` (with their `images`) once and the N `completions` apart, row n
+    answering prompt `prompt_index[n]`: (PromptGroups, (N, T) completion ids right-padded), the
+    inputs of `shared_prefix.sequence_end_states`; None where the texts do not tokenize apart as
+    they do together (`completion_token_ids`)."""
+    from vlm_rl.models.shared_prefix import PromptGroups
+
+    ids = completion_token_ids(processor.tokenizer, [prompts[i] for i in prompt_index.tolist()], completions)
+    if ids is None:
+        return None
+    T = max(len(row) for row in ids)
+    pad = processor.tokenizer.pad_token_id or 0  # masked out
+    completion_ids = torch.tensor([row + [pad] * (T - len(row)) for row in ids])
+    completion_mask = torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in ids])
+    groups = PromptGroups(
+        encode(processor, prompts, images),
+        torch.tensor([len(picks) for picks in images]),
+        prompt_index,
+        completion_mask,
+    )
+    return groups, completion_ids
+
+
+def distinct_prompts(
+    prompts: list[str], images: list[list[Image.Image]]
+) -> tuple[list[str], list[list[Image.Image]], torch.Tensor]:
+    """Rows that repeat a prompt (its text and the same pixels) -> the U distinct ones, their
+    images, and (N,) the one each row has (the G samples of a prompt share it)."""
+    keys: dict[tuple, int] = {}
+    index = []
+    for text, picks in zip(prompts, images, strict=True):
+        digest = tuple(
+            (im.mode, im.size, hashlib.blake2b(im.tobytes(), digest_size=16).digest()) for im in picks
+        )
+        index.append(keys.setdefault((text, digest), len(keys)))
+    first = {position: row for row, position in reversed(list(enumerate(index)))}
+    rows = [first[position] for position in range(len(keys))]
+    return [prompts[r] for r in rows], [images[r] for r in rows], torch.tensor(index)
+
+
 @dataclass
 class PreferenceCollator:
     """(prompt, chosen, rejected, images) -> one left-padded batch, so the last position of every
@@ -156,28 +203,12 @@ class PreferenceCollator:
         if self.shared_prefix:
             texts = [render_prompt(self.processor, p) for p in prompts]
             answers = [completion_text(ex[key]) for key in ("chosen", "rejected") for ex in examples]
-            ids = completion_token_ids(self.processor.tokenizer, texts + texts, answers)
-            if ids is not None:
-                groups, completion_ids = self._groups(texts, images, ids)
-                return PreferenceBatch(None, len(examples), margin, groups, completion_ids)
+            shared = shared_prompt_batch(
+                self.processor, texts, images, torch.arange(len(examples)).repeat(2), answers
+            )
+            if shared is not None:
+                return PreferenceBatch(None, len(examples), margin, *shared)
         chosen = prompt_completion_texts(self.processor, prompts, [ex["chosen"] for ex in examples])
         rejected = prompt_completion_texts(self.processor, prompts, [ex["rejected"] for ex in examples])
         inputs = encode(self.processor, chosen + rejected, images + images)
         return PreferenceBatch(inputs=inputs, num_pairs=len(examples), margin=margin)
-
-    def _groups(
-        self, prompts: list[str], images: list[list[Image.Image]], ids: list[list[int]]
-    ) -> tuple[PromptGroups, torch.Tensor]:
-        from vlm_rl.models.shared_prefix import PromptGroups
-
-        T = max(len(row) for row in ids)
-        pad = self.processor.tokenizer.pad_token_id or 0  # masked out
-        completion_ids = torch.tensor([row + [pad] * (T - len(row)) for row in ids])
-        completion_mask = torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in ids])
-        groups = PromptGroups(
-            encode(self.processor, prompts, images),
-            torch.tensor([len(picks) for picks in images]),
-            torch.arange(len(prompts)).repeat(2),
-            completion_mask,
-        )
-        return groups, completion_ids

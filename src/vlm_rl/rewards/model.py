@@ -14,10 +14,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ProcessorMixin
 
-from vlm_rl.data.collators import encode, prompt_completion_texts
+from vlm_rl.data.collators import distinct_prompts, encode, render_prompt, shared_prompt_batch
 from vlm_rl.data.loaders import materialize_images
+from vlm_rl.data.validation import completion_text
 from vlm_rl.models import hidden_size, load_model, share_image_encoding, vlm_trunk, wrap_with_lora
-from vlm_rl.models.shared_prefix import PromptGroups, sequence_end_states
+from vlm_rl.models.shared_prefix import (
+    MIN_ROWS_PER_PROMPT,
+    PromptGroups,
+    sequence_end_states,
+    supports_shared_prefix,
+)
 from vlm_rl.run_folder import REWARD_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -81,6 +87,8 @@ class RewardModel:
         self.processor = processor
         self.config = config
         self.batch_size = 32
+        self.shared_prefix = True
+        """`score`: each repeated prompt of a batch forwarded once for its completions."""
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -203,21 +211,39 @@ class RewardModel:
         batch_size = batch_size or self.batch_size
         was_training = self.scorer.training
         self.scorer.eval()
-        texts = prompt_completion_texts(self.processor, list(prompts), list(completions))
+        prompt_texts = [render_prompt(self.processor, p) for p in prompts]
+        answers = [completion_text(c) for c in completions]
         image_lists = [
             [] if im is None else materialize_images(im if isinstance(im, (list, tuple)) else [im])
             for im in images
         ]
         rewards: list[float] = []
         try:
-            for start in range(0, len(texts), batch_size):
-                batch = encode(
-                    self.processor, texts[start : start + batch_size], image_lists[start : start + batch_size]
-                )
-                rewards.extend(self.scorer(**batch.to(self.device)).float().cpu().tolist())
+            for start in range(0, len(answers), batch_size):
+                rows = slice(start, start + batch_size)
+                scores = self._score_batch(prompt_texts[rows], answers[rows], image_lists[rows])
+                rewards.extend(scores.float().cpu().tolist())
         finally:
             self.scorer.train(was_training)
         return rewards
+
+    def _score_batch(
+        self, prompts: list[str], answers: list[str], images: list[list[Image.Image]]
+    ) -> torch.Tensor:
+        """Rows that repeat a prompt (the G samples of an RL group) forward it once, where
+        `shared_prefix` and the family allow it and the texts tokenize apart as together; else
+        the full sequences (the same rewards within float tolerance)."""
+        if self.shared_prefix and supports_shared_prefix(self.scorer.backbone):
+            distinct, distinct_images, index = distinct_prompts(prompts, images)
+            if len(index) >= MIN_ROWS_PER_PROMPT * len(distinct):
+                shared = shared_prompt_batch(self.processor, distinct, distinct_images, index, answers)
+                if shared is not None:
+                    groups, completion_ids = shared
+                    return self.scorer(
+                        groups=groups.to(self.device), completion_ids=completion_ids.to(self.device)
+                    )
+        texts = [prompt + answer for prompt, answer in zip(prompts, answers, strict=True)]
+        return self.scorer(**encode(self.processor, texts, images).to(self.device))
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
         """TRL reward-function signature: images come from the `images` (or `image`) column."""
