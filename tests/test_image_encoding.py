@@ -242,6 +242,7 @@ def test_reward_model_scores_equal_with_each_image_encoded_once(monkeypatch, eas
     from vlm_rl.rewards.model import RewardModel
 
     reward_model = RewardModel.from_base("tiny-qwen2.5-vl")
+    reward_model.shared_prefix = False  # the full sequences: each row's image reaches the encoder
     prompt = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the shape."}]}
     ]
