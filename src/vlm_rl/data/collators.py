@@ -172,14 +172,16 @@ def distinct_prompts(
     """Rows that repeat a prompt (its text and the same pixels) -> the U distinct ones, their
     images, and (N,) the one each row has (the G samples of a prompt share it)."""
     keys: dict[tuple, int] = {}
+    rows: list[int] = []  # the first row of each distinct prompt
     index = []
-    for text, picks in zip(prompts, images, strict=True):
+    for row, (text, picks) in enumerate(zip(prompts, images, strict=True)):
         digest = tuple(
             (im.mode, im.size, hashlib.blake2b(im.tobytes(), digest_size=16).digest()) for im in picks
         )
-        index.append(keys.setdefault((text, digest), len(keys)))
-    first = {position: row for row, position in reversed(list(enumerate(index)))}
-    rows = [first[position] for position in range(len(keys))]
+        if (text, digest) not in keys:
+            keys[text, digest] = len(rows)
+            rows.append(row)
+        index.append(keys[text, digest])
     return [prompts[r] for r in rows], [images[r] for r in rows], torch.tensor(index)
 
 
