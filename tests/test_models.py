@@ -33,6 +33,7 @@ from vlm_rl.models.tiny import (
     resolve_tiny_name,
     tiny_names,
 )
+from vlm_rl.models.value import output_logits
 from vlm_rl.tasks.easy_vqa import (
     CAPTION_PROMPT,
     COLORS,
@@ -323,6 +324,8 @@ def test_lora_step_changes_adapters_not_base_weights(
 def test_trunk_gives_the_hidden_states_under_the_head(
     name: str, tiny_model: Callable, easy_vqa_images: list
 ) -> None:
+    """The trunk's hidden states through `output_logits` are the forward's logits (Aya Vision's
+    Cohere2 text model scales them by `logit_scale`, 0.0625 in tiny-aya-vision as in the released models)."""
     model, processor = tiny_model(name)
     _, inputs = prompt_inputs(processor, easy_vqa_images)
     wrapped = wrap_with_lora(model)
@@ -330,7 +333,7 @@ def test_trunk_gives_the_hidden_states_under_the_head(
         hidden = vlm_trunk(wrapped)(**model_inputs(inputs)).last_hidden_state
         logits = wrapped(**model_inputs(inputs)).logits
     assert hidden.shape == (*inputs["input_ids"].shape, hidden_size(model))
-    torch.testing.assert_close(model.lm_head(hidden), logits)
+    torch.testing.assert_close(output_logits(wrapped, hidden), logits.float())
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -200,6 +200,9 @@ def load_model(
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
             use_safetensors=True,  # never unpickle weights
+            # transformers >= 5.25 swaps layers for Hub kernels by default (fetched on GPU, chosen
+            # for inference as the model loads in eval mode): vlm_rl trains them, and stays offline.
+            use_kernels=False,
             **extra,
         )
     except OSError as error:

@@ -50,8 +50,7 @@ class PolicyWithValue(nn.Module):
         """inputs: the N full sequences' model inputs (prompt + completion) or `PromptGroups`;
         completion_ids: (N, T). Returns (N, T) `logprobs`, and `entropy` / `values` when asked."""
         hidden = completion_states(self.policy, inputs, completion_ids)  # (N, T, H), predict each token
-        lm_head = self.policy.get_output_embeddings()
-        logits = softcap_logits(self.policy, lm_head(hidden).float()) / temperature  # (N, T, V)
+        logits = output_logits(self.policy, hidden) / temperature  # (N, T, V)
         out = {"logprobs": selective_log_softmax(logits, completion_ids)}
         if with_entropy:
             out["entropy"] = entropy_from_logits(logits)
@@ -60,14 +59,22 @@ class PolicyWithValue(nn.Module):
         return out
 
 
-def softcap_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """`logits` capped as the model's own forward caps them: cap * tanh(logits / cap) where the text
-    config sets `final_logit_softcapping` (Gemma2-based models such as PaliGemma2, cap 30), so the
-    scored distribution is the sampled one; unchanged otherwise."""
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap is None:
-        return logits
-    return torch.tanh(logits / cap) * cap
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The float32 logits the model's own forward computes from its trunk's last hidden states, so
+    the scored distribution is the sampled one: the output embedding, then what the forward applies
+    after it, read from the text config: `logit_scale` (Cohere-family language models such as Aya
+    Vision's: logits * 0.0625 in the released checkpoints) and `final_logit_softcapping` (Gemma2-based
+    models such as PaliGemma2: cap * tanh(logits / cap), cap 30). tests/test_models.py checks this
+    against the forward of every tiny family, the generic path's included."""
+    text_config = model.config.get_text_config()
+    logits = model.get_output_embeddings()(hidden).float()
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(text_config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 VALUE_HEAD_NAME = "value_head.safetensors"
