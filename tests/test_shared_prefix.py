@@ -410,12 +410,13 @@ def test_answers_that_merge_with_the_prompt_into_one_token_are_scored_whole() ->
 
     from vlm_rl.data.collators import completion_token_ids
 
-    vocab = {c: i for i, c in enumerate(dict.fromkeys("Q: shape?\nred circl"))}
+    vocab = {c: i for i, c in enumerate(dict.fromkeys("Q: shape?\nred circl colour"))}
     vocab["\n\n"] = len(vocab)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, [("\n", "\n")])))
-    assert completion_token_ids(tokenizer, ["Q: shape?\n"], ["red circle"]) is not None
-    assert completion_token_ids(tokenizer, ["Q: shape?\n"], ["\nred circle"]) is None  # "\n\n" is one token
-    assert completion_token_ids(tokenizer, ["Q: shape?\n"], [""]) is None  # nothing to read a score at
+    prompts, index = ["Q: shape?\n", "Q: colour?\n"], torch.tensor([0, 1, 0])
+    assert completion_token_ids(tokenizer, prompts, index, ["red circle"] * 3) is not None
+    assert completion_token_ids(tokenizer, prompts, index, ["red", "red", "\nred circle"]) is None  # "\n\n"
+    assert completion_token_ids(tokenizer, prompts, index, ["red", "", "red"]) is None  # nothing to score at
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])

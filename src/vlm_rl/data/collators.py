@@ -124,15 +124,21 @@ class PreferenceBatch:
         )
 
 
-def completion_token_ids(tokenizer, prompts: list[str], completions: list[str]) -> list[list[int]] | None:
-    """Each completion's token ids when every prompt + completion text tokenizes as the prompt's
-    tokens followed by the completion's (no token merges across the boundary, no empty
-    completion), so scoring them after the prompt's tokens is scoring the full text; else None."""
+def completion_token_ids(
+    tokenizer, prompts: list[str], prompt_index: torch.Tensor, completions: list[str]
+) -> list[list[int]] | None:
+    """Each completion's token ids (completion n answers `prompts[prompt_index[n]]`) when every
+    prompt + completion text tokenizes as the prompt's tokens followed by the completion's (no token
+    merges across the boundary, no empty completion), so scoring them after the prompt's tokens is
+    scoring the full text; else None. Each distinct prompt is tokenized once."""
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    full = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)], add_special_tokens=False)
-    for prompt, completion, whole in zip(prompt_ids, ids, full["input_ids"], strict=True):
-        if not completion or prompt + completion != whole:
+    index = prompt_index.tolist()
+    full = tokenizer(
+        [prompts[i] + c for i, c in zip(index, completions, strict=True)], add_special_tokens=False
+    )
+    for i, completion, whole in zip(index, ids, full["input_ids"], strict=True):
+        if not completion or prompt_ids[i] + completion != whole:
             return None
     return ids
 
@@ -150,7 +156,7 @@ def shared_prompt_batch(
     they do together (`completion_token_ids`)."""
     from vlm_rl.models.shared_prefix import PromptGroups
 
-    ids = completion_token_ids(processor.tokenizer, [prompts[i] for i in prompt_index.tolist()], completions)
+    ids = completion_token_ids(processor.tokenizer, prompts, prompt_index, completions)
     if ids is None:
         return None
     T = max(len(row) for row in ids)
