@@ -137,6 +137,13 @@ def test_chat_prompt_with_image_generates(name: str, tiny_model: Callable, easy_
     assert ((output[:, prompt_length:] >= 0) & (output[:, prompt_length:] < len(processor.tokenizer))).all()
 
 
+def test_load_model_keeps_the_torch_layers() -> None:
+    """transformers >= 5.25 kernelizes a loaded model with Hub kernels by default (fetched on a
+    GPU, picked for inference): vlm_rl's loader keeps the model's own layers."""
+    model, _ = load_model("tiny-llava")
+    assert model.use_kernels is False
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_load_model_round_trips_the_build(
     name: str, tiny_model: Callable, easy_vqa_images: list, vlm_rl_cache: Path
