@@ -79,7 +79,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_mod
     checkpointed_model, _ = tiny_model("tiny-llava")
     checkpointed = wrap_with_lora(checkpointed_model, r=4, alpha=8, gradient_checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
-    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert checkpointed.is_activation_checkpointing and not plain.is_activation_checkpointing
 
     def grads_and_layer_calls(policy) -> tuple[dict[str, torch.Tensor], int]:
         calls = []
@@ -184,7 +184,7 @@ def test_a_kbit_model_goes_through_peft_kbit_preparation(tiny_model):
     model.is_loaded_in_4bit = True
     policy = wrap_with_lora(model, r=4, alpha=8, gradient_checkpointing=True)
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
-    assert policy.is_gradient_checkpointing
+    assert policy.is_activation_checkpointing
     assert all(
         "lora_" in n or "modules_to_save" in n for n, p in policy.named_parameters() if p.requires_grad
     )
@@ -253,7 +253,7 @@ def _check_flags_reached(models: list, adapter_dir: Path) -> None:
     model = models[0]
     assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
     assert model.config.get_text_config()._attn_implementation == "eager"
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     targets = json.loads((adapter_dir / "adapter_config.json").read_text())["target_modules"]
     assert "q_proj" in targets and "v_proj" in targets and "o_proj" not in targets
 

@@ -31,7 +31,7 @@ class PolicyWithValue(nn.Module):
     # Gradient checkpointing belongs to the policy (TRL's generation context toggles it).
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self.policy.is_gradient_checkpointing
+        return self.policy.is_activation_checkpointing
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
