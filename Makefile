@@ -11,6 +11,9 @@ CHROMIUM_NPM ?= @sparticuz/chromium@153.0.0
 BROWSER_DIR := $(VENV)/browser
 BROWSER := $(BROWSER_DIR)/chromium
 PYTEST := $(BIN)/python -m pytest
+# One pytest worker per core (pytest-xdist; every test runs on one thread), a test file per worker
+# so that a file's module fixtures are built once. XDIST= runs the suite in one process.
+XDIST ?= -n auto --dist loadfile
 export VLM_RL_BROWSER := $(abspath $(BROWSER))
 
 .PHONY: install browser test test-fast demo docs lint format bench learning clean constraints
@@ -53,12 +56,12 @@ browser: $(BROWSER)
 # The whole suite (16-20 min on 2 cores): everything test-fast runs, plus learning runs,
 # several-process runs, the report and docs rendered in a browser, and every documented command.
 test: $(STAMP) $(BROWSER)
-	$(PYTEST) -q tests
+	$(PYTEST) -q $(XDIST) tests
 
 # Unit and integration tests without learning runs, several processes, the browser or the documented
 # commands (about 5 min on 2 cores).
 test-fast: $(STAMP)
-	$(PYTEST) -q -m "not learning and not multiprocess and not browser and not documented" tests
+	$(PYTEST) -q $(XDIST) -m "not learning and not multiprocess and not browser and not documented" tests
 
 demo: $(STAMP)
 	$(BIN)/accelerate launch -q --num_processes 1 --cpu recipes/ppo_caption.py

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from hub_server import LocalHub
+from ports import free_port
 
 from vlm_rl import cli
 
@@ -236,6 +237,8 @@ def run_command(
         script = next(i for i, w in enumerate(words) if w.endswith(".py"))
         recipe = RECIPES[Path(words[script]).stem]
         argv = [*words[2 : script + 1], *small(words[script + 1 :], recipe, reward_model)]
+        if "--main_process_port" not in argv:  # several pytest workers: no shared default port
+            argv = ["--main_process_port", str(free_port()), *argv]
         return run_process([sys.executable, "-m", "accelerate.commands.launch", *argv], workdir, env)
     if words[0] == "python":
         return run_process([sys.executable, *words[1:]], workdir, env)

@@ -9,10 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 TWO_PROCESSES = [*ACCELERATE, "--config_file", str(ROOT / "recipes" / "accelerate" / "multi_cpu.yaml")]
+
+
+def two_processes() -> list[str]:
+    """`accelerate launch` with the two-process CPU config, on a port of its own (xdist workers)."""
+    return [*TWO_PROCESSES, "--main_process_port", str(free_port())]
 
 
 def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -64,7 +70,7 @@ def test_ppo_recipe_on_two_processes_raises_the_reward(tmp_path, reward_model):
     out = tmp_path / "ppo"
     result = run(
         [
-            *TWO_PROCESSES,
+            *two_processes(),
             "recipes/ppo_caption.py",
             "--reward_model_path",
             str(reward_model),
@@ -109,7 +115,7 @@ def test_grpo_recipe_on_two_processes_raises_accuracy(tmp_path):
     out = tmp_path / "grpo"
     result = run(
         [
-            *TWO_PROCESSES,
+            *two_processes(),
             "recipes/grpo_vqa.py",
             "--output_dir",
             str(out),
