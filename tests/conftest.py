@@ -38,6 +38,13 @@ def vlm_rl_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def learning_seed() -> int:
+    """The seed of the learning tests (`-m learning`): 0, or VLM_RL_LEARNING_SEED. CI runs seed 0;
+    `VLM_RL_LEARNING_SEED=1 make test` (and 2) checks that what they assert is not one lucky seed."""
+    return int(os.environ.get("VLM_RL_LEARNING_SEED", "0"))
+
+
+@pytest.fixture(scope="session")
 def _tiny_builds() -> dict[tuple[str, int], tuple]:
     return {}
 

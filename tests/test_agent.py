@@ -154,7 +154,7 @@ def test_expert_turns_make_a_supervised_dataset():
 
 @pytest.mark.slow
 @pytest.mark.learning
-def test_ppo_agent_recipe_learns_to_read_held_out_maps(tmp_path):
+def test_ppo_agent_recipe_learns_to_read_held_out_maps(tmp_path, learning_seed):
     """The agent recipe, shortened: after a 30-step warm start on expert turns, 60 PPO steps must
     raise greedy success on held-out FrozenLake maps (never seen in training) by at least 0.2 and
     beat the best image-blind policy on the same maps."""
@@ -163,6 +163,7 @@ def test_ppo_agent_recipe_learns_to_read_held_out_maps(tmp_path):
     result = main(
         [
             "--output_dir", str(tmp_path / "agent"),
+            "--seed", str(learning_seed),
             "--total_steps", "60",
             "--lr_decay_steps", "200",
             "--eval_steps", "0",

@@ -66,7 +66,7 @@ def reward_model(tmp_path_factory) -> Path:
 
 @pytest.mark.learning
 @pytest.mark.multiprocess
-def test_ppo_recipe_on_two_processes_raises_the_reward(tmp_path, reward_model):
+def test_ppo_recipe_on_two_processes_raises_the_reward(tmp_path, reward_model, learning_seed):
     out = tmp_path / "ppo"
     result = run(
         [
@@ -92,6 +92,8 @@ def test_ppo_recipe_on_two_processes_raises_the_reward(tmp_path, reward_model):
             "1",
             "--report_to",
             "none",
+            "--seed",
+            str(learning_seed),
         ]
     )
     log = result.stdout + result.stderr
@@ -111,7 +113,7 @@ def test_ppo_recipe_on_two_processes_raises_the_reward(tmp_path, reward_model):
 
 @pytest.mark.learning
 @pytest.mark.multiprocess
-def test_grpo_recipe_on_two_processes_raises_accuracy(tmp_path):
+def test_grpo_recipe_on_two_processes_raises_accuracy(tmp_path, learning_seed):
     out = tmp_path / "grpo"
     result = run(
         [
@@ -133,6 +135,8 @@ def test_grpo_recipe_on_two_processes_raises_accuracy(tmp_path):
             "1",
             "--report_to",
             "none",
+            "--seed",
+            str(learning_seed),
         ]
     )
     assert "GRPO on 2 process(es)" in result.stdout + result.stderr

@@ -80,7 +80,7 @@ def test_grpo_runs_on_smol_llava(tmp_path):
 
 
 @pytest.mark.learning  # a 135 M model trained until its loss falls
-def test_reward_model_trains_on_smol_llava(tmp_path):
+def test_reward_model_trains_on_smol_llava(tmp_path, learning_seed):
     """Three steps of the reward-model recipe on the same few caption pairs lower their loss; the
     saved model loads back and scores without ever running the LM head (no vocabulary logits)."""
     from vlm_rl.recipes import train_reward_model
@@ -89,7 +89,7 @@ def test_reward_model_trains_on_smol_llava(tmp_path):
     args = ["--model_name_or_path", "smol-llava", "--output_dir", str(tmp_path), "--max_steps", "3"]
     args += ["--max_train_samples", "4", "--per_device_batch_size", "8", "--max_eval_samples", "4"]
     args += ["--logging_steps", "1", "--eval_steps", "100", "--warmup_ratio", "0", "--num_threads", "1"]
-    args += ["--gradient_checkpointing", "true", "--report_to", "none"]
+    args += ["--gradient_checkpointing", "true", "--report_to", "none", "--seed", str(learning_seed)]
     train_reward_model.main(args)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [line["train/loss"] for line in lines if "train/loss" in line]
