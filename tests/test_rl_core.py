@@ -33,6 +33,12 @@ from vlm_rl.rl.core import (
 
 close = torch.testing.assert_close
 
+
+def groups_of(size: int, n: int) -> torch.Tensor:
+    """The group index of n samples in contiguous groups of `size` (a prompt's samples): (n,)."""
+    return torch.arange(n) // size
+
+
 # values (2, 3) with mask keeping 1, 2 | 4: the padded entries hold values that would show if leaked.
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
@@ -207,7 +213,7 @@ def test_gae_with_gamma_lam_one_is_reward_to_go_minus_value() -> None:
 
 def test_group_advantages_normalise_each_group() -> None:
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0])
-    advantages = group_advantages(rewards, group_size=4)
+    advantages = group_advantages(rewards, groups_of(4, 8))
     # group 0: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.57735 -> +-0.5 / (0.57735 + 1e-4) = +-0.865875
     # group 1: mean 5, deviations [-3, -1, 1, 3], std sqrt(20 / 3) = 2.581989 -> dev / 2.582089
     expected = torch.tensor(
@@ -218,8 +224,8 @@ def test_group_advantages_normalise_each_group() -> None:
 
 def test_group_advantages_groups_are_independent() -> None:
     first = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    alone = group_advantages(first, group_size=4)
-    together = group_advantages(torch.cat([first, torch.tensor([100.0, -7.0, 3.0, 50.0])]), group_size=4)
+    alone = group_advantages(first, groups_of(4, 4))
+    together = group_advantages(torch.cat([first, torch.tensor([100.0, -7.0, 3.0, 50.0])]), groups_of(4, 8))
     close(together[:4], alone)
 
 
@@ -227,29 +233,29 @@ def test_group_advantages_without_std_are_just_centred() -> None:
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0])
     # Dr. GRPO: reward minus group mean (0.5 and 5)
     expected = torch.tensor([0.5, -0.5, -0.5, 0.5, -3.0, -1.0, 1.0, 3.0])
-    close(group_advantages(rewards, group_size=4, scale_by_std=False), expected)
+    close(group_advantages(rewards, groups_of(4, 8), scale_by_std=False), expected)
 
 
 def test_group_advantages_of_equal_rewards_are_zero() -> None:
-    close(group_advantages(torch.tensor([0.7, 0.7, 0.7]), group_size=3), torch.zeros(3))
+    close(group_advantages(torch.tensor([0.7, 0.7, 0.7]), groups_of(3, 3)), torch.zeros(3))
 
 
 def test_rloo_advantages_leave_one_out() -> None:
     rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 4.0])
     # group 0: baselines [(2 + 3) / 2, (1 + 3) / 2, (1 + 2) / 2] = [2.5, 2, 1.5] -> [-1.5, 0, 1.5]
     # group 1: baselines [(0 + 4) / 2, (0 + 4) / 2, 0] = [2, 2, 0] -> [-2, -2, 4]
-    close(rloo_advantages(rewards, group_size=3), torch.tensor([-1.5, 0.0, 1.5, -2.0, -2.0, 4.0]))
+    close(rloo_advantages(rewards, groups_of(3, 6)), torch.tensor([-1.5, 0.0, 1.5, -2.0, -2.0, 4.0]))
 
 
 def test_rloo_needs_two_samples_per_prompt() -> None:
     with pytest.raises(ValueError, match="at least 2"):
-        rloo_advantages(torch.tensor([1.0, 2.0]), group_size=1)
+        rloo_advantages(torch.tensor([1.0, 2.0]), groups_of(1, 2))
 
 
 def test_groups_with_signal_marks_groups_whose_rewards_differ() -> None:
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0])
     expected = torch.tensor([False, False, False, True, True, True, False, False, False])
-    assert torch.equal(groups_with_signal(rewards, group_size=3), expected)
+    assert torch.equal(groups_with_signal(rewards, groups_of(3, 9)), expected)
 
 
 # --- loss aggregation -------------------------------------------------------------------------------
@@ -483,13 +489,11 @@ def test_bi_level_gae_by_hand():
 
 def test_indexed_group_advantages_and_step_groups():
     # group 0 = rewards (1, 0): mean 0.5, std (unbiased) 0.7071 -> +-0.5 / 0.7072; groups of one -> 0
-    advantages = core.indexed_group_advantages(torch.tensor([1.0, 0.0, 3.0, 5.0]), torch.tensor([0, 0, 1, 2]))
+    advantages = core.group_advantages(torch.tensor([1.0, 0.0, 3.0, 5.0]), torch.tensor([0, 0, 1, 2]))
     assert advantages.tolist() == pytest.approx(
         [0.5 / (math.sqrt(0.5) + 1e-4), -0.5 / (math.sqrt(0.5) + 1e-4), 0, 0]
     )
-    unscaled = core.indexed_group_advantages(
-        torch.tensor([1.0, 0.0]), torch.tensor([7, 7]), scale_by_std=False
-    )
+    unscaled = core.group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([7, 7]), scale_by_std=False)
     assert unscaled.tolist() == [0.5, -0.5]
     # GiGPO anchor states: same observation within the same episode group -> same step group
     groups = core.step_group_index(["a", "b", "a", "a"], torch.tensor([0, 0, 0, 1]))

@@ -46,14 +46,17 @@ class PolicyWithValue(nn.Module):
         temperature: float = 1.0,
         with_entropy: bool = False,
         with_values: bool = False,
+        entropy_grad: bool = True,
     ) -> dict[str, torch.Tensor]:
         """inputs: the N full sequences' model inputs (prompt + completion) or `PromptGroups`;
-        completion_ids: (N, T). Returns (N, T) `logprobs`, and `entropy` / `values` when asked."""
+        completion_ids: (N, T). Returns (N, T) `logprobs`, and `entropy` / `values` when asked;
+        `entropy_grad=False`: the entropy is computed without a graph (logged, not trained on)."""
         hidden = completion_states(self.policy, inputs, completion_ids)  # (N, T, H), predict each token
         logits = output_logits(self.policy, hidden) / temperature  # (N, T, V)
         out = {"logprobs": selective_log_softmax(logits, completion_ids)}
         if with_entropy:
-            out["entropy"] = entropy_from_logits(logits)
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                out["entropy"] = entropy_from_logits(logits)
         if with_values and self.value_head is not None:
             out["values"] = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return out

@@ -52,6 +52,13 @@ class Run:
         return get_algorithm(self.algorithm).uses_critic
 
     @property
+    def algorithm_reads(self) -> frozenset[str]:
+        """The algorithm-specific fields its estimator and policy loss read (`Algorithm.reads`)."""
+        from vlm_rl.rl.algorithms import get_algorithm
+
+        return get_algorithm(self.algorithm).reads
+
+    @property
     def kl_on(self) -> bool:
         return self.kl_coef > 0 or self.adaptive_kl
 
@@ -100,9 +107,30 @@ def _turn_gamma(run: Run) -> str | None:
 
 
 def _scale_rewards(run: Run) -> str | None:
-    if run.algorithm == "grpo" or (run.agent and run.step_group_weight > 0 and not run.critic):
+    if "scale_rewards" in run.algorithm_reads or (run.agent and run.step_group_weight > 0 and not run.critic):
         return None
     return f"GRPO's group std; --algorithm {run.algorithm} does not divide by it"
+
+
+def _read_by_algorithm(name: str) -> Rule:
+    """A field that only some algorithms' estimator or policy loss reads (`Algorithm.reads`)."""
+    return lambda run: (
+        None if name in run.algorithm_reads else f"--algorithm {run.algorithm}'s policy loss does not use it"
+    )
+
+
+def _clip_range(run: Run) -> str | None:
+    """The lower clip, and the upper one too unless --clip_range_high is set."""
+    reads = run.algorithm_reads
+    if "clip_range" in reads or ("clip_range_high" in reads and run.clip_range_high is None):
+        return None
+    if "clip_range_high" in reads:
+        return f"--algorithm {run.algorithm} clips only from above, at --clip_range_high"
+    return f"--algorithm {run.algorithm}'s policy loss has no clip"
+
+
+def _overlong_penalty(run: Run) -> str | None:
+    return None if run.overlong_buffer > 0 else "only with --overlong_buffer > 0"
 
 
 def _dynamic_sampling(run: Run) -> str | None:
@@ -192,6 +220,8 @@ RL_RULES: dict[str, Rule] = {
     "reward_weights": always,
     "normalize_rewards": always,
     "missing_eos_penalty": always,
+    "overlong_buffer": always,
+    "overlong_penalty": _overlong_penalty,
     "prompts_per_step": always,
     "samples_per_prompt": always,
     "max_new_tokens": always,
@@ -207,10 +237,12 @@ RL_RULES: dict[str, Rule] = {
     "minibatch_size": always,
     "gradient_accumulation_steps": always,
     "max_grad_norm": always,
-    "clip_range": always,
-    "clip_range_high": always,
+    "clip_range": _clip_range,
+    "clip_range_high": _read_by_algorithm("clip_range_high"),
     "loss_aggregation": always,
     "entropy_coef": always,
+    "sapo_temperature_pos": _read_by_algorithm("sapo_temperature_pos"),
+    "sapo_temperature_neg": _read_by_algorithm("sapo_temperature_neg"),
     "value_coef": _critic_only,
     "value_learning_rate": _critic_only,
     "value_clip_range": _critic_only,

@@ -19,13 +19,14 @@ class RLConfig:
     # Algorithm
     algorithm: str = _f(
         "ppo",
-        "ppo (critic + GAE), grpo (group-normalised) or rloo (leave-one-out); any name registered "
-        "with vlm_rl.rl.algorithms.register_algorithm.",
+        "ppo (critic + GAE), grpo (group-normalised), rloo (leave-one-out), or GRPO's advantages with "
+        "another policy loss: gspo (sequence-level ratio), cispo (truncated IS-weighted REINFORCE), sapo "
+        "(soft gate); any name registered with vlm_rl.rl.algorithms.register_algorithm.",
     )
     trainer: Literal["native", "trl"] = _f(
         "native",
         "GRPO engine: native (vlm_rl's RLTrainer) or trl (TRL's GRPOTrainer fed by vlm_rl's policy, data, "
-        "rewards and held-out evaluation; --algorithm grpo, see vlm_rl.rl.trl_backend).",
+        "rewards and held-out evaluation; --algorithm grpo, gspo, cispo or sapo, see vlm_rl.rl.trl_backend).",
     )
     use_vllm: bool = _f(False, "--trainer trl: generate with vLLM (TRL's use_vllm; needs GPU + vllm).")
     vllm_mode: Literal["colocate", "server"] = _f(
@@ -91,6 +92,12 @@ class RLConfig:
         False, "Standardise each reward component across the batch before weighting."
     )
     missing_eos_penalty: float = _f(1.0, "Subtracted from the reward of a completion that never emitted EOS.")
+    overlong_buffer: int = _f(
+        0,
+        "DAPO's soft overlong punishment: over the last this many tokens before max_new_tokens the reward "
+        "falls linearly, down to -overlong_penalty at max_new_tokens (TRL's soft_punish_cache); 0 = off.",
+    )
+    overlong_penalty: float = _f(1.0, "The overlong punishment at max_new_tokens (--overlong_buffer > 0).")
     # Rollout
     prompts_per_step: int = _f(8, "Prompts per RL step (over all processes).")
     samples_per_prompt: int = _f(8, "Completions sampled per prompt (the group size of GRPO/RLOO).")
@@ -117,7 +124,15 @@ class RLConfig:
     loss_aggregation: Literal["token", "sequence", "fixed"] = _f(
         "token", "token (DAPO), sequence (GRPO) or fixed (Dr. GRPO: sum / max_new_tokens)."
     )
-    entropy_coef: float = _f(0.02, "Entropy bonus coefficient.")
+    entropy_coef: float = _f(
+        0.02, "Entropy bonus coefficient (0: the entropy is only logged, computed without a graph)."
+    )
+    sapo_temperature_pos: float = _f(
+        1.0, "--algorithm sapo: the gate's temperature on tokens of positive advantage (TRL's name)."
+    )
+    sapo_temperature_neg: float = _f(
+        1.05, "--algorithm sapo: the gate's temperature on tokens of non-positive advantage (TRL's name)."
+    )
     # Critic (PPO)
     value_coef: float = _f(0.1, "Value-loss coefficient.")
     value_learning_rate: float | None = _f(
@@ -234,10 +249,14 @@ class RLConfig:
             raise ConfigError("--push_to_hub needs --hub_model_id")
         if self.hub_push_checkpoints and not self.push_to_hub:
             raise ConfigError("--hub_push_checkpoints needs --push_to_hub (and --hub_model_id)")
-        if self.trainer == "trl" and self.algorithm != "grpo":
-            raise ConfigError(
-                f"--trainer trl runs TRL's GRPOTrainer: it needs --algorithm grpo, not {self.algorithm}"
-            )
+        if self.trainer == "trl":
+            from vlm_rl.rl.trl_backend import TRL_LOSSES
+
+            if self.algorithm not in TRL_LOSSES:
+                raise ConfigError(
+                    f"--trainer trl runs TRL's GRPOTrainer: it needs --algorithm grpo, not {self.algorithm} "
+                    f"(or another of its loss types: {', '.join(sorted(set(TRL_LOSSES) - {'grpo'}))})"
+                )
         if self.use_vllm and self.trainer != "trl":
             raise ConfigError(
                 "--use_vllm needs --trainer trl (the native engine generates with transformers)"
@@ -258,6 +277,10 @@ class RLConfig:
                 "reward_model_weight": "finite",
                 "reward_weights": "finite",
                 "missing_eos_penalty": ">= 0",
+                "overlong_buffer": ">= 0",
+                "overlong_penalty": ">= 0",
+                "sapo_temperature_pos": "> 0",
+                "sapo_temperature_neg": "> 0",
                 "prompts_per_step": ">= 1",
                 "samples_per_prompt": ">= 1",
                 "max_new_tokens": ">= 1",
@@ -306,6 +329,11 @@ class RLConfig:
             raise ConfigError(
                 f"--clip_range_high {self.clip_range_high}: must be >= --clip_range {self.clip_range} "
                 "(clip-higher widens the upper side)"
+            )
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ConfigError(
+                f"--overlong_buffer {self.overlong_buffer}: the punished stretch must fit in --max_new_tokens "
+                f"{self.max_new_tokens}; lower it"
             )
         if self.adaptive_kl and not self.kl_coef:
             raise ConfigError(

@@ -2,12 +2,17 @@
 
 Shapes: N = sequences in the batch (prompts x samples), T = completion length (right-padded).
 `mask` is the completion mask (1 for real completion tokens, 0 for padding), float or bool.
+
+Groups, not shapes: every group estimator takes the rewards and a group index (N,) saying which
+group each sample belongs to (a prompt's G samples; an env seed's G episodes; GiGPO's turns that
+saw the same observation), in any order. Single-turn is the case where each prompt's samples form
+a group and each sample is an episode of one turn.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,11 +59,52 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position: (N, T, V) -> (N, T)."""
-    logits = logits.float()
+ENTROPY_CHUNK = 2**22
+"""Logits (positions x vocabulary) whose softmax is materialised at once in `entropy_from_logits`."""
+
+
+class _Entropy(torch.autograd.Function):
+    """H = -sum_v p_v log p_v per position, saving only the logits (which the log-prob gather keeps
+    anyway): the backward recomputes the softmax, dH/dz_v = -p_v (log p_v + H), a chunk of
+    positions at a time. Autograd through log_softmax -> exp -> product would instead keep two
+    full-vocabulary tensors per position until the backward pass (the largest of the update)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])
+        entropy = torch.cat([_entropy_rows(rows) for rows in flat.split(_chunk_rows(flat))])
+        ctx.save_for_backward(logits)
+        return entropy.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_entropy: torch.Tensor) -> torch.Tensor:
+        (logits,) = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        grads = []
+        for rows, grad in zip(
+            flat.split(_chunk_rows(flat)), grad_entropy.reshape(-1).split(_chunk_rows(flat)), strict=True
+        ):
+            log_probs = F.log_softmax(rows, dim=-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1, keepdim=True)
+            grads.append(-log_probs.exp() * (log_probs + entropy) * grad.unsqueeze(-1))
+        return torch.cat(grads).view(logits.shape)
+
+
+def _chunk_rows(flat: torch.Tensor) -> int:
+    return max(1, ENTROPY_CHUNK // max(flat.shape[-1], 1))
+
+
+def _entropy_rows(logits: torch.Tensor) -> torch.Tensor:
     log_probs = F.log_softmax(logits, dim=-1)
     return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position: (N, T, V) -> (N, T).
+
+    Differentiable, keeping nothing for backward but `logits` (`_Entropy`); call it under
+    `torch.no_grad()` when the entropy is only logged."""
+    return _Entropy.apply(logits.float())
 
 
 def kl_penalty(
@@ -113,34 +159,60 @@ def gae(
     return advantages, advantages + values
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True) -> torch.Tensor:
-    """GRPO advantages: reward minus its group's mean, divided by the group's std (Shao et al. 2024,
-    eq. 3); `scale_by_std=False` gives Dr. GRPO (Liu et al. 2025). rewards: (N,) grouped contiguously
-    (N = prompts x group_size) -> (N,)."""
-    if group_size < 2:
-        raise ValueError("GRPO needs at least 2 samples per prompt")
-    grouped = rewards.view(-1, group_size)
-    advantages = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale_by_std:
-        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
-    return advantages.reshape(-1)
+def _groups(group_index: torch.Tensor) -> list[torch.Tensor]:
+    """Boolean masks (N,) of each group's members, groups in ascending id order."""
+    return [group_index == group for group in torch.unique(group_index)]
 
 
-def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RLOO: reward minus the mean reward of the other samples of its group (Ahmadian et al. 2024,
-    eq. 5): A_i = r_i - (sum_j r_j - r_i) / (k - 1). (N,) -> (N,)."""
-    if group_size < 2:
-        raise ValueError("RLOO needs at least 2 samples per prompt")
-    grouped = rewards.view(-1, group_size)
-    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - baseline).reshape(-1)
+def group_advantages(
+    rewards: torch.Tensor, group_index: torch.Tensor, scale_by_std: bool = True
+) -> torch.Tensor:
+    """GRPO advantages: reward minus its group's mean, divided by the group's std + 1e-4 (Shao et al.
+    2024, eq. 3); `scale_by_std=False` gives Dr. GRPO (Liu et al. 2025). A group of one gets 0 (no
+    baseline: GiGPO's step groups often have one member). rewards, group_index: (N,) -> (N,)."""
+    rewards = rewards.float()
+    advantages = torch.zeros_like(rewards)
+    for members in _groups(group_index):
+        if members.sum() < 2:
+            continue
+        centred = rewards[members] - rewards[members].mean()
+        advantages[members] = centred / (rewards[members].std() + 1e-4) if scale_by_std else centred
+    return advantages
 
 
-def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """True for each sample whose group's rewards are not all equal (dynamic sampling, DAPO). (N,) -> (N,)."""
-    grouped = rewards.view(-1, group_size)
-    varies = (grouped.max(dim=1).values - grouped.min(dim=1).values) > 1e-6
-    return varies.repeat_interleave(group_size)
+def rloo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """RLOO: reward minus the mean reward of the other members of its group (Ahmadian et al. 2024,
+    eq. 5): A_i = r_i - (sum_j r_j - r_i) / (k - 1). rewards, group_index: (N,) -> (N,)."""
+    rewards = rewards.float()
+    advantages = torch.zeros_like(rewards)
+    for members in _groups(group_index):
+        k = int(members.sum())
+        if k < 2:
+            raise ValueError("RLOO needs at least 2 samples per group (a leave-one-out baseline)")
+        group_rewards = rewards[members]
+        advantages[members] = group_rewards - (group_rewards.sum() - group_rewards) / (k - 1)
+    return advantages
+
+
+def groups_with_signal(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """True for each sample whose group's rewards are not all equal (dynamic sampling, DAPO).
+    rewards, group_index: (N,) -> (N,) bool."""
+    signal = torch.zeros(len(rewards), dtype=torch.bool)
+    for members in _groups(group_index):
+        signal[members] = bool(rewards[members].max() - rewards[members].min() > 1e-6)
+    return signal
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), in [-1, 0]: 0 up to
+    L_max - L_cache tokens, then ((L_max - L_cache) - |y|) / L_cache, falling linearly to -1 at
+    L_max (and -1 beyond). lengths (N,) completion lengths, max_length = L_max, buffer = L_cache."""
+    lengths = lengths.float()
+    if buffer <= 0:
+        return torch.zeros_like(lengths)
+    start = max_length - buffer
+    penalty = ((start - lengths) / buffer).clamp(max=0.0)
+    return torch.where(lengths > max_length, torch.full_like(lengths, -1.0), penalty)
 
 
 def aggregate(
@@ -167,6 +239,54 @@ def aggregate(
     raise ValueError(f"unknown loss aggregation {mode!r}; choose token, sequence or fixed")
 
 
+class PolicyLoss(Protocol):
+    """The policy term of `rl_objective`, declared by each algorithm (default `ClippedSurrogate`).
+
+    (logprobs, old_logprobs (N, T), advantages (N, T) or (N, 1), mask (N, T)) -> the loss of each
+    token (N, T), to minimise, before `aggregate` reduces it; and detached statistics, logged as
+    policy/<name> (the clipped share of tokens as `clip_fraction`)."""
+
+    def __call__(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class ClippedSurrogate:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), per token, as a loss to minimise:
+    -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A), ratio = exp(logp - old_logp).
+    `clip_high` > `clip_low` is DAPO's clip-higher (None: clip_low)."""
+
+    clip_low: float = 0.2
+    clip_high: float | None = None
+
+    def __call__(self, logprobs, old_logprobs, advantages, mask):
+        clip_high = self.clip_low if self.clip_high is None else self.clip_high
+        ratio = torch.exp(logprobs - old_logprobs)
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + clip_high)
+        with torch.no_grad():
+            stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), mask)}
+        return torch.maximum(unclipped, clipped), stats
+
+
+def ratio_stats(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Detached statistics of the token ratio pi / pi_old: its mean and the approximate KL
+    (ratio - 1) - log ratio (k3) over the masked tokens."""
+    with torch.no_grad():
+        log_ratio = logprobs - old_logprobs
+        return {
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio": masked_mean(torch.exp(log_ratio), mask),
+        }
+
+
 def clipped_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -177,28 +297,14 @@ def clipped_policy_loss(
     aggregation: LossAggregation = "token",
     max_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
-
-    L = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A), ratio = exp(logp - old_logp).
-    `clip_high` > `clip_low` is DAPO's clip-higher. advantages: (N, T) or (N,) (broadcast over tokens).
-    Returns the loss and stats: clip fraction and approx KL ((ratio - 1) - log ratio, k3).
-    """
-    clip_high = clip_low if clip_high is None else clip_high
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise: `ClippedSurrogate`
+    aggregated. advantages: (N, T) or (N,) (broadcast over tokens). Returns the loss and stats: clip
+    fraction, approx KL ((ratio - 1) - log ratio, k3) and mean ratio."""
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    per_token, stats = ClippedSurrogate(clip_low, clip_high)(logprobs, old_logprobs, advantages, mask)
     loss = aggregate(per_token, mask, aggregation, max_length)
-    with torch.no_grad():
-        stats = {
-            "clip_fraction": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
-        }
-    return loss, stats
+    return loss, {**stats, **ratio_stats(logprobs, old_logprobs, mask)}
 
 
 def clipped_value_loss(
@@ -224,10 +330,10 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    """The coefficients of `rl_objective` (flat, from the RL config)."""
+    """The coefficients of `rl_objective` (flat, from the RL config) and the algorithm's policy loss."""
 
-    clip_low: float = 0.2
-    clip_high: float | None = None
+    policy_loss: PolicyLoss = field(default_factory=ClippedSurrogate)
+    """The policy term (`PolicyLoss`): PPO's clipped surrogate unless the algorithm brings its own."""
     aggregation: LossAggregation = "token"
     max_length: int | None = None
     """Completion length limit (the "fixed" aggregation divides by it)."""
@@ -257,7 +363,8 @@ def rl_objective(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole loss of one minibatch, to minimise, for every algorithm (PPO, GRPO, RLOO, ...):
 
-        loss = clipped policy loss                          (Schulman et al. 2017, eq. 7)
+        loss = aggregated policy loss (settings.policy_loss: PPO's clipped surrogate, Schulman et al.
+               2017, eq. 7, unless the algorithm declares another: GSPO, CISPO, SAPO, ...)
                - entropy_coef * mean token entropy          (when `entropy` is given)
                + value_coef * clipped value loss            (when `values` is given: a critic)
                + kl_coef * aggregated KL(pi || pi_ref)      (when `ref_logprobs` is given: KL in the loss)
@@ -268,18 +375,20 @@ def rl_objective(
     (loss/policy, loss/value, loss/kl, policy/entropy, policy/clip_fraction, policy/approx_kl, ...).
     """
     s = settings
-    policy_loss, policy_stats = clipped_policy_loss(
-        logprobs, old_logprobs, advantages, mask, s.clip_low, s.clip_high, s.aggregation, s.max_length
+    per_token, policy_stats = s.policy_loss(
+        logprobs, old_logprobs, advantages.unsqueeze(1) if advantages.dim() == 1 else advantages, mask
     )
+    policy_loss = aggregate(per_token, mask, s.aggregation, s.max_length)
     loss = policy_loss
     stats = {
         "loss/policy": policy_loss.detach(),
-        "policy/clip_fraction": policy_stats["clip_fraction"],
-        "policy/approx_kl": policy_stats["approx_kl"],
+        **{f"policy/{name}": value for name, value in policy_stats.items()},
+        "policy/approx_kl": ratio_stats(logprobs, old_logprobs, mask)["approx_kl"],
     }
     if entropy is not None:
         mean_entropy = masked_mean(entropy, mask)
-        loss = loss - s.entropy_coef * mean_entropy
+        if s.entropy_coef:  # else the entropy is only logged (computed without a graph)
+            loss = loss - s.entropy_coef * mean_entropy
         stats["policy/entropy"] = mean_entropy.detach()
     if values is not None:
         value_loss, value_clip = clipped_value_loss(values, old_values, returns, mask, s.value_clip_range)
@@ -297,20 +406,20 @@ def rl_objective(
     return loss, stats
 
 
-# -- multi-turn episodes ---------------------------------------------------------------------------
-# A batch of agent turns: N rows, one per turn, each its own (prompt, completion) sample.
+# -- episodes ---------------------------------------------------------------------------------------
+# A batch of turns: N rows, one per turn, each its own (prompt, completion) sample.
 # episode_index (N,) says which episode a turn belongs to and turn_index (N,) its position in it
 # (0, 1, ...); rows may come in any order. An episode's last turn is its last step: the value
-# after it is 0 (terminated, or truncated at the turn limit as VAGEN treats it).
+# after it is 0 (terminated, or truncated at the turn limit as VAGEN treats it). A single-turn
+# batch is N episodes of one turn (episode_index = arange(N), turn_index = 0).
 
 
-def _episode_rows(episode_index: torch.Tensor, turn_index: torch.Tensor) -> list[torch.Tensor]:
-    """Row indices of each episode, in turn order."""
-    rows = []
-    for episode in torch.unique(episode_index):
-        members = torch.nonzero(episode_index == episode).flatten()
-        rows.append(members[torch.argsort(turn_index[members])])
-    return rows
+def _episode_rows(episode_index: torch.Tensor, turn_index: torch.Tensor) -> list[list[int]]:
+    """Row indices of each episode, in turn order (episodes in ascending id order)."""
+    by_turn = torch.argsort(turn_index, stable=True)
+    order = by_turn[torch.argsort(episode_index[by_turn], stable=True)]
+    counts = torch.unique_consecutive(episode_index[order], return_counts=True)[1]
+    return [rows.tolist() for rows in order.split(counts.tolist())]
 
 
 def discounted_returns(
@@ -320,7 +429,7 @@ def discounted_returns(
     returns = torch.zeros_like(turn_rewards, dtype=torch.float)
     for rows in _episode_rows(episode_index, turn_index):
         running = 0.0
-        for row in reversed(rows.tolist()):
+        for row in reversed(rows):
             running = float(turn_rewards[row]) + gamma * running
             returns[row] = running
     return returns
@@ -337,16 +446,20 @@ def turn_level_gae(
     """GAE with one step per turn (Schulman et al. 2016, eq. 16, over an episode's turns):
     delta_k = r_k + gamma * V_{k+1} - V_k, A_k = delta_k + gamma * lam * A_{k+1}, V after the last
     turn = 0. turn_rewards, turn_values, episode_index, turn_index: (N,) -> advantages, returns (N,)
-    (a turn's advantage is then shared by all its tokens, VAGEN's "turn-wise GAE")."""
+    (a turn's advantage is then shared by all its tokens, VAGEN's "turn-wise GAE"). Computed in
+    double precision: an episode of one turn returns exactly its reward (A + V = r - V + V)."""
     advantages = torch.zeros_like(turn_values, dtype=torch.float)
+    returns = torch.zeros_like(advantages)
     for rows in _episode_rows(episode_index, turn_index):
         next_value, next_advantage = 0.0, 0.0
-        for row in reversed(rows.tolist()):
-            delta = float(turn_rewards[row]) + gamma * next_value - float(turn_values[row])
+        for row in reversed(rows):
+            value = float(turn_values[row])
+            delta = float(turn_rewards[row]) + gamma * next_value - value
             next_advantage = delta + gamma * lam * next_advantage
             advantages[row] = next_advantage
-            next_value = float(turn_values[row])
-    return advantages, advantages + turn_values.float()
+            returns[row] = next_advantage + value
+            next_value = value
+    return advantages, returns
 
 
 def bi_level_gae(
@@ -371,46 +484,12 @@ def bi_level_gae(
     mask = mask.to(values.dtype)
     last = (mask.long().sum(1) - 1).clamp(min=0)
     turn_values = values[torch.arange(len(values)), last] * (mask.sum(1) > 0)
-    turn_advantages, _ = turn_level_gae(
+    _, turn_returns = turn_level_gae(
         turn_rewards, turn_values, episode_index, turn_index, turn_gamma, turn_lam
     )
-    turn_returns = turn_advantages + turn_values
     kl = token_kl if token_kl is not None else torch.zeros_like(values)
     rewards = token_rewards(turn_returns, kl, mask, kl_coef)
     return gae(rewards, values, mask, gamma, lam)
-
-
-def indexed_group_advantages(
-    rewards: torch.Tensor, group_index: torch.Tensor, scale_by_std: bool = True
-) -> torch.Tensor:
-    """GRPO's group normalisation for groups given by an index rather than contiguous blocks:
-    (r - mean of its group) / (std of its group + 1e-4); a group of one gets 0 (no baseline).
-    Used for episodes (a group = G episodes from the same env seed) and for GiGPO's step groups.
-    rewards, group_index: (N,) -> (N,)."""
-    rewards = rewards.float()
-    advantages = torch.zeros_like(rewards)
-    for group in torch.unique(group_index):
-        members = group_index == group
-        if members.sum() < 2:
-            continue
-        centred = rewards[members] - rewards[members].mean()
-        advantages[members] = centred / (rewards[members].std() + 1e-4) if scale_by_std else centred
-    return advantages
-
-
-def indexed_rloo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
-    """RLOO's leave-one-out baseline for groups given by an index: r_i minus the mean of the other
-    members of its group; a group of one gets 0. rewards, group_index: (N,) -> (N,)."""
-    rewards = rewards.float()
-    advantages = torch.zeros_like(rewards)
-    for group in torch.unique(group_index):
-        members = group_index == group
-        k = int(members.sum())
-        if k < 2:
-            continue
-        group_rewards = rewards[members]
-        advantages[members] = group_rewards - (group_rewards.sum() - group_rewards) / (k - 1)
-    return advantages
 
 
 def episode_totals(

@@ -48,21 +48,28 @@ class Rollout:
     """(N, T) value targets (PPO)."""
     sample_mask: torch.Tensor | None = None
     """(N,) 1 for samples that take part in the update (dynamic sampling drops the others)."""
-    # Agent turns (vlm_rl.rl.agent): None for single-turn samples, each an episode of one turn.
-    episode_index: torch.Tensor | None = None
-    """(N,) the episode each turn belongs to."""
-    turn_index: torch.Tensor | None = None
-    """(N,) the turn's position in its episode (0, 1, ...)."""
+    # Every row is a turn of an episode; a single-turn sample is an episode of one turn, in the
+    # group of its prompt's samples (the defaults). Agents (vlm_rl.rl.agent) give all three.
     group_index: torch.Tensor | None = None
-    """(N,) the episode's group (episodes of the same env seed, for group baselines)."""
+    """(N,) the group of the row's episode, for group baselines: the samples of a prompt
+    (default: `prompt_index`), or the episodes of the same env seed."""
+    episode_index: torch.Tensor | None = None
+    """(N,) the episode each turn belongs to (default: one episode per row)."""
+    turn_index: torch.Tensor | None = None
+    """(N,) the turn's position in its episode (0, 1, ...; default: 0)."""
     observation_keys: list[str] | None = None
     """A hash of what the policy saw on each turn (GiGPO's step groups)."""
     completion_token_type: int = 0
     """`token_type_ids` of completion tokens (the family's; PaliGemma: 1, its causal suffix)."""
 
-    @property
-    def is_multi_turn(self) -> bool:
-        return self.episode_index is not None
+    def __post_init__(self):
+        n = len(self.prompt_index)
+        if self.group_index is None:
+            self.group_index = self.prompt_index.clone()
+        if self.episode_index is None:
+            self.episode_index = torch.arange(n)
+        if self.turn_index is None:
+            self.turn_index = torch.zeros(n, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.prompt_index)

@@ -26,6 +26,7 @@ encodes each distinct image once per step, its outputs reused by every pass
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -320,7 +321,13 @@ class RLTrainer:
         self.last_reward_components = result.per_component  # per sample, for the report's gallery
         rewards = result.total.clone()
         rewards -= self.config.missing_eos_penalty * (~rollout.ended).float()
-        return rewards, result.metrics()
+        metrics = result.metrics()
+        if self.config.overlong_buffer:  # DAPO's soft overlong punishment
+            lengths = rollout.completion_mask.sum(1)
+            overlong = core.overlong_penalty(lengths, self.config.max_new_tokens, self.config.overlong_buffer)
+            rewards += self.config.overlong_penalty * overlong
+            metrics["rewards/overlong_penalty/mean"] = (self.config.overlong_penalty * overlong).mean().item()
+        return rewards, metrics
 
     @torch.no_grad()
     def compute_logprobs(self, rollout: Rollout, plan: StepPlan) -> None:
@@ -376,7 +383,7 @@ class RLTrainer:
         num_minibatches = self._max_over_ranks(local_minibatches)
         if num_minibatches == 0:
             raise SkippedStep("no sample left after dynamic sampling on any process")
-        snapshot = {id(p): p.detach().clone() for p in self.params}
+        snapshot = self._snapshot()
         for _ in range(config.ppo_epochs):
             minibatches = list(self._minibatches(len(rows_all), shuffle=True))
             for index in range(num_minibatches):
@@ -407,7 +414,10 @@ class RLTrainer:
         self, rollout: Rollout, rows: torch.Tensor, plan: StepPlan, settings: core.ObjectiveSettings
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`core.rl_objective` on the rollout's `rows`, with what the plan computed."""
-        out = self._forward(rollout, rows, with_entropy=True, with_values=plan.values)
+        # the entropy is logged (policy/entropy); it keeps a graph only when the bonus is on
+        out = self._forward(
+            rollout, rows, with_entropy=True, with_values=plan.values, entropy_grad=settings.entropy_coef != 0
+        )
 
         def rollout_rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor[rows].to(self.device)
@@ -427,13 +437,23 @@ class RLTrainer:
             ref_logprobs=rollout_rows(rollout.ref_logprobs) if plan.kl_in_loss else None,
         )
 
-    def _abort(self, snapshot: dict[int, torch.Tensor]) -> None:
-        """Undo this step's updates: weights back as they were, gradients cleared, and accelerate's
-        accumulation counter realigned (the next step starts a fresh accumulation)."""
+    def _snapshot(self) -> dict[str, Any]:
+        """What `_abort` restores: the trainable weights and the optimizer's state (AdamW's moments
+        and step counts), copied before the update's first optimizer step."""
+        return {
+            "weights": {id(p): p.detach().clone() for p in self.params},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+        }
+
+    def _abort(self, snapshot: dict[str, Any]) -> None:
+        """Undo this step's updates: weights and optimizer state back as they were, gradients
+        cleared, and accelerate's accumulation counter realigned (the next step starts a fresh
+        accumulation)."""
         with torch.no_grad():
             for p in self.params:
-                p.copy_(snapshot[id(p)])
+                p.copy_(snapshot["weights"][id(p)])
                 p.grad = None  # the prepared optimizer's zero_grad is a no-op between accumulation syncs
+        self.optimizer.load_state_dict(snapshot["optimizer"])
         self.accelerator.step = 0
 
     # -- one step -----------------------------------------------------------------------------

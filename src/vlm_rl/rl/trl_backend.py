@@ -27,17 +27,24 @@ is written at RL steps, as the native engine's.
     kl_coef, kl_importance_weighted beta, use_bias_correction_kl (TRL's KL is k3: kl_estimator k3)
     clip_range, clip_range_high     epsilon, epsilon_high
     loss_aggregation                loss_type: token -> dapo, sequence -> grpo, fixed -> dr_grpo
+    algorithm (the policy loss)     `TRL_LOSSES`: grpo -> the loss_type above; gspo -> the same with
+                                    importance_sampling_level "sequence"; cispo -> loss_type cispo
+                                    (aggregation token), epsilon_high = 1 + clip_range_high; sapo ->
+                                    loss_type sapo (aggregation sequence), sapo_temperature_pos/neg
     scale_rewards                   scale_rewards: group (True) / none (False)
     entropy_coef                    entropy_coef
     learning_rate, lr_scheduler_type, weight_decay, max_grad_norm, gradient_accumulation_steps, seed
     reward (rules, reward model)    reward_funcs[0]: the CombinedReward; each component is logged as
                                     rewards/<name>/mean through TRL's log_metric
     missing_eos_penalty             reward_funcs[1]: missing_eos (-1 without EOS), weight = the penalty
+    overlong_buffer, _penalty       reward_funcs[2]: TRL's get_soft_overlong_punishment(max_new_tokens,
+                                    overlong_buffer), weight = overlong_penalty
     use_vllm, vllm_mode             use_vllm, vllm_mode
     output_dir                      run_config.json, metrics.jsonl, tensorboard/, final/ as native;
                                     TRL's checkpoints in checkpoints/checkpoint-N (resume: latest|path)
 
-Not mapped (one error names every such flag set away from its default): dynamic_sampling,
+Not mapped (one error names every such flag set away from its default): --algorithm ppo and rloo,
+--kl_importance_weighted with gspo (TRL weights the KL by the sequence ratio), dynamic_sampling,
 adaptive_kl (target_kl, kl_horizon), lr_decay_steps other than total_steps, kl_estimator other
 than k3, the PPO-only and agent-only fields, sample_log_steps, hub_push_checkpoints.
 Kept different: TRL's KL reference is a frozen copy of the starting adapter (native: the adapter
@@ -75,11 +82,76 @@ LOSS_TYPES = {"token": "dapo", "sequence": "grpo", "fixed": "dr_grpo"}
 """loss_aggregation -> TRL's loss_type (the same normalisations: DAPO, GRPO, Dr. GRPO)."""
 
 
+def _clipped(config: RLConfig) -> dict[str, Any]:
+    return {
+        "loss_type": LOSS_TYPES[config.loss_aggregation],
+        "epsilon": config.clip_range,
+        "epsilon_high": config.clip_range_high,
+    }
+
+
+def _aggregated_as(config: RLConfig, aggregation: str, loss_type: str) -> None:
+    if config.loss_aggregation != aggregation:
+        raise ValueError(
+            f"--trainer trl: TRL's loss_type {loss_type} aggregates as --loss_aggregation {aggregation}, not "
+            f"{config.loss_aggregation}; set it, or run with --trainer native"
+        )
+
+
+def _gspo(config: RLConfig) -> dict[str, Any]:
+    if config.kl_importance_weighted:
+        raise ValueError(
+            "--trainer trl cannot map --kl_importance_weighted with --algorithm gspo (TRL weights the KL by "
+            "the sequence ratio, vlm_rl by each token's). Drop it, or run with --trainer native"
+        )
+    return {**_clipped(config), "importance_sampling_level": "sequence"}
+
+
+def _cispo(config: RLConfig) -> dict[str, Any]:
+    _aggregated_as(config, "token", "cispo")
+    upper = config.clip_range if config.clip_range_high is None else config.clip_range_high
+    return {"loss_type": "cispo", "epsilon_high": 1.0 + upper}  # TRL's epsilon_high is the bound itself
+
+
+def _sapo(config: RLConfig) -> dict[str, Any]:
+    _aggregated_as(config, "sequence", "sapo")
+    return {
+        "loss_type": "sapo",
+        "sapo_temperature_pos": config.sapo_temperature_pos,
+        "sapo_temperature_neg": config.sapo_temperature_neg,
+    }
+
+
+TRL_LOSSES: dict[str, Callable[[RLConfig], dict[str, Any]]] = {
+    "grpo": _clipped,
+    "gspo": _gspo,
+    "cispo": _cispo,
+    "sapo": _sapo,
+}
+"""--algorithm -> the GRPOConfig fields of its policy loss and aggregation (TRL's loss_type); an
+algorithm missing here has no TRL counterpart (`RLConfig` refuses it with --trainer trl)."""
+
+
+def shaping_rewards(
+    config: RLConfig, eos_ids: Sequence[int] = ()
+) -> list[tuple[Callable[..., list[float]], float]]:
+    """The native engine's reward shaping as TRL reward functions with their weights: the missing-EOS
+    penalty and, with --overlong_buffer, TRL's own soft overlong punishment (DAPO eq. 13)."""
+    rewards = [(missing_eos(eos_ids), config.missing_eos_penalty)]
+    if config.overlong_buffer:
+        from trl.rewards import get_soft_overlong_punishment
+
+        punishment = get_soft_overlong_punishment(config.max_new_tokens, config.overlong_buffer)
+        rewards.append((punishment, config.overlong_penalty))
+    return rewards
+
+
 def check_mappable(config: RLConfig) -> None:
     """Raise one error naming every flag (set away from its default) that the native engine acts on
     and TRL's GRPOTrainer cannot honour (the rules: `vlm_rl.recipes.flags`)."""
     from vlm_rl.recipes.flags import Run, rules_for
 
+    TRL_LOSSES[config.algorithm](config)  # raises for a loss setting TRL cannot take
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(RLConfig)}
     defaults = {f.name: f.default for f in dataclasses.fields(RLConfig)}
     native, trl = (
@@ -161,12 +233,10 @@ def grpo_config(
         max_grad_norm=config.max_grad_norm,
         beta=config.kl_coef,
         use_bias_correction_kl=config.kl_importance_weighted,
-        epsilon=config.clip_range,
-        epsilon_high=config.clip_range_high,
-        loss_type=LOSS_TYPES[config.loss_aggregation],
+        **TRL_LOSSES[config.algorithm](config),
         scale_rewards="group" if config.scale_rewards else "none",
         entropy_coef=config.entropy_coef,
-        reward_weights=[1.0, config.missing_eos_penalty],  # [CombinedReward, missing_eos]
+        reward_weights=[1.0, *(weight for _, weight in shaping_rewards(config))],  # CombinedReward first
         use_vllm=config.use_vllm,
         vllm_mode=config.vllm_mode,
         logging_steps=config.logging_steps * k,
@@ -303,7 +373,7 @@ def run_trl(
     )
     trainer = GRPOTrainer(
         model=policy,
-        reward_funcs=[reward.as_reward_function(), missing_eos(eos)],
+        reward_funcs=[reward.as_reward_function(), *(fn for fn, _ in shaping_rewards(config, eos))],
         args=args,
         train_dataset=train_dataset,
         processing_class=processor,
