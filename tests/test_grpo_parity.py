@@ -15,7 +15,11 @@ Loss types and their vlm_rl counterparts (one micro-batch, no gradient accumulat
   TRL "bnpo"    <-> aggregation "token"
   TRL "dapo"    <-> aggregation "token" (TRL divides by `num_items_in_batch`: the same count here)
   TRL "dr_grpo" <-> aggregation "fixed" with scale_rewards "none" / `scale_by_std=False`
-TRL's other loss types (cispo, sapo, vespo, luspo) have no vlm_rl counterpart and are not tested.
+Policy losses (`--algorithm`, each with GRPO's advantages) and TRL's:
+  gspo  <-> importance_sampling_level "sequence" with the loss types above
+  cispo <-> loss_type "cispo" (aggregation "token"; TRL's epsilon_high is the bound, 1 + clip_range_high)
+  sapo  <-> loss_type "sapo" (aggregation "sequence"; sapo_temperature_pos/neg one to one)
+TRL's vespo and luspo have no vlm_rl counterpart and are not tested.
 TRL's `beta` KL term is vlm_rl's `kl_coef` with `kl_estimator="k3"` (GRPO's default) and the
 reference = the adapter disabled; TRL's `use_bias_correction_kl` is vlm_rl's `kl_importance_weighted`; TRL's `temperature` and `entropy_coef` map one to one.
 Measured agreement (fp32, CPU): losses within 3e-8, gradients within 7e-7 of their norm.
@@ -119,16 +123,39 @@ def grads_of(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     return grads
 
 
+SAPO_TEMPERATURES = {"sapo_temperature_pos": 0.8, "sapo_temperature_neg": 1.3}
+GRPO = ("grpo", {}, {})
+GSPO = ("gspo", {"importance_sampling_level": "sequence"}, {})
+CISPO = ("cispo", {"epsilon_high": 1.0 + CLIP_HIGH}, {})
+SAPO = ("sapo", SAPO_TEMPERATURES, SAPO_TEMPERATURES)
+
+
 @pytest.mark.parametrize(
-    ("loss_type", "aggregation", "scale_rewards", "beta", "bias_corrected_kl", "temperature", "entropy_coef"),
+    (
+        "loss_type",
+        "aggregation",
+        "scale_rewards",
+        "beta",
+        "bias_corrected_kl",
+        "temperature",
+        "entropy_coef",
+        "policy_loss",
+    ),
     [
-        ("grpo", "sequence", "group", 0.0, False, 1.0, 0.0),
-        ("grpo", "sequence", "group", 0.1, False, 0.7, 0.0),
-        ("grpo", "sequence", "group", 0.1, True, 1.0, 0.0),
-        ("bnpo", "token", "group", 0.0, False, 1.0, 0.0),
-        ("dapo", "token", "group", 0.1, False, 1.0, 0.05),
-        ("dr_grpo", "fixed", "none", 0.0, False, 1.0, 0.0),
-        ("dr_grpo", "fixed", "none", 0.1, False, 1.0, 0.0),
+        ("grpo", "sequence", "group", 0.0, False, 1.0, 0.0, GRPO),
+        ("grpo", "sequence", "group", 0.1, False, 0.7, 0.0, GRPO),
+        ("grpo", "sequence", "group", 0.1, True, 1.0, 0.0, GRPO),
+        ("bnpo", "token", "group", 0.0, False, 1.0, 0.0, GRPO),
+        ("dapo", "token", "group", 0.1, False, 1.0, 0.05, GRPO),
+        ("dr_grpo", "fixed", "none", 0.0, False, 1.0, 0.0, GRPO),
+        ("dr_grpo", "fixed", "none", 0.1, False, 1.0, 0.0, GRPO),
+        ("grpo", "sequence", "group", 0.0, False, 1.0, 0.0, GSPO),
+        ("grpo", "sequence", "group", 0.1, False, 0.7, 0.0, GSPO),
+        ("dapo", "token", "group", 0.0, False, 1.0, 0.05, GSPO),
+        ("cispo", "token", "group", 0.0, False, 1.0, 0.0, CISPO),
+        ("cispo", "token", "group", 0.1, True, 0.7, 0.05, CISPO),
+        ("sapo", "sequence", "group", 0.0, False, 1.0, 0.0, SAPO),
+        ("sapo", "sequence", "none", 0.1, False, 1.0, 0.05, SAPO),
     ],
 )
 def test_loss_and_gradients_match_trl(
@@ -142,10 +169,13 @@ def test_loss_and_gradients_match_trl(
     bias_corrected_kl,
     temperature,
     entropy_coef,
+    policy_loss,
 ):
     """`bias_corrected_kl` is TRL's `use_bias_correction_kl` (default True since TRL 1.x): the k3 term is
     multiplied by the importance ratio (DeepSeek-V3.2); vlm_rl's `kl_importance_weighted` (default off:
-    the plain k3 of Shao et al. 2024, eq. 4)."""
+    the plain k3 of Shao et al. 2024, eq. 4). `policy_loss`: (vlm_rl's --algorithm, TRL's GRPOConfig
+    fields for that loss, vlm_rl's RLConfig fields for it)."""
+    algorithm_name, trl_loss_fields, config_fields = policy_loss
     import datasets
     from trl import GRPOConfig, GRPOTrainer
 
@@ -169,8 +199,7 @@ def test_loss_and_gradients_match_trl(
         use_bias_correction_kl=bias_corrected_kl,
         temperature=temperature,
         entropy_coef=entropy_coef,
-        epsilon=CLIP_LOW,
-        epsilon_high=CLIP_HIGH,
+        **{"epsilon": CLIP_LOW, "epsilon_high": CLIP_HIGH, **trl_loss_fields},
     )
     trainer = GRPOTrainer(
         model=policy,
@@ -195,7 +224,8 @@ def test_loss_and_gradients_match_trl(
     torch.testing.assert_close(model_inputs["pixel_values"], trl_inputs["pixel_values"])
     torch.testing.assert_close(rollout.completion_mask, trl_inputs["completion_mask"], rtol=0, atol=0)
     config = RLConfig(
-        algorithm="grpo",
+        algorithm=algorithm_name,
+        **config_fields,
         samples_per_prompt=GROUP_SIZE,
         max_new_tokens=MAX_COMPLETION_LENGTH,
         scale_rewards=scale_rewards != "none",
