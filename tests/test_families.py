@@ -72,6 +72,18 @@ def test_every_family_of_the_issue_has_a_row_and_a_tiny_build() -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_each_tiny_build_is_its_rows_architecture(name: str, tiny_model) -> None:
+    """A row's tiny build gives a model of the row's `model_type` and `architecture` class, and the
+    row is found by that model (`model_family`) unless it is the generic one."""
+    from vlm_rl.models.families import FAMILY_TABLE, model_family
+
+    row = next(row for row in FAMILY_TABLE if row.tiny and row.tiny.name == name)
+    model, _ = tiny_model(name)
+    assert (model.config.model_type, type(model).__name__) == (row.model_type, row.architecture)
+    assert model_family(model) is (None if row.generic else row)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_scoring_the_sampled_completions_gives_the_sampling_log_probs(
     name: str, easy_vqa_images: list
 ) -> None:

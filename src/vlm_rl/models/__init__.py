@@ -1,7 +1,7 @@
 """Models: load a VLM + processor, wrap it with LoRA, the offline tiny defaults, and sampling
 without repeated work (each distinct image encoded once per call, each prompt prefilled once)."""
 
-from vlm_rl.models.families import FAMILIES, FamilyFacts, family_of
+from vlm_rl.models.families import FAMILIES, FAMILY_TABLE, FamilyFacts, family_of, model_family
 from vlm_rl.models.image_encoding import ImageEncodingStats, image_encoder, share_image_encoding
 from vlm_rl.models.loading import (
     hidden_size,
@@ -18,6 +18,7 @@ from vlm_rl.models.tiny import TINY_MODELS, build_tiny, build_vlm, ensure_tiny
 
 __all__ = [
     "FAMILIES",
+    "FAMILY_TABLE",
     "FamilyFacts",
     "ImageEncodingStats",
     "ImageOnlyQwen2_5_VLProcessor",
@@ -32,6 +33,7 @@ __all__ = [
     "load_model",
     "load_policy",
     "load_processor",
+    "model_family",
     "resolve_model_path",
     "share_image_encoding",
     "vlm_trunk",

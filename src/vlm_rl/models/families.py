@@ -1,20 +1,46 @@
-"""Per-family facts: the one place where VLM families differ.
+"""Per-family facts: the one table where VLM families differ (`FAMILY_TABLE`, one row a family).
 
-Nothing outside `vlm_rl.models` branches on a model family. Each row says which special tokens a
-family's prompts use, which chat template it speaks (TRL ships them as files), where its
-vision/projector modules live, and which processor quirk applies.
+Nothing else branches on a model family. Each row says which architecture class the family is, which
+special tokens its prompts use, which chat template it speaks (TRL ships them as files), where its
+vision/projector modules live, which processor quirks apply, which speed levers are exact for it
+(image encoding once, shared prefill, shared prefix) and how its offline tiny model is built.
+
+Adding a family is adding a row here and, for its tiny model, a builder in `models.tiny_builds`.
+Code reads a row through `family_of(model_type)` or `model_family(model)`; a family without a row
+(or with a `generic` one) is loaded, wrapped and sampled generically, without any lever.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
+
+from vlm_rl.models import tiny_builds
+from vlm_rl.models.tiny_builds import IMAGE_SIZE, TEXT, VISION
+
+
+@dataclass(frozen=True)
+class TinyBuild:
+    """How a family's offline tiny model is built (`vlm_rl.models.tiny`)."""
+
+    name: str
+    """The name that loads it: `--model_name_or_path tiny-llava` (optionally `@seedN`)."""
+    builder: Callable[..., tuple[Any, Any]] = field(hash=False)
+    """`builder(family, tokenizer, **sizes) -> (random model, processor)`, in `models.tiny_builds`."""
+    sizes: Mapping[str, Any] | None = field(default=None, hash=False)
+    """The builder's size arguments for the tiny model; `build_vlm(model_type, **sizes)` replaces
+    them one by one (the benchmarks' bigger models of the same recipe). None: a fixed build that
+    takes no sizes."""
 
 
 @dataclass(frozen=True)
 class FamilyFacts:
     model_type: str
     """`config.model_type` of the full VLM (e.g. "llava")."""
+    architecture: str
+    """The transformers class of the full VLM (what `AutoModelForImageTextToText` loads)."""
     chat_template: str
     """Name of the TRL chat template file (trl/chat_templates/<name>.jinja)."""
     image_token: str
@@ -45,14 +71,24 @@ class FamilyFacts:
     """Method of the base model that computes a full sequence's position ids from its text inputs
     and image grids (Qwen2.5-VL's 3-D RoPE index); the shared-prefix pass takes the completion's
     positions from it. None: the completion's positions continue the prompt's."""
-    image_only_processor: bool = False
-    """True when the stock processor needs torchvision for its video sub-processor: without
-    torchvision an image-only processor is built instead (see `models.loading`)."""
+    image_only_processor: str | None = None
+    """The stock processor class ("module.Class") when it needs torchvision for its video
+    sub-processor: without torchvision an image-only copy of it is built instead
+    (`models.processors`, `models.loading`). None: the stock processor needs no torchvision."""
+    tokenizer_attributes: tuple[tuple[str, str], ...] = ()
+    """(attribute, token) pairs the family's processor reads from the tokenizer (Gemma3's
+    `tokenizer.boi_token`); tiny tokenizers are built with them."""
     completion_token_type: int = 0
     """Value of `token_type_ids` for completion tokens appended to a prompt: 0, text (Gemma3 marks
     image tokens 1); PaliGemma: 1, its causal suffix (0 is the bidirectional prefix)."""
     extra_vocab: tuple[str, ...] = field(default_factory=tuple)
     """Plain words the chat template writes (roles, system prompt), for tiny word-level vocabularies."""
+    tiny: TinyBuild | None = None
+    """How its offline tiny model is built; None: the family has no tiny model."""
+    generic: bool = False
+    """True for a family vlm_rl deliberately knows nothing of at run time: loading, LoRA and sampling
+    treat it as any family without a row (`family_of` gives None). Its row is read only to build its
+    tiny model, the generic path's test model (AyaVision)."""
 
 
 LLAVA_CHAT_TOKENS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "</s>", "<s>", "<pad>", "<unk>")
@@ -68,9 +104,27 @@ QWEN_VL_TOKENS = (
     "<unk>",
 )
 
-FAMILIES: dict[str, FamilyFacts] = {
-    "llava": FamilyFacts(
+_QWEN_VL = dict(
+    image_token="<|image_pad|>",
+    special_tokens=QWEN_VL_TOKENS,
+    eos_token="<|im_end|>",
+    vision_modules=("visual.blocks", "visual.patch_embed"),
+    projector_modules=("visual.merger",),
+    # Patches of all images flattened, split per image by `grid_thw`; includes the merger, so a
+    # trained projector's gradient is summed over the copies of an image.
+    image_encoder="visual",
+    shared_prefill=True,
+    prefill_state=("model.rope_deltas",),
+    shared_prefix=True,
+    position_ids_method="model.get_rope_index",
+    extra_vocab=("system", "user", "assistant", "you", "are", "a", "helpful", "."),
+)
+"""What the Qwen-VL rows share (Qwen3-VL replaces some of it)."""
+
+FAMILY_TABLE: tuple[FamilyFacts, ...] = (
+    FamilyFacts(
         model_type="llava",
+        architecture="LlavaForConditionalGeneration",
         chat_template="llava_next",
         image_token="<image>",
         special_tokens=("<image>", *LLAVA_CHAT_TOKENS),
@@ -82,27 +136,36 @@ FAMILIES: dict[str, FamilyFacts] = {
         image_encoder="vision_tower",
         shared_prefill=True,
         shared_prefix=True,
+        tiny=TinyBuild(
+            "tiny-llava",
+            tiny_builds.build_llava,
+            sizes=dict(image_size=IMAGE_SIZE, patch=8, vision=VISION, text=TEXT, max_positions=512),
+        ),
     ),
-    "qwen2_5_vl": FamilyFacts(
+    FamilyFacts(
         model_type="qwen2_5_vl",
+        architecture="Qwen2_5_VLForConditionalGeneration",
         chat_template="qwen2_5_vl",
-        image_token="<|image_pad|>",
-        special_tokens=QWEN_VL_TOKENS,
-        eos_token="<|im_end|>",
-        vision_modules=("visual.blocks", "visual.patch_embed"),
-        projector_modules=("visual.merger",),
-        # Patches of all images flattened, split per image by `grid_thw`; includes the merger, so a
-        # trained projector's gradient is summed over the copies of an image.
-        image_encoder="visual",
-        shared_prefill=True,
-        prefill_state=("model.rope_deltas",),
-        shared_prefix=True,
-        position_ids_method="model.get_rope_index",
-        image_only_processor=True,
-        extra_vocab=("system", "user", "assistant", "you", "are", "a", "helpful", "."),
+        **_QWEN_VL,
+        image_only_processor="transformers.models.qwen2_5_vl.Qwen2_5_VLProcessor",
+        tiny=TinyBuild(
+            "tiny-qwen2.5-vl",
+            tiny_builds.build_qwen2_5_vl,
+            sizes=dict(
+                image_size=IMAGE_SIZE,
+                patch=4,
+                vision=dict(
+                    depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1]
+                ),
+                text=TEXT,
+                window=IMAGE_SIZE,
+                max_positions=512,
+            ),
+        ),
     ),
-    "idefics3": FamilyFacts(
+    FamilyFacts(
         model_type="idefics3",
+        architecture="Idefics3ForConditionalGeneration",
         chat_template="idefics3",
         image_token="<image>",
         special_tokens=(
@@ -122,9 +185,11 @@ FAMILIES: dict[str, FamilyFacts] = {
         shared_prefill=True,
         shared_prefix=True,
         extra_vocab=("user", "assistant", ":"),
+        tiny=TinyBuild("tiny-idefics3", tiny_builds.build_idefics3),
     ),
-    "llava_onevision": FamilyFacts(
+    FamilyFacts(
         model_type="llava_onevision",
+        architecture="LlavaOnevisionForConditionalGeneration",
         chat_template="llava_next",
         image_token="<image>",
         special_tokens=("<image>", "<video>", *LLAVA_CHAT_TOKENS),
@@ -136,44 +201,37 @@ FAMILIES: dict[str, FamilyFacts] = {
         image_encoder="vision_tower",
         shared_prefill=True,
         shared_prefix=True,
-        image_only_processor=True,
+        image_only_processor="transformers.models.llava_onevision.LlavaOnevisionProcessor",
+        tiny=TinyBuild("tiny-llava-onevision", tiny_builds.build_llava_onevision),
     ),
-    "qwen2_vl": FamilyFacts(
+    FamilyFacts(
         model_type="qwen2_vl",
+        architecture="Qwen2VLForConditionalGeneration",
         chat_template="qwen2_5_vl",  # Qwen2-VL's template: Qwen2.5-VL kept it
-        image_token="<|image_pad|>",
-        special_tokens=QWEN_VL_TOKENS,
-        eos_token="<|im_end|>",
-        vision_modules=("visual.blocks", "visual.patch_embed"),
-        projector_modules=("visual.merger",),
-        image_encoder="visual",  # flattened patches split by `grid_thw`, as Qwen2.5-VL
-        shared_prefill=True,
-        prefill_state=("model.rope_deltas",),
-        shared_prefix=True,
-        position_ids_method="model.get_rope_index",
-        image_only_processor=True,
-        extra_vocab=("system", "user", "assistant", "you", "are", "a", "helpful", "."),
+        **_QWEN_VL,
+        image_only_processor="transformers.models.qwen2_vl.Qwen2VLProcessor",
+        tiny=TinyBuild("tiny-qwen2-vl", tiny_builds.build_qwen2_vl),
     ),
-    "qwen3_vl": FamilyFacts(
+    FamilyFacts(
         model_type="qwen3_vl",
+        architecture="Qwen3VLForConditionalGeneration",
         chat_template="qwen3_vl",
-        image_token="<|image_pad|>",
-        special_tokens=QWEN_VL_TOKENS,
-        eos_token="<|im_end|>",
-        vision_modules=("visual.blocks", "visual.patch_embed", "visual.pos_embed"),
-        projector_modules=("visual.merger", "visual.deepstack_merger_list"),
-        # Its output holds the merged tokens and the DeepStack features, each split per image like
-        # the patches: gathered per image as well.
-        image_encoder="visual",
-        shared_prefill=True,
-        prefill_state=("model.rope_deltas",),
-        shared_prefix=True,
-        position_ids_method="model.get_rope_index",
-        image_only_processor=True,
-        extra_vocab=("user", "assistant"),
+        **(
+            _QWEN_VL
+            | dict(
+                vision_modules=("visual.blocks", "visual.patch_embed", "visual.pos_embed"),
+                # Its output holds the merged tokens and the DeepStack features, each split per
+                # image like the patches: gathered per image as well.
+                projector_modules=("visual.merger", "visual.deepstack_merger_list"),
+                extra_vocab=("user", "assistant"),
+            )
+        ),
+        image_only_processor="transformers.models.qwen3_vl.Qwen3VLProcessor",
+        tiny=TinyBuild("tiny-qwen3-vl", tiny_builds.build_qwen3_vl),
     ),
-    "gemma3": FamilyFacts(
+    FamilyFacts(
         model_type="gemma3",
+        architecture="Gemma3ForConditionalGeneration",
         chat_template="gemma3",
         image_token="<image_soft_token>",  # the template writes <start_of_image>; the processor expands it
         special_tokens=(
@@ -195,10 +253,17 @@ FAMILIES: dict[str, FamilyFacts] = {
         # prompt's head (all but its last, non-image token) has the same cache either way.
         shared_prefill=True,
         shared_prefix=True,  # completions are text: causal over the prompt's cache
+        tokenizer_attributes=(
+            ("boi_token", "<start_of_image>"),
+            ("eoi_token", "<end_of_image>"),
+            ("image_token", "<image_soft_token>"),
+        ),
         extra_vocab=("user", "model"),
+        tiny=TinyBuild("tiny-gemma3", tiny_builds.build_gemma3),
     ),
-    "paligemma": FamilyFacts(
+    FamilyFacts(
         model_type="paligemma",
+        architecture="PaliGemmaForConditionalGeneration",
         chat_template="paligemma",  # none upstream: vlm_rl's (see PALIGEMMA_TEMPLATE)
         image_token="<image>",
         special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<image>"),
@@ -213,8 +278,40 @@ FAMILIES: dict[str, FamilyFacts] = {
         # suffix) but PaliGemma's positions are 1-based, which the shared-prefix pass does not know.
         shared_prefix=False,
         completion_token_type=1,
+        tiny=TinyBuild("tiny-paligemma", tiny_builds.build_paligemma),
     ),
-}
+    FamilyFacts(
+        model_type="aya_vision",
+        architecture="AyaVisionForConditionalGeneration",
+        chat_template="llava_next",  # Cohere's own template is text-only; the tiny build writes <image>
+        image_token="<image>",
+        special_tokens=(
+            "<image>",
+            "<|START_OF_IMG|>",
+            "<|END_OF_IMG|>",
+            "<|IMG_PATCH|>",
+            "<|IMG_LINE_BREAK|>",
+            "TILE",
+            "TILE_GLOBAL",
+            *LLAVA_CHAT_TOKENS,
+        ),
+        eos_token="</s>",
+        vision_modules=("vision_tower",),
+        projector_modules=("multi_modal_projector",),
+        tiny=TinyBuild("tiny-aya-vision", tiny_builds.build_aya_vision),
+        generic=True,  # the generic path's tiny model: no lever, no per-family fact at run time
+    ),
+)
+"""Every family vlm_rl knows, one row each."""
+
+FAMILIES: dict[str, FamilyFacts] = {row.model_type: row for row in FAMILY_TABLE if not row.generic}
+"""The rows that apply at run time, by `config.model_type` (`family_of` reads it)."""
+UNLISTED_FAMILIES: dict[str, FamilyFacts] = {row.model_type: row for row in FAMILY_TABLE if row.generic}
+"""The generic rows (their families are treated as any family without a row; only their tiny builds
+read them)."""
+TINY_FAMILIES: dict[str, FamilyFacts] = {row.tiny.name: row for row in FAMILY_TABLE if row.tiny}
+"""The rows by their tiny model's name ("tiny-llava")."""
+
 
 PALIGEMMA_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -237,9 +334,14 @@ def family_of(model_type: str) -> FamilyFacts | None:
     return FAMILIES.get(model_type)
 
 
+def model_family(model) -> FamilyFacts | None:
+    """Facts of a (possibly LoRA-wrapped) model's family, or None for a family without a row."""
+    return family_of(getattr(model.config, "model_type", ""))
+
+
 def completion_token_type(model) -> int:
     """`FamilyFacts.completion_token_type` of a (possibly LoRA-wrapped) model; 0 for a family without a row."""
-    family = family_of(getattr(model.config, "model_type", ""))
+    family = model_family(model)
     return family.completion_token_type if family else 0
 
 

@@ -38,7 +38,7 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import nn
 
-from vlm_rl.models.families import family_of
+from vlm_rl.models.families import model_family
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ _ACTIVE: WeakKeyDictionary[nn.Module, _Sharing] = WeakKeyDictionary()
 def image_encoder(model: nn.Module) -> nn.Module | None:
     """The module of `model` (a VLM, LoRA-wrapped or not) whose image encoding can be shared, or
     None when its family has no `image_encoder` entry or the model holds no single such module."""
-    family = family_of(getattr(model.config, "model_type", ""))
+    family = model_family(model)
     if family is None or family.image_encoder is None:
         return None
     key = family.image_encoder

@@ -20,7 +20,7 @@ from transformers import (
 from transformers.utils import is_torchvision_available
 
 from vlm_rl.errors import ModelNotFoundError, one_line
-from vlm_rl.models.families import FamilyFacts, chat_template, family_of
+from vlm_rl.models.families import FamilyFacts, chat_template, family_of, model_family
 from vlm_rl.models.processors import load_image_only_processor
 from vlm_rl.models.tiny import ensure_tiny, resolve_tiny_name
 from vlm_rl.run_folder import REWARD_CONFIG_NAME
@@ -88,8 +88,7 @@ def quantization_config(
         return None
     from transformers import BitsAndBytesConfig
 
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    family = family_of(config.model_type)
+    family = _checkpoint_family(model_name_or_path, trust_remote_code)
     projector = family.projector_modules if family else GENERIC_PROJECTOR_MODULES
     # bitsandbytes matches a skip pattern as a regex from the start of a module's full name
     skip = [r"(?:.*\.)?" + re.escape(name) for name in projector] + ["lm_head"]
@@ -136,11 +135,16 @@ def return_freed_tensors_to_the_os(threshold: int = HEAP_MMAP_THRESHOLD) -> bool
         return False
 
 
+def _checkpoint_family(path: str, trust_remote_code: bool) -> FamilyFacts | None:
+    """The row of the family of the checkpoint at `path` (a folder or hub id), None without one."""
+    return family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type)
+
+
 def _needs_video_processor(path: str, trust_remote_code: bool) -> bool:
     """True for a local model folder of a family whose stock processor needs torchvision."""
     if not (Path(path) / "config.json").is_file():
         return False
-    family = family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type)
+    family = _checkpoint_family(path, trust_remote_code)
     return bool(family and family.image_only_processor)
 
 
@@ -154,15 +158,15 @@ def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False) 
             raise ImportError("torchvision is not installed (the stock video processor needs it)")
         processor = AutoProcessor.from_pretrained(path, **processor_kwargs)
     except (ImportError, ValueError, OSError) as error:
-        family = family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type)
+        family = _checkpoint_family(path, trust_remote_code)
         if not (family and family.image_only_processor and re.search("torchvision|video", repr(error), re.I)):
             raise
         logger.info(
             "video sub-processor unavailable (%s); using an image-only %s processor", error, family.model_type
         )
-        processor = load_image_only_processor(family.model_type, path)
+        processor = load_image_only_processor(family.image_only_processor, path)
     if getattr(processor, "chat_template", None) is None:  # PaliGemma checkpoints ship none
-        family = family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type)
+        family = _checkpoint_family(path, trust_remote_code)
         if family is not None:
             processor.chat_template = chat_template(family.chat_template)
     processor.tokenizer.padding_side = "left"
@@ -243,13 +247,9 @@ def _model_not_found(model_name_or_path: str, error: OSError) -> ModelNotFoundEr
     )
 
 
-def family_facts(model: PreTrainedModel) -> FamilyFacts | None:
-    return family_of(model.config.model_type)
-
-
 def _vision_and_projector_prefixes(model: nn.Module) -> tuple[list[str], list[str]]:
     """Module-name prefixes of the vision tower and of the projector, found from the model itself."""
-    family = family_of(getattr(model.config, "model_type", ""))
+    family = model_family(model)
     vision_keys = family.vision_modules if family else GENERIC_VISION_MODULES
     projector_keys = family.projector_modules if family else GENERIC_PROJECTOR_MODULES
     vision, projector = [], []

@@ -19,7 +19,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import BatchFeature, Cache, GenerationConfig, ProcessorMixin
 
-from vlm_rl.models.families import family_of
+from vlm_rl.models.families import model_family
 from vlm_rl.models.inputs import TEXT_KEYS, repeat_rows
 
 
@@ -58,7 +58,7 @@ def prefilled_cache(
     without `shared_prefill`, right padding, or a prompt ending in an image token (its image must
     lie inside the prefilled part).
     """
-    family = family_of(getattr(model.config, "model_type", ""))
+    family = model_family(model)
     if samples_per_prompt < 2 or family is None or not family.shared_prefill:
         return None
     input_ids, attention_mask = prompt_inputs["input_ids"], prompt_inputs["attention_mask"]

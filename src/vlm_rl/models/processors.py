@@ -8,13 +8,7 @@ from pathlib import Path
 from transformers import ProcessorMixin
 from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
 
-# The stock processors whose video sub-processor needs torchvision, by `config.model_type`.
-_STOCK_PROCESSORS = {
-    "qwen2_vl": ("transformers.models.qwen2_vl", "Qwen2VLProcessor"),
-    "qwen2_5_vl": ("transformers.models.qwen2_5_vl", "Qwen2_5_VLProcessor"),
-    "qwen3_vl": ("transformers.models.qwen3_vl", "Qwen3VLProcessor"),
-    "llava_onevision": ("transformers.models.llava_onevision", "LlavaOnevisionProcessor"),
-}
+from vlm_rl.models.families import FAMILIES
 
 
 class _ImageOnly:
@@ -32,20 +26,24 @@ class _ImageOnly:
 
 
 @cache
-def image_only_processor_class(model_type: str) -> type[ProcessorMixin]:
-    """The stock processor of `model_type` (a key of `_STOCK_PROCESSORS`) minus its video
-    sub-processor: for machines without torchvision, which that sub-processor needs."""
+def image_only_processor_class(stock_class: str) -> type[ProcessorMixin]:
+    """The stock processor class `stock_class` ("module.Class": a row's
+    `FamilyFacts.image_only_processor`) minus its video sub-processor: for machines without
+    torchvision, which that sub-processor needs."""
     import importlib
 
-    module, name = _STOCK_PROCESSORS[model_type]
+    module, name = stock_class.rsplit(".", 1)
     stock = getattr(importlib.import_module(module), name)
     return type(f"ImageOnly{name}", (_ImageOnly, stock), {"__doc__": _ImageOnly.__doc__})
 
 
-def load_image_only_processor(model_type: str, path: str | Path) -> ProcessorMixin:
-    """The image-only processor of a saved checkpoint (PIL image backend: no torchvision)."""
-    return image_only_processor_class(model_type).from_pretrained(str(path), backend="pil")
+def load_image_only_processor(stock_class: str, path: str | Path) -> ProcessorMixin:
+    """The image-only copy of `stock_class` loaded from a saved checkpoint (PIL image backend: no
+    torchvision)."""
+    return image_only_processor_class(stock_class).from_pretrained(str(path), backend="pil")
 
 
-ImageOnlyQwen2_5_VLProcessor: type[Qwen2_5_VLProcessor] = image_only_processor_class("qwen2_5_vl")
+ImageOnlyQwen2_5_VLProcessor: type[Qwen2_5_VLProcessor] = image_only_processor_class(
+    FAMILIES["qwen2_5_vl"].image_only_processor
+)
 """Qwen2.5-VL processor without its video sub-processor (the stock one needs torchvision)."""

@@ -30,7 +30,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import BatchFeature
 
-from vlm_rl.models.families import completion_token_type, family_of
+from vlm_rl.models.families import completion_token_type, model_family
 from vlm_rl.models.inputs import TEXT_KEYS, append_completion, select_rows
 from vlm_rl.models.loading import vlm_trunk
 
@@ -102,7 +102,7 @@ noise either way. GRPO groups (N/U = G >= 2) always share."""
 
 def supports_shared_prefix(model: nn.Module) -> bool:
     """Whether `model`'s family row allows the shared-prefix forward (`FamilyFacts.shared_prefix`)."""
-    family = family_of(getattr(model.config, "model_type", ""))
+    family = model_family(model)
     return family is not None and family.shared_prefix
 
 
@@ -179,7 +179,7 @@ def _completion_positions(
     by the family's `position_ids_method` (Qwen-VL's 3-D RoPE index) over the N full sequences'
     text inputs and image grids, sliced to the completion; for a family without one, the positions
     continue the prompt's (L, L + 1, ...: a forward's default, padding included)."""
-    family = family_of(model.config.model_type)
+    family = model_family(model)
     if family is None or family.position_ids_method is None:
         length, (rows, T) = groups.prompt_inputs["input_ids"].shape[1], completion_ids.shape
         return torch.arange(length, length + T, device=completion_ids.device).expand(rows, T)

@@ -18,18 +18,12 @@ check that vlm_rl runs on a real 49k-word vocabulary, a real chat template and a
 from __future__ import annotations
 
 import importlib.util
-import json
-import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
 
-from vlm_rl.models.tiny import cache_dir
-
-logger = logging.getLogger(__name__)
+from vlm_rl.models.tiny import cache_built_model, cache_dir
+from vlm_rl.models.tiny_builds import llava_processor
 
 SMOL_LLAVA = "smol-llava"
 SMOL_LLAVA_VERSION = 1  # bump when the recipe below changes, so stale caches are rebuilt
@@ -86,7 +80,6 @@ def build_smol_llava(seed: int = 0):
     The language model and LM head are SmolLM2's (tied, as in SmolLM2), the embedding matrix gains
     one row for `<image>`; the vision tower and projector are random (from `seed`)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.llava import LlavaImageProcessorPil, LlavaProcessor
 
     language_model, tokenizer = load_smollm2()
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -124,40 +117,17 @@ def build_smol_llava(seed: int = 0):
         generation.eos_token_id = im_end
         generation.pad_token_id = tokenizer.pad_token_id
         generation.bos_token_id = None  # the chat template writes <|im_start|>; no extra BOS
-    image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = llava_processor(tokenizer, image_size=IMAGE_SIZE, patch=PATCH, chat_template=CHAT_TEMPLATE)
     return model.eval(), processor
 
 
 def ensure_smol_llava(seed: int = 0) -> Path:
     """The cached smol-llava folder, built and saved first if needed (written under a temporary
     name and renamed, so an interrupted build leaves nothing half-written behind)."""
-    path = cache_dir() / f"{SMOL_LLAVA}-seed{seed}-v{SMOL_LLAVA_VERSION}"
-    if (path / "config.json").is_file():
-        return path
-    logger.info("building smol-llava (SmolLM2-135M-Instruct + a random vision tower) into %s", path)
-    model, processor = build_smol_llava(seed)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    # File by file, as `ensure_tiny`: save_pretrained writes the weights on rank 0 only when launched.
-    tmp.mkdir(parents=True)
-    model.config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))  # the tied LM head is stored once
-    processor.save_pretrained(tmp)
-    (tmp / "vlm_rl_smol_llava.json").write_text(
-        json.dumps({"name": SMOL_LLAVA, "seed": seed, "version": SMOL_LLAVA_VERSION, "gguf": GGUF_FILE})
+    return cache_built_model(
+        cache_dir() / f"{SMOL_LLAVA}-seed{seed}-v{SMOL_LLAVA_VERSION}",
+        lambda: build_smol_llava(seed),
+        "vlm_rl_smol_llava.json",
+        {"name": SMOL_LLAVA, "seed": seed, "version": SMOL_LLAVA_VERSION, "gguf": GGUF_FILE},
+        "smol-llava (SmolLM2-135M-Instruct + a random vision tower)",
     )
-    try:
-        tmp.rename(path)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
