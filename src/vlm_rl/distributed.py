@@ -15,5 +15,22 @@ def make_accelerator(gradient_accumulation_steps: int = 1) -> Accelerator:
     --num_processes 2` or `torchrun`), accelerate would otherwise give each rank a separate
     single-process state; `cpu=True` makes them one MULTI_CPU (gloo) group.
     """
-    distributed_without_gpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    distributed_without_gpu = launched_processes() > 1 and not torch.cuda.is_available()
     return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, cpu=distributed_without_gpu)
+
+
+def launched_processes() -> int:
+    """How many processes this launch runs (the launcher's WORLD_SIZE; 1 without one), known before
+    any Accelerator exists."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def check_prompts_per_step(prompts_per_step: int, num_processes: int) -> None:
+    """Every process samples `prompts_per_step / num_processes` prompts a step: a `ConfigError`
+    (a ValueError) when they do not divide."""
+    if prompts_per_step % num_processes:
+        from vlm_rl.errors import ConfigError
+
+        raise ConfigError(
+            f"--prompts_per_step {prompts_per_step}: must be divisible by the {num_processes} processes"
+        )

@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 import yaml
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from vlm_rl.hub_ids import is_hub_id
+
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key)$", re.I)
 
 
@@ -38,7 +39,7 @@ def write_model_card(
     tags = ["vlm-rl", "reinforcement-learning", "vision-language-model", "lora"]
     tags += ["reward-model"] if kind == "reward_model" else []
     tags += [algorithm.lower()] if algorithm else []
-    on_hub = bool(HUB_ID.match(base_model)) and not Path(base_model).exists()
+    on_hub = is_hub_id(base_model)
     front_matter: dict[str, Any] = {"library_name": "peft" if kind == "policy" else "vlm_rl"}
     if on_hub:
         front_matter["base_model"] = base_model

@@ -19,7 +19,8 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-from vlm_rl.errors import ModelNotFoundError, one_line
+from vlm_rl.errors import MissingPathError, ModelNotFoundError, one_line
+from vlm_rl.hub_ids import is_hub_id
 from vlm_rl.models.families import FamilyFacts, chat_template, family_of, model_family
 from vlm_rl.models.processors import load_image_only_processor
 from vlm_rl.models.tiny import ensure_tiny, resolve_tiny_name
@@ -375,6 +376,22 @@ def wrap_with_lora(
     return peft_model
 
 
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+def check_adapter_folder(folder: str | Path, name: str) -> Path:
+    """`folder`'s adapter_config.json, the mark of a saved LoRA adapter; without it a
+    `MissingPathError` (a FileNotFoundError) that names `name` (the flag and value, or the path) and
+    what to pass instead."""
+    config_file = Path(folder) / ADAPTER_CONFIG_NAME
+    if not config_file.is_file():
+        raise MissingPathError(
+            f"{name}: no LoRA adapter there (no {ADAPTER_CONFIG_NAME}); pass a saved adapter folder such as "
+            "a run's final/, a checkpoint's adapter/ or a repo pushed with `vlm-rl push`"
+        )
+    return config_file
+
+
 def load_policy(
     path_or_repo: str | Path,
     *,
@@ -401,19 +418,14 @@ def load_policy(
     path = Path(path_or_repo)
     if not path.is_dir():
         name = str(path_or_repo)
-        if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        if not is_hub_id(name):
             raise FileNotFoundError(f"{name} is neither a folder nor a hub repo id (owner/name)")
         from vlm_rl.hub import download
 
         path = download(name, revision=revision, endpoint=endpoint)
     if (path / REWARD_CONFIG_NAME).is_file():
         raise ValueError(f"{path_or_repo} is a reward model: load it with RewardModel.from_pretrained")
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{path_or_repo} holds no LoRA adapter (no adapter_config.json): pass a run's final/ folder, a "
-            "checkpoint's adapter/ folder or a repo pushed with `vlm-rl push`"
-        )
+    config_file = check_adapter_folder(path, str(path_or_repo))
     base = json.loads(config_file.read_text()).get("base_model_name_or_path")
     if not base:
         raise ValueError(

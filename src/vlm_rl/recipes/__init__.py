@@ -184,8 +184,9 @@ def check_model_source(model_name_or_path: str, flag: str = "--model_name_or_pat
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{flag} {model_name_or_path}: no config.json there; {fix}")
         return
-    looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") != 1
-    if looks_local:
+    from vlm_rl.hub_ids import is_hub_id
+
+    if not is_hub_id(model_name_or_path):
         raise ModelNotFoundError(
             f"{flag} {model_name_or_path!r}: no such folder, and not a hub id (owner/name){closest(model_name_or_path, TINY_MODELS)}; {fix}"
         )
@@ -247,20 +248,18 @@ def _check_trl_resume(config: Any) -> None:
 def check_rl_inputs(config: Any, *, check_reward_model: bool = True) -> None:
     """What an RL recipe checks before it loads a model: the model source, the run folder, the
     checkpoint to resume, the adapter to start from, the reward functions and the process count."""
-    import os
-
     check_model_source(config.model_name_or_path)
     check_output_dir(config.output_dir)
     if config.trainer == "trl":  # TRL's own checkpoints/checkpoint-N folders
         _check_trl_resume(config)
     else:
         check_resume(config, ("model_name_or_path", "algorithm", "lora_r", "lora_alpha", "train_projector"))
-    if config.init_adapter and not (Path(config.init_adapter) / "adapter_config.json").is_file():
-        raise MissingPathError(
-            f"--init_adapter {config.init_adapter}: no LoRA adapter there (no adapter_config.json); pass a "
-            "saved adapter folder such as a run's final/ or a checkpoint's adapter/"
-        )
+    from vlm_rl.distributed import check_prompts_per_step, launched_processes
+    from vlm_rl.models.loading import check_adapter_folder
     from vlm_rl.rewards.build import check_reward_model_path, resolve_reward_function
+
+    if config.init_adapter:
+        check_adapter_folder(config.init_adapter, f"--init_adapter {config.init_adapter}")
 
     if config.reward_model_path and check_reward_model:
         check_reward_model_path(config.reward_model_path)
@@ -271,8 +270,4 @@ def check_rl_inputs(config: Any, *, check_reward_model: bool = True) -> None:
             resolve_reward_function(spec)
         except ValueError as err:
             raise ConfigError(f"--reward_funcs: {err}") from err
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if config.prompts_per_step % world:
-        raise ConfigError(
-            f"--prompts_per_step {config.prompts_per_step}: must be divisible by the {world} processes"
-        )
+    check_prompts_per_step(config.prompts_per_step, launched_processes())

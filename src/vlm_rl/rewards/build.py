@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vlm_rl.errors import ConfigError, MissingPathError
+from vlm_rl.hub_ids import is_hub_id
 from vlm_rl.rewards.compose import CombinedReward, RewardComponent
 from vlm_rl.rewards.model import CONFIG_NAME, RewardModel
 from vlm_rl.rewards.rules import RULE_REWARDS
@@ -28,8 +29,7 @@ logger = logging.getLogger(__name__)
 def check_reward_model_path(path: str) -> None:
     """A local reward-model path must hold a trained reward model; else fail with the command that trains it."""
     local = Path(path)
-    looks_local = local.exists() or path.startswith((".", "/")) or path.count("/") != 1
-    if looks_local and not (local / CONFIG_NAME).exists():
+    if not is_hub_id(path) and not (local / CONFIG_NAME).exists():
         raise MissingPathError(
             f"reward model not found at {path!r}. Train it first:\n"
             f"    accelerate launch recipes/train_reward_model.py --output_dir {local.parent if local.name in ('final', 'best') else local}\n"

@@ -19,7 +19,7 @@ from vlm_rl.data.loaders import count_shared_images, load_eval_dataset, load_tas
 from vlm_rl.data.validation import completion_text
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import load_model, wrap_with_lora
-from vlm_rl.models.loading import loading_kwargs, prepare_for_training
+from vlm_rl.models.loading import check_adapter_folder, loading_kwargs, prepare_for_training
 from vlm_rl.models.tiny import check_vocabulary
 from vlm_rl.models.value import load_value_head
 from vlm_rl.rewards.build import build_reward
@@ -85,11 +85,7 @@ def build_policy(config: RLConfig, model: torch.nn.Module) -> tuple[torch.nn.Mod
     model = prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
 
     folder = Path(config.init_adapter)
-    if not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"--init_adapter {config.init_adapter}: no LoRA adapter there (no adapter_config.json); pass a "
-            "saved adapter folder such as a run's final/ or a checkpoint's adapter/"
-        )
+    check_adapter_folder(folder, f"--init_adapter {config.init_adapter}")
     policy = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     logger.info("policy starts from the adapter in %s", folder)
     return policy, load_value_head(folder)
