@@ -273,3 +273,33 @@ def test_each_loss_trains_and_reads_only_the_flags_it_accepts(
     assert all(statistic[algorithm] in row for row in rows)
     if "--overlong_buffer" in extra:
         assert all("reward/overlong_penalty/mean" in row for row in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("algorithm", "extra"),
+    [
+        ("gspo", ["--loss_aggregation", "sequence", "--overlong_buffer", "2"]),
+        ("cispo", ["--clip_range_high", "4"]),
+        ("sapo", ["--loss_aggregation", "sequence"]),
+    ],
+)
+def test_each_loss_runs_on_trls_grpo_trainer(
+    algorithm,
+    extra,
+    field_reads,  # noqa: F811 (test_flag_rules' fixture)
+    tmp_path,
+):
+    """`--trainer trl`: the loss's GRPOConfig fields and reward shaping are accepted by TRL's own
+    GRPOTrainer, which trains; no flag goes unread without a rule."""
+    from safetensors.torch import load_file
+
+    from vlm_rl.run_folder import RunFolder
+
+    args = [*STEPS, *DATA, "--trainer", "trl", "--algorithm", algorithm, "--output_dir", str(tmp_path)]
+    values = _run_recipe("grpo_vqa", [*args, *extra, "--learning_rate", "1e-3"])
+    assert _silent("grpo_vqa", values, field_reads) == []
+    adapter = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert any(t.abs().max() > 0 for name, t in adapter.items() if "lora_B" in name)
+    logged = set().union(*RunFolder(tmp_path).read_metrics())
+    assert ("rewards/soft_overlong_punishment_reward/mean" in logged) == ("--overlong_buffer" in extra)

@@ -102,3 +102,16 @@ def test_aborted_update_restores_the_optimizer_state(tmp_path):
         assert restored.keys() == state[id(p)].keys()
         for key, value in state[id(p)].items():
             assert torch.equal(restored[key], value), key
+
+
+@pytest.mark.parametrize(("minibatch_size", "copies"), [(16, 0), (8, 1)])
+def test_the_abort_snapshot_is_taken_only_when_a_step_could_be_undone(tmp_path, minibatch_size, copies):
+    """One optimizer step per update (the default on-policy GRPO step): nothing to undo after it,
+    no copy of the weights and AdamW's state. Two minibatches: one copy, before the first step."""
+    prompts = caption_dataset("train", num_samples=16, seed=0)
+    trainer = make_trainer(tmp_path, prompts, algorithm="grpo", minibatch_size=minibatch_size, total_steps=1)
+    taken = []
+    snapshot = trainer._snapshot
+    trainer._snapshot = lambda: (taken.append(trainer.optimizer.state_dict()["state"] != {}), snapshot())[1]
+    trainer.train_step()
+    assert len(taken) == copies

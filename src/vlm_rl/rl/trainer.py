@@ -383,8 +383,8 @@ class RLTrainer:
         num_minibatches = self._max_over_ranks(local_minibatches)
         if num_minibatches == 0:
             raise SkippedStep("no sample left after dynamic sampling on any process")
-        snapshot = self._snapshot()
-        for _ in range(config.ppo_epochs):
+        snapshot = None  # what an abort restores, copied before the first optimizer step
+        for epoch in range(config.ppo_epochs):
             minibatches = list(self._minibatches(len(rows_all), shuffle=True))
             for index in range(num_minibatches):
                 padding = index >= len(minibatches)
@@ -403,6 +403,9 @@ class RLTrainer:
                             self._abort(snapshot)
                             raise SkippedStep("non-finite gradient (weights left untouched)")
                         sums["loss/grad_norm"].append(float(grad_norm))
+                        last = epoch == config.ppo_epochs - 1 and index == num_minibatches - 1
+                        if snapshot is None and not last:  # a later minibatch could still abort
+                            snapshot = self._snapshot()
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 if not padding:
@@ -439,21 +442,25 @@ class RLTrainer:
 
     def _snapshot(self) -> dict[str, Any]:
         """What `_abort` restores: the trainable weights and the optimizer's state (AdamW's moments
-        and step counts), copied before the update's first optimizer step."""
+        and step counts). Copied just before the update's first optimizer step, and only when a
+        minibatch follows it: until then nothing has changed, and the copy (3x the trainable
+        parameters) is not held through the forward and backward passes."""
         return {
             "weights": {id(p): p.detach().clone() for p in self.params},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
         }
 
-    def _abort(self, snapshot: dict[str, Any]) -> None:
-        """Undo this step's updates: weights and optimizer state back as they were, gradients
-        cleared, and accelerate's accumulation counter realigned (the next step starts a fresh
-        accumulation)."""
+    def _abort(self, snapshot: dict[str, Any] | None) -> None:
+        """Undo this step's updates: weights and optimizer state back as they were (None: no
+        optimizer step was taken yet), gradients cleared, and accelerate's accumulation counter
+        realigned (the next step starts a fresh accumulation)."""
         with torch.no_grad():
             for p in self.params:
-                p.copy_(snapshot["weights"][id(p)])
+                if snapshot is not None:
+                    p.copy_(snapshot["weights"][id(p)])
                 p.grad = None  # the prepared optimizer's zero_grad is a no-op between accumulation syncs
-        self.optimizer.load_state_dict(snapshot["optimizer"])
+        if snapshot is not None:
+            self.optimizer.load_state_dict(snapshot["optimizer"])
         self.accelerator.step = 0
 
     # -- one step -----------------------------------------------------------------------------
