@@ -369,7 +369,7 @@ def test_torn_writes_never_leave_a_checkpoint_latest_would_pick(
         path.write_text(text[:3])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_folder, "_write_synced", killed_marker_write)
+    monkeypatch.setattr(run_folder.checkpointing, "_write_synced", killed_marker_write)
     with pytest.raises(KeyboardInterrupt):
         manager.commit(tmp, 6, {"step": 6})
     monkeypatch.undo()
@@ -379,7 +379,7 @@ def test_torn_writes_never_leave_a_checkpoint_latest_would_pick(
     assert names(run.checkpoints()) == ["step-000002", "step-000004"]
     assert run.resolve_checkpoint("latest") == four
     # killed in the middle of rotating step 2 away: the folder is renamed hidden before deletion
-    real_rmtree = run_folder.shutil.rmtree
+    real_rmtree = shutil.rmtree
 
     def killed_rmtree(path, ignore_errors=False):
         if ".deleting" in str(path):
@@ -387,7 +387,7 @@ def test_torn_writes_never_leave_a_checkpoint_latest_would_pick(
             raise KeyboardInterrupt
         real_rmtree(path, ignore_errors=ignore_errors)
 
-    monkeypatch.setattr(run_folder.shutil, "rmtree", killed_rmtree)
+    monkeypatch.setattr(shutil, "rmtree", killed_rmtree)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(manager, 10)
     monkeypatch.undo()
