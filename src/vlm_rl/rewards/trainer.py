@@ -309,10 +309,157 @@ def train_reward_model(
     accelerator = make_accelerator(config.gradient_accumulation_steps)
     set_seed(config.seed)
     run = RunFolder(config.output_dir)
+    options = dict(dataset_options or {})
 
     # Data (validated before any training starts)
-    options = dict(dataset_options or {})
-    train_data = load_task_dataset(
+    pairs = load_pairs(config, options)
+    if accelerator.is_main_process:
+        where = config.eval_dataset or config.dataset
+        held_out = "held-out" if pairs.held_out else "training"
+        run.write_evaluation(f"{len(pairs.eval)} {held_out} pairs of {where}", pairs.held_out)
+
+    # Model, loaders, optimizer
+    reward_model = build_reward_model(config, accelerator)
+    collator = PreferenceCollator(reward_model.processor, shared_prefix=shares_prefix(config, reward_model))
+    order = EpochPermutation(len(pairs.train), config.seed)
+    train_loader = DataLoader(
+        pairs.train, batch_size=config.per_device_batch_size, sampler=order, collate_fn=collator
+    )
+    eval_loader = DataLoader(pairs.eval, batch_size=config.per_device_batch_size, collate_fn=collator)
+    max_steps = total_steps(config, len(train_loader), accelerator.num_processes)
+    params = [p for p in reward_model.scorer.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(config, params, max_steps)
+    # The scheduler is stepped by hand once per optimizer step (a prepared one steps once per process);
+    # registered so checkpoints still carry it.
+    scorer, optimizer, train_loader, eval_loader = accelerator.prepare(
+        reward_model.scorer, optimizer, train_loader, eval_loader
+    )
+    accelerator.register_for_checkpointing(scheduler)
+
+    # Run folder: where a resumed run stands, checkpoints, metrics
+    state = (
+        resume(run, config.resume_from_checkpoint, accelerator)
+        if config.resume_from_checkpoint
+        else TrainingState()
+    )
+    checkpoints = CheckpointManager(run, config.save_total_limit, is_main_process=accelerator.is_main_process)
+    metrics_log = None
+    if accelerator.is_main_process:  # the same layout as RL runs: metrics.jsonl at the top
+        metrics_log = run.start(
+            {**asdict(config), **options},
+            resume=bool(config.resume_from_checkpoint),
+            report_to=config.report_to,
+            resumed_step=state.step if config.resume_from_checkpoint else None,
+            evaluates_again=False,  # its evaluations are kept in the checkpoint's state
+        )
+
+    def evaluate_now() -> dict[str, float]:
+        """Held-out accuracy and margin at the current step (their scores kept for the report)."""
+        keep = (
+            (lambda chosen, rejected: save_eval_scores(run, state.step, chosen, rejected))
+            if metrics_log
+            else None
+        )
+        metrics = evaluate(scorer, eval_loader, accelerator, keep)
+        if metrics_log:
+            metrics_log.log(metrics, step=state.step)
+        return metrics
+
+    # Training
+    if state.initial is None:
+        state.initial = state.final = evaluate_now()
+        if accelerator.is_main_process:
+            logger.info("held-out pairwise accuracy before training: %.3f", state.initial["eval/accuracy"])
+    progress = tqdm(
+        total=max_steps,
+        initial=state.step,
+        desc="reward model",
+        disable=not accelerator.is_local_main_process,
+    )
+    scorer.train()
+    while state.step < max_steps:
+        order.epoch = state.epoch
+        # A resumed run skips the micro-batches its checkpoint's epoch had already consumed.
+        batches = (
+            accelerator.skip_first_batches(train_loader, state.batches_done)
+            if state.batches_done
+            else train_loader
+        )
+        for batch in batches:
+            state.batches_done += 1
+            with accelerator.accumulate(scorer):
+                chosen, rejected = score_pairs(scorer, batch)
+                loss = bradley_terry_loss(chosen, rejected, batch.margin, config.center_rewards_coefficient)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            state.running.append(pair_metrics(loss, chosen, rejected))
+            if not accelerator.sync_gradients:
+                continue  # the optimizer step comes with the last micro-batch of the accumulation
+            state.step += 1
+            progress.update(1)
+            if state.step % config.logging_steps == 0 or state.step == max_steps:
+                train_metrics = state.log_train(accelerator, scheduler.get_last_lr()[0])
+                progress.set_postfix(
+                    loss=f"{train_metrics['train/loss']:.3f}", acc=f"{train_metrics['train/accuracy']:.2f}"
+                )
+                if metrics_log:
+                    metrics_log.log(train_metrics, step=state.step)
+            if (config.eval_steps and state.step % config.eval_steps == 0) or state.step == max_steps:
+                state.final = evaluate_now()
+                if state.final["eval/accuracy"] > state.best_accuracy:
+                    state.best_accuracy = state.final["eval/accuracy"]
+                    reward_model.config["eval_accuracy"] = state.best_accuracy
+                    save_reward_model(accelerator, reward_model, scorer, run.best_dir)
+            if config.save_steps and state.step % config.save_steps == 0:
+                save_checkpoint(accelerator, checkpoints, state, epoch_length=len(train_loader))
+            if metrics_log:
+                report_at_step(run.root, state.step, config.report_steps)
+            if state.step >= max_steps:
+                break
+        else:
+            state.epoch, state.batches_done = state.epoch + 1, 0
+    progress.close()
+
+    # Final model and report
+    reward_model.config["eval_accuracy"] = state.final["eval/accuracy"]
+    save_reward_model(accelerator, reward_model, scorer, run.final_dir)
+    if metrics_log:
+        metrics_log.close()
+        report_at_step(run.root, state.step, config.report_steps, final=True)
+    return {
+        **state.final,
+        "eval/accuracy_before": state.initial["eval/accuracy"],
+        "train/steps": state.step,
+        **pairs.report(),
+    }
+
+
+# -- the stages of `train_reward_model` ------------------------------------------------------------
+@dataclass
+class PreferencePairs:
+    """The training and evaluation pairs of a run; `held_out` False when the evaluation pairs are
+    the training pairs (a dataset without a held-out split)."""
+
+    train: Any
+    eval: Any
+    held_out: bool
+
+    def report(self) -> dict[str, float]:
+        """What the closing metrics say about the evaluation pairs."""
+        shared = float(count_shared_images(self.train, self.eval)) if self.held_out else 0.0
+        return {"eval/held_out": float(self.held_out), "eval/images_shared_with_training": shared}
+
+
+def load_pairs(config: RewardTrainingConfig, options: dict[str, Any]) -> PreferencePairs:
+    """The run's preference pairs: `config.dataset`'s training split (its words checked against a
+    tiny default's vocabulary) and the held-out pairs (`config.eval_dataset`, else the dataset's test
+    split, else the training pairs). `options` go to a task dataset's builder."""
+    train = load_task_dataset(
         config.dataset,
         "train",
         kind="preference",
@@ -321,8 +468,8 @@ def train_reward_model(
         **options,
     )
     if not is_task_dataset(config.dataset):
-        check_vocabulary(config.model_name_or_path, pair_texts(train_data), config.dataset)
-    eval_data, held_out = load_eval_dataset(  # no held-out split: the training pairs, and held_out False
+        check_vocabulary(config.model_name_or_path, pair_texts(train), config.dataset)
+    eval_pairs, held_out = load_eval_dataset(
         config.dataset,
         config.eval_dataset,
         kind="preference",
@@ -330,21 +477,13 @@ def train_reward_model(
         seed=config.seed,
         **options,
     )
-    if len(train_data) == 0:
+    if len(train) == 0:
         raise DataError(f"dataset {config.dataset!r} has no training pairs; check the path/split")
-    if accelerator.is_main_process:
-        where = config.eval_dataset or config.dataset
-        run.write_evaluation(
-            f"{len(eval_data)} {'held-out' if held_out else 'training'} pairs of {where}", held_out
-        )
-    data_report = {
-        "eval/held_out": float(held_out),
-        "eval/images_shared_with_training": float(count_shared_images(train_data, eval_data))
-        if held_out
-        else 0.0,
-    }
+    return PreferencePairs(train, eval_pairs, held_out)
 
-    # Model
+
+def build_reward_model(config: RewardTrainingConfig, accelerator: Accelerator) -> RewardModel:
+    """The reward model to train: `config.model_name_or_path` with a fresh LoRA adapter and score head."""
     with accelerator.main_process_first():  # the first build of a tiny model writes the cache
         reward_model = RewardModel.from_base(
             config.model_name_or_path,
@@ -357,22 +496,25 @@ def train_reward_model(
             **loading_kwargs(config),
         )
     reward_model.config["dataset"] = config.dataset
-    # HF turns the cache off under gradient checkpointing: the prefix could not be shared
-    shared = config.shared_prefix and not config.gradient_checkpointing
-    collator = PreferenceCollator(
-        reward_model.processor, shared_prefix=shared and supports_shared_prefix(reward_model.scorer.backbone)
-    )
-    order = EpochPermutation(len(train_data), config.seed)
-    train_loader = DataLoader(
-        train_data, batch_size=config.per_device_batch_size, sampler=order, collate_fn=collator
-    )
-    eval_loader = DataLoader(eval_data, batch_size=config.per_device_batch_size, collate_fn=collator)
+    return reward_model
 
-    steps_per_epoch = math.ceil(
-        len(train_loader) / accelerator.num_processes / config.gradient_accumulation_steps
-    )
-    max_steps = config.max_steps or max(1, int(config.num_epochs * steps_per_epoch))
-    params = [p for p in reward_model.scorer.parameters() if p.requires_grad]
+
+def shares_prefix(config: RewardTrainingConfig, reward_model: RewardModel) -> bool:
+    """Whether a pair's chosen and rejected completions run on one forward of their prompt."""
+    # HF turns the cache off under gradient checkpointing: the prefix could not be shared
+    wanted = config.shared_prefix and not config.gradient_checkpointing
+    return wanted and supports_shared_prefix(reward_model.scorer.backbone)
+
+
+def total_steps(config: RewardTrainingConfig, batches_per_epoch: int, num_processes: int) -> int:
+    """Optimizer steps of the run: `config.max_steps`, else `config.num_epochs` epochs of
+    `batches_per_epoch` micro-batches shared by `num_processes` processes."""
+    steps_per_epoch = math.ceil(batches_per_epoch / num_processes / config.gradient_accumulation_steps)
+    return config.max_steps or max(1, int(config.num_epochs * steps_per_epoch))
+
+
+def make_optimizer(config: RewardTrainingConfig, params: list[torch.nn.Parameter], max_steps: int):
+    """AdamW over `params` and the learning-rate schedule of `config` over `max_steps` steps."""
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_scheduler(
         config.lr_scheduler_type,
@@ -380,150 +522,105 @@ def train_reward_model(
         num_warmup_steps=int(config.warmup_ratio * max_steps),
         num_training_steps=max_steps,
     )
-    # The scheduler is stepped by hand once per optimizer step (a prepared one steps once per process);
-    # registered so checkpoints still carry it.
-    scorer, optimizer, train_loader, eval_loader = accelerator.prepare(
-        reward_model.scorer, optimizer, train_loader, eval_loader
+    return optimizer, scheduler
+
+
+def pair_metrics(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """(3,): a micro-batch's loss, pairwise accuracy and mean margin, without a graph."""
+    return torch.stack(
+        [loss.detach(), (chosen > rejected).float().mean(), (chosen - rejected).mean().detach()]
     )
-    accelerator.register_for_checkpointing(scheduler)
-    checkpoints = CheckpointManager(run, config.save_total_limit, is_main_process=accelerator.is_main_process)
-    # Where the run stands: what a checkpoint holds besides accelerate's state.
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "batches_done": 0,  # micro-batches of `epoch` this process has consumed
-        "best_accuracy": -1.0,
-        "initial": None,  # held-out metrics before training
-        "final": None,  # the latest held-out metrics
-        "running": [],  # train metrics of the steps since the last log
-        "elapsed_s": 0.0,
-    }
-    if config.resume_from_checkpoint:
-        resumed = run.resolve_checkpoint(config.resume_from_checkpoint)
-        accelerator.load_state(str(resumed))
-        state = json.loads((resumed / TRAINER_STATE_NAME).read_text())
-        if accelerator.is_main_process:
-            logger.info("resumed from %s at step %d", resumed, state["step"])
 
-    metrics_log = None
-    if accelerator.is_main_process:  # the same layout as RL runs: metrics.jsonl at the top
-        metrics_log = run.start(
-            {**asdict(config), **options},
-            resume=bool(config.resume_from_checkpoint),
-            report_to=config.report_to,
-            resumed_step=state["step"] if config.resume_from_checkpoint else None,
-            evaluates_again=False,  # its evaluations are kept in the checkpoint's state
+
+@dataclass
+class TrainingState:
+    """Where a run stands: what a checkpoint holds besides accelerate's state (trainer_state.json)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    """Micro-batches of `epoch` this process has consumed."""
+    best_accuracy: float = -1.0
+    initial: dict[str, float] | None = None
+    """Held-out metrics before training."""
+    final: dict[str, float] | None = None
+    """The latest held-out metrics."""
+    running: list[torch.Tensor] = field(default_factory=list)
+    """`pair_metrics` of the micro-batches since the last log."""
+    started: float = field(default_factory=time.perf_counter)
+    """`time.perf_counter()` when the run started (earlier by a resumed run's elapsed time)."""
+
+    def log_train(self, accelerator: Accelerator, learning_rate: float) -> dict[str, float]:
+        """The train metrics since the last log, averaged over them and over processes; starts anew."""
+        mean = accelerator.reduce(torch.stack(self.running).mean(0), reduction="mean").tolist()
+        self.running = []
+        return {
+            "train/loss": mean[0],
+            "train/accuracy": mean[1],
+            "train/margin": mean[2],
+            "train/lr": learning_rate,
+            "time/elapsed_s": time.perf_counter() - self.started,
+        }
+
+    def to_json(self, epoch_length: int) -> dict[str, Any]:
+        """The state as trainer_state.json holds it; a finished epoch (all `epoch_length` micro-batches
+        done) is saved as the start of the next."""
+        finished = self.batches_done == epoch_length
+        return {
+            "step": self.step,
+            "epoch": self.epoch + 1 if finished else self.epoch,
+            "batches_done": 0 if finished else self.batches_done,
+            "best_accuracy": self.best_accuracy,
+            "initial": self.initial,
+            "final": self.final,
+            "running": [values.tolist() for values in self.running],
+            "elapsed_s": time.perf_counter() - self.started,
+        }
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any], device: torch.device) -> TrainingState:
+        return cls(
+            step=saved["step"],
+            epoch=saved["epoch"],
+            batches_done=saved["batches_done"],
+            best_accuracy=saved["best_accuracy"],
+            initial=saved["initial"],
+            final=saved["final"],
+            running=[torch.tensor(values, device=device) for values in saved["running"]],
+            started=time.perf_counter() - saved["elapsed_s"],
         )
 
-    def keep_scores(step: int) -> Callable[[list[float], list[float]], None] | None:
-        """The held-out scores of the evaluation at `step`, kept for the report (main process)."""
-        return (
-            (lambda chosen, rejected: save_eval_scores(run, step, chosen, rejected)) if metrics_log else None
-        )
 
-    def save(folder: Path) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            with atomic_dir(folder) as tmp:
-                reward_model.save_pretrained(tmp, scorer=accelerator.unwrap_model(scorer))
-
-    def save_checkpoint() -> None:
-        """accelerate's state + `state` (the completion marker), atomically; rotated to the limit."""
-        accelerator.wait_for_everyone()
-        tmp = checkpoints.begin(step)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every rank's RNG state is in tmp before it is renamed
-        if accelerator.is_main_process:
-            position = (epoch + 1, 0) if batches_done == len(train_loader) else (epoch, batches_done)
-            saved = {
-                "step": step,
-                "epoch": position[0],
-                "batches_done": position[1],
-                "best_accuracy": best_accuracy,
-                "initial": initial,
-                "final": final,
-                "running": [values.tolist() for values in running],
-                "elapsed_s": time.perf_counter() - start,
-            }
-            checkpoints.commit(tmp, step, saved)
-        accelerator.wait_for_everyone()
-
-    step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-    best_accuracy, initial, final = state["best_accuracy"], state["initial"], state["final"]
-    running = [torch.tensor(values, device=accelerator.device) for values in state["running"]]
-    start = time.perf_counter() - state["elapsed_s"]
-    if initial is None:
-        initial = final = evaluate(scorer, eval_loader, accelerator, keep_scores(0))
-        if accelerator.is_main_process:
-            logger.info("held-out pairwise accuracy before training: %.3f", initial["eval/accuracy"])
-        if metrics_log:
-            metrics_log.log(initial, step=0)
-    progress = tqdm(
-        total=max_steps, initial=step, desc="reward model", disable=not accelerator.is_local_main_process
+def resume(run: RunFolder, checkpoint: str, accelerator: Accelerator) -> TrainingState:
+    """Load the checkpoint `checkpoint` of `run` ("latest", a name or a path) into the prepared
+    objects (accelerate's state) and return where that run stood."""
+    resumed = run.resolve_checkpoint(checkpoint)
+    accelerator.load_state(str(resumed))
+    state = TrainingState.from_json(
+        json.loads((resumed / TRAINER_STATE_NAME).read_text()), accelerator.device
     )
-    scorer.train()
-    while step < max_steps:
-        order.epoch = epoch
-        # A resumed run skips the micro-batches its checkpoint's epoch had already consumed.
-        epoch_loader = (
-            accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
-        )
-        for batch in epoch_loader:
-            batches_done += 1
-            with accelerator.accumulate(scorer):
-                chosen, rejected = score_pairs(scorer, batch)
-                loss = bradley_terry_loss(chosen, rejected, batch.margin, config.center_rewards_coefficient)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            running.append(
-                torch.stack(
-                    [loss.detach(), (chosen > rejected).float().mean(), (chosen - rejected).mean().detach()]
-                )
-            )
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if step % config.logging_steps == 0 or step == max_steps:
-                mean = accelerator.reduce(torch.stack(running).mean(0), reduction="mean").tolist()
-                running = []
-                train_metrics = {
-                    "train/loss": mean[0],
-                    "train/accuracy": mean[1],
-                    "train/margin": mean[2],
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "time/elapsed_s": time.perf_counter() - start,
-                }
-                progress.set_postfix(loss=f"{mean[0]:.3f}", acc=f"{mean[1]:.2f}")
-                if metrics_log:
-                    metrics_log.log(train_metrics, step=step)
-            if (config.eval_steps and step % config.eval_steps == 0) or step == max_steps:
-                final = evaluate(scorer, eval_loader, accelerator, keep_scores(step))
-                if metrics_log:
-                    metrics_log.log(final, step=step)
-                if final["eval/accuracy"] > best_accuracy:
-                    best_accuracy = final["eval/accuracy"]
-                    reward_model.config["eval_accuracy"] = best_accuracy
-                    save(run.best_dir)
-            if config.save_steps and step % config.save_steps == 0:
-                save_checkpoint()
-            if metrics_log:
-                report_at_step(run.root, step, config.report_steps)
-            if step >= max_steps:
-                break
-        else:
-            epoch, batches_done = epoch + 1, 0
-    progress.close()
-    reward_model.config["eval_accuracy"] = final["eval/accuracy"]
-    save(run.final_dir)
-    if metrics_log:
-        metrics_log.close()
-        report_at_step(run.root, step, config.report_steps, final=True)
-    final = {**final, "eval/accuracy_before": initial["eval/accuracy"], "train/steps": step, **data_report}
-    return final
+    if accelerator.is_main_process:
+        logger.info("resumed from %s at step %d", resumed, state.step)
+    return state
+
+
+def save_reward_model(accelerator: Accelerator, reward_model: RewardModel, scorer, folder: Path) -> None:
+    """Write the reward model (with the trained `scorer`'s weights) to `folder`, atomically."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_dir(folder) as tmp:
+            reward_model.save_pretrained(tmp, scorer=accelerator.unwrap_model(scorer))
+
+
+def save_checkpoint(
+    accelerator: Accelerator, checkpoints: CheckpointManager, state: TrainingState, epoch_length: int
+) -> None:
+    """accelerate's state + `state` (the completion marker), atomically; rotated to the limit."""
+    accelerator.wait_for_everyone()
+    tmp = checkpoints.begin(state.step)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's RNG state is in tmp before it is renamed
+    if accelerator.is_main_process:
+        checkpoints.commit(tmp, state.step, state.to_json(epoch_length))
+    accelerator.wait_for_everyone()
