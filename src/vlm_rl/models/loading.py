@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -397,13 +398,8 @@ def load_policy(
     *,
     revision: str | None = None,
     endpoint: str | None = None,
-    dtype: torch.dtype | str = "auto",
-    device: str | torch.device | None = None,
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-):
+    **loading: Any,
+) -> tuple[nn.Module, ProcessorMixin]:
     """A trained policy: the base VLM named by the adapter's config plus the LoRA adapter.
 
     path_or_repo: a saved adapter folder (a run's final/, a checkpoint's adapter/) or a hub repo id
@@ -411,7 +407,8 @@ def load_policy(
     `revision` and a custom `endpoint`; the token comes from the environment or the login). The
     base is loaded by `load_model`, so tiny defaults ("tiny-llava") and hub ids both work. Returns
     (policy in eval mode, processor: the adapter folder's own if it has one, else the base's).
-    The loading options are `load_model`'s.
+    `loading` (dtype, device, trust_remote_code, attn_implementation, load_in_4bit, load_in_8bit)
+    goes to `load_model`.
     """
     from peft import PeftModel
 
@@ -431,18 +428,10 @@ def load_policy(
         raise ValueError(
             f"{config_file} names no base model (base_model_name_or_path): cannot load the policy"
         )
-    model, processor = load_model(
-        base,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
-        load_in_4bit=load_in_4bit,
-        load_in_8bit=load_in_8bit,
-    )
+    model, processor = load_model(base, **loading)
     policy = PeftModel.from_pretrained(model, str(path)).eval()
     if (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file():
-        processor = load_processor(str(path), trust_remote_code=trust_remote_code)
+        processor = load_processor(str(path), trust_remote_code=loading.get("trust_remote_code", False))
     return policy, processor
 
 
