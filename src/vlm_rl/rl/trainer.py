@@ -6,8 +6,8 @@ One step reads as its stages, each timed (`train_step`):
     -> advantages (the algorithm's estimator) -> update (epochs x minibatches of `core.rl_objective`).
 
 The algorithm (`vlm_rl.rl.algorithms`, `--algorithm`) only declares what it needs: whether it has a
-critic, where its KL enters (reward or loss), its advantage estimator. The trainer turns that and
-the config into one `StepPlan` per step and never branches on an algorithm's name.
+critic, where its KL enters (reward or loss), its advantage estimator and its policy loss. The trainer
+turns that and the config into one `StepPlan` per step and never branches on an algorithm's name.
 
 Several processes: every decision to skip (a non-finite reward, loss or gradient; no sample left
 after dynamic sampling) is agreed by an all-reduce, so all ranks skip together and their optimizer
