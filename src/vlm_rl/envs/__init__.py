@@ -4,7 +4,8 @@
     turn = env.reset(seed=ENVS["frozenlake"].eval_seeds[0])
     result = env.step("<action>down</action>")  # StepResult: turn, reward, terminated, truncated, ...
 
-Built-ins (`ENVS`): "frozenlake" (random maps), "numberline" (after RL4VLM), "cliffwalking"; each
+Built-ins (`ENVS`): "frozenlake" (random maps), "numberline" (after RL4VLM), "cliffwalking", "sokoban"
+(random rooms, generated as gym-sokoban/VAGEN do, with a shortest-solution expert); each
 draws flat, model-friendly frames by default (`render="flat"`) and gymnasium's own on
 `render="env"`. Any other gymnasium env with discrete actions and a picture to show plays too
 (`vlm_rl.envs.external`: MiniGrid/BabyAI ids, a user's `gymnasium.Env` class). Rendering is headless: SDL (pygame-ce, which gymnasium's toy-text frames use) is

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from vlm_rl.envs import cliffwalking, frozenlake, numberline
+from vlm_rl.envs import cliffwalking, frozenlake, numberline, sokoban
 from vlm_rl.envs.adapter import TurnEnv, words_of
 from vlm_rl.envs.external import make_external
 from vlm_rl.errors import ConfigError
@@ -18,7 +18,8 @@ from vlm_rl.errors import ConfigError
 class EnvSpec:
     """A built-in environment: how to make it and what its protocol needs.
 
-    `make(**options)` returns a `TurnEnv`; `train_seeds` and `eval_seeds` (held out) never overlap;
+    `make(**options)` returns a `TurnEnv`; `train_seeds` and `eval_seeds` (held out) never overlap
+    (a range, a tuple, or Sokoban's sequence computed on first use);
     `max_turns` is the episode cap with the default options; `words` are every word of the
     protocol (instruction and actions), for the tiny models' vocabulary; `expert(env)` is the
     optimal (shortest-path) action word in the env's current state, for warm starts and baselines.
@@ -26,8 +27,8 @@ class EnvSpec:
 
     name: str
     make: Callable[..., TurnEnv]
-    train_seeds: range
-    eval_seeds: range
+    train_seeds: Sequence[int]
+    eval_seeds: Sequence[int]
     max_turns: int
     words: list[str]
     expert: Callable[[TurnEnv], str] | None = None
@@ -42,6 +43,7 @@ ENVS: dict[str, EnvSpec] = {
     "frozenlake": _builtin("frozenlake", frozenlake, frozenlake.make_frozenlake, max_turns=8),
     "numberline": _builtin("numberline", numberline, numberline.make_numberline, max_turns=10),
     "cliffwalking": _builtin("cliffwalking", cliffwalking, cliffwalking.make_cliffwalking, max_turns=20),
+    "sokoban": _builtin("sokoban", sokoban, sokoban.make_sokoban, max_turns=12),
 }
 """Built-in name -> its spec (protocols in the modules' docstrings)."""
 
