@@ -1,21 +1,25 @@
-"""Reference success rates on FrozenLake's held-out maps, for recipes to print beside a policy's.
+"""Reference success rates on FrozenLake's and Sokoban's held-out rooms, for recipes to print beside
+a policy's.
 
 Exact, not sampled: each map's transition matrices give the probability that a policy blind to the
 image (a fixed distribution over moves, or a fixed move sequence) reaches the goal within
 `max_turns`; the expert is played through the adapter. Start and goal are always the corners, so
 a blind policy gets a good share of the maps: a policy has read the image only where it beats
-`best_sequence`.
+`best_sequence`. Sokoban's blind policies are exact too (over every state the rooms reach); its
+best fixed sequence is a beam search's, a lower bound (4 ** max_turns sequences are too many).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv, generate_random_map
 
-from vlm_rl.envs import frozenlake
+from vlm_rl.envs import frozenlake, sokoban
 from vlm_rl.envs.adapter import Turn, TurnEnv
 
 Policy = Callable[[TurnEnv, Turn], str]
@@ -81,6 +85,22 @@ def sequence_success(maps: Sequence[Sequence[str]], max_turns: int, slippery: bo
     return total / len(maps)
 
 
+def _simplex_grid(step: float) -> np.ndarray:
+    """Every distribution over 4 moves whose probabilities are multiples of `step`: (Q, 4)."""
+    steps = round(1 / step)
+    return (
+        np.array(
+            [
+                (a, b, c, steps - a - b - c)
+                for a in range(steps + 1)
+                for b in range(steps + 1 - a)
+                for c in range(steps + 1 - a - b)
+            ]
+        )
+        / steps
+    )
+
+
 def frozenlake_baselines(
     seeds: Iterable[int] = frozenlake.EVAL_SEEDS,
     *,
@@ -101,18 +121,7 @@ def frozenlake_baselines(
     seeds = list(seeds)
     max_turns = max_turns if max_turns is not None else 2 * (size - 1) + 2
     maps = [generate_random_map(size, p, seed=seed) for seed in seeds]
-    steps = round(1 / grid_step)
-    grid = (
-        np.array(
-            [
-                (a, b, c, steps - a - b - c)
-                for a in range(steps + 1)
-                for b in range(steps + 1 - a)
-                for c in range(steps + 1 - a - b)
-            ]
-        )
-        / steps
-    )
+    grid = _simplex_grid(grid_step)
     blind = blind_success(maps, grid, max_turns, slippery)
     sequences = sequence_success(maps, max_turns, slippery)
     best = int(sequences.argmax())
@@ -127,4 +136,136 @@ def frozenlake_baselines(
         "best_sequence": float(sequences[best]),
         "best_sequence_moves": [frozenlake.ACTIONS[d] for d in digits],
         "expert": success_rate(env, lambda env, turn: frozenlake.expert(env), seeds),
+    }
+
+
+@dataclass(frozen=True)
+class SokobanStates:
+    """Every state reachable from some rooms' starts, indexed 0..N-1 (solved states absorb):
+    `next_state` (N, 4) under up, down, left, right; `solved` (N,); `distance` (N,) the shortest
+    plan's length, `NO_PLAN` where no plan is left (a box in a corner); `starts` (R,)."""
+
+    next_state: np.ndarray
+    solved: np.ndarray
+    distance: np.ndarray
+    starts: np.ndarray
+
+    NO_PLAN = 10**6
+
+    @classmethod
+    def of(cls, rooms: Sequence[sokoban.Room]) -> SokobanStates:
+        index: dict[sokoban.Room, int] = {}
+        edges: list[list[int]] = []
+        starts = []
+        for room in rooms:
+            if room in index:  # a room met before: its states are all indexed
+                starts.append(index[room])
+                continue
+            starts.append(index.setdefault(room, len(index)))
+            edges.append([])
+            queue = deque([room])
+            while queue:
+                state = queue.popleft()
+                row = edges[index[state]]
+                for action in sokoban.ACTIONS:
+                    following = state if state.solved else state.move(action)
+                    if following not in index:
+                        index[following] = len(index)
+                        edges.append([])
+                        queue.append(following)
+                    row.append(index[following])
+        states = list(index)
+        next_state = np.array(edges)
+        solved = np.array([state.solved for state in states])
+        distance = np.full(len(states), cls.NO_PLAN)
+        distance[solved] = 0
+        before: list[list[int]] = [[] for _ in states]
+        for state, row in enumerate(edges):
+            for following in set(row):
+                before[following].append(state)
+        queue = deque(np.flatnonzero(solved).tolist())
+        while queue:  # backwards from the solved states
+            state = queue.popleft()
+            for previous in before[state]:
+                if distance[previous] == cls.NO_PLAN:
+                    distance[previous] = distance[state] + 1
+                    queue.append(previous)
+        return cls(next_state, solved, distance, np.array(starts))
+
+
+def sokoban_blind_success(states: SokobanStates, move_probs: np.ndarray, max_turns: int) -> np.ndarray:
+    """Mean success over the rooms of `states` of each image-blind stationary policy: move_probs
+    (Q, 4), each row a distribution over (up, down, left, right) -> (Q,). Exact: the probability
+    over states is pushed through the deterministic moves `max_turns` times."""
+    move_probs = np.atleast_2d(move_probs)
+    scatters = []
+    for action in range(4):  # prob (N, Q) -> summed over the states that each state is reached from
+        order = np.argsort(states.next_state[:, action], kind="stable")
+        targets = states.next_state[order, action]
+        first = np.flatnonzero(np.r_[True, targets[1:] != targets[:-1]])
+        scatters.append((order, first, targets[first]))
+    prob = np.zeros((len(states.solved), len(move_probs)))  # states first: rows gather contiguously
+    np.add.at(prob, states.starts, 1.0)
+    for _ in range(max_turns):
+        following = np.zeros_like(prob)
+        for action, (order, first, targets) in enumerate(scatters):
+            following[targets] += np.add.reduceat(prob[order], first, axis=0) * move_probs[:, action]
+        prob = following
+    return prob[states.solved].sum(axis=0) / len(states.starts)
+
+
+def sokoban_best_sequence(
+    states: SokobanStates, max_turns: int, beam_width: int = 4096
+) -> tuple[float, list[str]]:
+    """(mean success, moves) of the best fixed move sequence of length `max_turns` that a beam search
+    finds: a lower bound on the best (4 ** max_turns sequences are too many to try). The beam keeps
+    the joint states (one per room) with the most rooms solved, then the most still solvable in the
+    turns left, then the shortest plans left."""
+    joint = states.starts[None, :]  # (beam, rooms)
+    moves = np.zeros((1, 0), dtype=int)
+    for turn in range(max_turns):
+        joint = states.next_state[joint].transpose(0, 2, 1).reshape(-1, joint.shape[1])
+        moves = np.concatenate([np.repeat(moves, 4, axis=0), np.tile(np.arange(4), len(moves))[:, None]], 1)
+        joint, kept = np.unique(joint, axis=0, return_index=True)
+        moves = moves[kept]
+        distance = states.distance[joint]
+        left = max_turns - turn - 1
+        solvable = (distance <= left).sum(axis=1)
+        rank = np.lexsort(
+            (np.minimum(distance, left + 1).sum(axis=1), -solvable, -states.solved[joint].sum(axis=1))
+        )
+        joint, moves = joint[rank[:beam_width]], moves[rank[:beam_width]]
+    return float(states.solved[joint[0]].mean()), [sokoban.ACTIONS[m] for m in moves[0]]
+
+
+def sokoban_baselines(
+    seeds: Iterable[int] = sokoban.EVAL_SEEDS,
+    *,
+    size: int = 6,
+    num_boxes: int = 1,
+    max_turns: int | None = None,
+    grid_step: float = 0.1,
+    beam_width: int = 4096,
+) -> dict[str, object]:
+    """Success rates on the rooms of `seeds` (Sokoban's held-out rooms by default), as
+    `frozenlake_baselines`: `random`, `best_blind` (+ `best_blind_probs`), `best_sequence` (+
+    `best_sequence_moves`; beam search, a lower bound; the blind search's grid is coarser than
+    FrozenLake's, as Sokoban's rooms reach ~80 states each), `expert` (played through `make_sokoban`) and
+    `expert_length`, the mean length of its solutions."""
+    seeds = list(seeds)
+    env = sokoban.make_sokoban(size=size, num_boxes=num_boxes, max_turns=max_turns)
+    max_turns = env.max_turns
+    rooms = [sokoban.generate_room(seed, (size, size), num_boxes) for seed in seeds]
+    states = SokobanStates.of(rooms)
+    grid = np.concatenate([_simplex_grid(grid_step), np.full((1, 4), 0.25)])  # uniform, off a 0.1 grid
+    blind = sokoban_blind_success(states, grid, max_turns)
+    best_sequence, best_moves = sokoban_best_sequence(states, max_turns, beam_width)
+    return {
+        "random": float(sokoban_blind_success(states, np.full((1, 4), 0.25), max_turns)[0]),
+        "best_blind": float(blind.max()),
+        "best_blind_probs": dict(zip(sokoban.ACTIONS, grid[blind.argmax()].round(3).tolist(), strict=True)),
+        "best_sequence": best_sequence,
+        "best_sequence_moves": best_moves,
+        "expert": success_rate(env, lambda env, turn: sokoban.expert(env), seeds),
+        "expert_length": float(np.mean([len(sokoban.solve(room)) for room in rooms])),
     }

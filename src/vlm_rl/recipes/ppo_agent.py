@@ -20,7 +20,7 @@ held-out success before and after RL beside the random and image-blind baselines
 from __future__ import annotations
 
 from vlm_rl import envs
-from vlm_rl.envs.baselines import frozenlake_baselines, success_rate
+from vlm_rl.envs.baselines import frozenlake_baselines, sokoban_baselines, success_rate
 from vlm_rl.errors import ConfigError
 from vlm_rl.models.tiny import check_vocabulary, resolve_tiny_name, tiny_vocabulary
 from vlm_rl.recipes import CONFIGS, check_rl_inputs, parse_config
@@ -34,10 +34,14 @@ DEFAULT_CONFIG = CONFIGS / "ppo_agent.yaml"
 
 def baselines(agent: AgentConfig, env, eval_seeds: list[int]) -> dict[str, float]:
     """Success rates on the held-out seeds without reading the image: uniform random moves for any
-    environment; for FrozenLake also the best image-blind move distribution and fixed sequence."""
+    environment; for FrozenLake and Sokoban also the best image-blind move distribution and fixed
+    sequence."""
+    options = {"size": agent.env_size} if agent.env_size else {}
     if agent.env == "frozenlake":
-        options = {"size": agent.env_size} if agent.env_size else {}
         found = frozenlake_baselines(eval_seeds, slippery=agent.slippery, max_turns=env.max_turns, **options)
+        return {k: found[k] for k in ("random", "best_blind", "best_sequence")}
+    if agent.env == "sokoban":
+        found = sokoban_baselines(eval_seeds, max_turns=env.max_turns, **options)
         return {k: found[k] for k in ("random", "best_blind", "best_sequence")}
     import random
 
@@ -135,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"base policy: success rate {base['eval/success_rate']:.3f}; after the {warm.warm_start_steps}"
                 f"-step warm start (RL starts here): {before['eval/success_rate']:.3f}"
             )
-        what = "maps never seen in training" if agent.env == "frozenlake" else "held-out seeds"
+        what = {"frozenlake": "maps never seen in training", "sokoban": "rooms never seen in training"}.get(
+            agent.env, "held-out seeds"
+        )
         disjoint = (
             f"seeds disjoint from the {len(train_seeds)} training seeds"
             if set(train_seeds).isdisjoint(eval_seeds)
