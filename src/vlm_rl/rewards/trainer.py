@@ -616,11 +616,4 @@ def save_checkpoint(
     accelerator: Accelerator, checkpoints: CheckpointManager, state: TrainingState, epoch_length: int
 ) -> None:
     """accelerate's state + `state` (the completion marker), atomically; rotated to the limit."""
-    accelerator.wait_for_everyone()
-    tmp = checkpoints.begin(state.step)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every rank's RNG state is in tmp before it is renamed
-    if accelerator.is_main_process:
-        checkpoints.commit(tmp, state.step, state.to_json(epoch_length))
-    accelerator.wait_for_everyone()
+    checkpoints.save(accelerator, state.step, state.to_json(epoch_length))

@@ -37,14 +37,11 @@ class CheckpointManager:
     "latest") skips any folder without the marker. Hidden leftovers of a killed run are removed by
     the next `begin`.
 
-        tmp = manager.begin(step)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
-        accelerator.wait_for_everyone()           # every rank's files are in tmp
+    `save` does all of it for accelerate's state (every trainer's checkpoints):
+
+        path = manager.save(accelerator, step, {"step": step, ...}, write_extra=save_adapter)
         if accelerator.is_main_process:
-            path = manager.commit(tmp, step, {"step": step, ...})
             manager.upload(path, push)    # push(path) runs in the upload thread
-        accelerator.wait_for_everyone()
         ...
         manager.wait_for_uploads()        # before the run ends
     """
@@ -59,6 +56,30 @@ class CheckpointManager:
         self._protected: dict[Path, int] = {}  # resolved checkpoint -> uploads queued or running
         self._uploads: ThreadPoolExecutor | None = None
         self._futures: list[Future] = []
+
+    def save(
+        self,
+        accelerator: Any,
+        step: int,
+        state: dict[str, Any],
+        write_extra: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Checkpoint `step` of an accelerate run: accelerate's state (weights, optimizer, scheduler,
+        RNG of every rank), what `write_extra(folder)` writes (main process: an adapter), then `state`
+        as the completion marker, atomically (`begin`, `commit`). Every process calls it; returns the
+        checkpoint folder."""
+        accelerator.wait_for_everyone()
+        tmp = self.begin(step)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank's RNG state is in tmp before it is renamed
+        path = self.run.checkpoint_dir(step)
+        if accelerator.is_main_process:
+            if write_extra is not None:
+                write_extra(tmp)
+            path = self.commit(tmp, step, state)  # trainer_state.json: the marker, last
+        accelerator.wait_for_everyone()
+        return path
 
     @property
     def pending(self) -> int:
