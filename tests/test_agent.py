@@ -191,7 +191,7 @@ def test_a_learned_reward_model_scores_each_turn(tmp_path):
         [RewardComponent("env_reward", env_reward), RewardComponent("reward_model", reward_model, weight=0.5)]
     )
     trainer = make_agent_trainer(tmp_path)
-    trainer.reward = reward
+    trainer.rewards.reward = reward
     rollout, batch, _ = trainer.sample(0)
     rewards, metrics = trainer.compute_rewards(rollout, batch)
     assert {"rewards/env_reward/mean", "rewards/reward_model/mean"} <= metrics.keys()

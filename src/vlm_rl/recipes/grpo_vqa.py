@@ -29,12 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Reward: exact match + format (+ the learned reward model if given)
     reward = reward_from_config(config, accelerator.device)
-    if config.trainer == "trl":  # the same run on TRL's GRPOTrainer (vLLM with --use_vllm)
-        from vlm_rl.rl.trl_backend import run_trl
-
-        held_out = "questions on unseen images"
-        return run_trl(config, warm, reward, vqa_metrics, accelerator, metric="accuracy", held_out=held_out)
-    # Policy, colour/shape questions (held out: unseen images), warm start, RL, report, push
+    # Policy, colour/shape questions (held out: unseen images), warm start, RL (native, or TRL's
+    # GRPOTrainer with --trainer trl, vLLM with --use_vllm), report, push
     return run_rl(
         config,
         warm,

@@ -31,9 +31,11 @@ from vlm_rl.envs.adapter import Turn, TurnEnv
 from vlm_rl.models.families import completion_token_type
 from vlm_rl.report.records import FILM_STRIPS, save_eval_episodes
 from vlm_rl.rewards.compose import CombinedReward
+from vlm_rl.rl.components import EVAL_BATCH_SIZE, RewardStage, TrainedPolicy
 from vlm_rl.rl.config import RLConfig
 from vlm_rl.rl.rollout import Rollout, generate
 from vlm_rl.rl.trainer import RLTrainer
+from vlm_rl.run_folder import RunFolder
 
 
 @dataclass(frozen=True)
@@ -231,11 +233,114 @@ def env_reward(
     return [float(r) for r in env_reward]
 
 
+class EpisodeRollouts:
+    """The agent's rollout source: a step plays `prompts_per_step` environment seeds x
+    `samples_per_prompt` episodes each (a group, for GRPO/RLOO: the same seed, so the same map), one
+    rollout row per turn; held-out evaluation plays one greedy episode per held-out seed."""
+
+    def __init__(
+        self,
+        make_env: Callable[[], TurnEnv],
+        train_seeds: Sequence[int],
+        eval_seeds: Sequence[int] = (),
+        *,
+        max_turns: int,
+        context: AgentContext = AgentContext(),
+    ):
+        if len(train_seeds) == 0:
+            raise ValueError("no training seeds: the environment's train_seeds range is empty")
+        self.make_env = make_env
+        self.train_seeds, self.eval_seeds = list(train_seeds), list(eval_seeds)
+        self.max_turns, self.context = max_turns, context
+        self._envs: list[TurnEnv] = []
+        self.last_episodes: list[Episode] = []
+
+    def __len__(self) -> int:
+        """How many training seeds there are."""
+        return len(self.train_seeds)
+
+    def _env_pool(self, n: int) -> list[TurnEnv]:
+        while len(self._envs) < n:
+            self._envs.append(self.make_env())
+        return self._envs[:n]
+
+    def play(
+        self, policy: TrainedPolicy, seeds: Sequence[int], groups: Sequence[int], greedy: bool
+    ) -> tuple[Rollout, PromptBatch, list[Episode]]:
+        """One episode per seed (`groups`: each episode's group), sampled or greedy."""
+        with policy.for_generation() as model:
+            return play_episodes(
+                model,
+                policy.processor,
+                self._env_pool(len(seeds)),
+                seeds,
+                groups,
+                max_turns=self.max_turns,
+                max_new_tokens=policy.config.max_new_tokens,
+                temperature=policy.config.temperature,
+                top_p=policy.config.top_p,
+                greedy=greedy,
+                context=self.context,
+            )
+
+    def sample(
+        self, policy: TrainedPolicy, indices: list[int]
+    ) -> tuple[Rollout, PromptBatch, dict[str, float]]:
+        """G episodes of each training seed `indices`: (their turns, the turns' prompts, episode metrics)."""
+        G = policy.config.samples_per_prompt
+        seeds = [self.train_seeds[i] for i in indices]
+        groups = [position // G for position in range(len(seeds) * G)]
+        rollout, batch, episodes = self.play(
+            policy, [s for s in seeds for _ in range(G)], groups, greedy=False
+        )
+        self.last_episodes = episodes
+        return rollout, batch, {f"episodes/{k}": v for k, v in episode_metrics(episodes).items()}
+
+    @torch.no_grad()
+    def evaluate(
+        self, policy: TrainedPolicy, rewards: RewardStage, gallery: RunFolder | None, step: int
+    ) -> dict[str, float]:
+        """One greedy episode per held-out seed: success rate, return, length, invalid-action rate (the
+        environment's, not `rewards`). With `gallery`, the first episodes' film strips for the report."""
+        accelerator = policy.accelerator
+        seeds = self.eval_seeds[accelerator.process_index :: accelerator.num_processes]
+        if not self.eval_seeds:
+            return {}
+        totals: dict[str, float] = {}
+        count = 0
+        for start in range(0, len(seeds), EVAL_BATCH_SIZE):
+            chunk = seeds[start : start + EVAL_BATCH_SIZE]
+            _, _, episodes = self.play(policy, chunk, list(range(len(chunk))), greedy=True)
+            if start == 0 and gallery is not None:
+                save_eval_episodes(gallery, step, episodes[:FILM_STRIPS])
+            for key, value in episode_metrics(episodes).items():
+                totals[key] = totals.get(key, 0.0) + value * len(episodes)
+            count += len(episodes)
+        keys = sorted(episode_metrics([]).keys())
+        values = torch.tensor(
+            [totals.get(k, 0.0) for k in keys] + [count], dtype=torch.float64, device=accelerator.device
+        )
+        values = accelerator.reduce(values, reduction="sum")
+        return {
+            f"eval/{k}": v / max(values[-1].item(), 1)
+            for k, v in zip(keys, values[:-1].tolist(), strict=True)
+        }
+
+    def write_samples(self, run: RunFolder, step: int, rollout: Rollout, batch: PromptBatch) -> None:
+        """The step's episodes (replies, actions, rewards, success) into episodes.jsonl, and the
+        first few as film strips (the frames side by side) under episodes/."""
+        folder = run.episodes_dir
+        folder.mkdir(exist_ok=True)
+        with run.episodes_file.open("a") as f:
+            for number, episode in enumerate(self.last_episodes):
+                f.write(json.dumps({"step": step, "episode": number, **episode.record()}) + "\n")
+        for number, episode in enumerate(self.last_episodes[:4]):
+            film_strip(episode.frames).save(folder / f"step-{step:06d}-episode-{number}.png")
+
+
 class AgentTrainer(RLTrainer):
-    """The RL trainer over episodes: the rollout stage plays `prompts_per_step` environment seeds x
-    `samples_per_prompt` episodes each (a group, for GRPO/RLOO: the same seed, so the same map),
-    every other stage is `RLTrainer`'s over the episodes' turns. Held-out evaluation plays one
-    greedy episode per held-out seed."""
+    """`RLTrainer` with an `EpisodeRollouts` source: the agent recipe's trainer under one name. It
+    only builds the source; every stage is `RLTrainer`'s over the episodes' turns."""
 
     def __init__(
         self,
@@ -252,93 +357,22 @@ class AgentTrainer(RLTrainer):
         accelerator: Accelerator | None = None,
         value_head: torch.nn.Linear | None = None,
     ):
+        episodes = EpisodeRollouts(make_env, train_seeds, eval_seeds, max_turns=max_turns, context=context)
         super().__init__(
-            config, policy, processor, reward, None, accelerator=accelerator, value_head=value_head
+            config,
+            policy,
+            processor,
+            reward,
+            None,
+            accelerator=accelerator,
+            value_head=value_head,
+            rollouts=episodes,
         )
-        if len(train_seeds) == 0:
-            raise ValueError("no training seeds: the environment's train_seeds range is empty")
-        self.make_env = make_env
-        self.train_seeds, self.eval_seeds = list(train_seeds), list(eval_seeds)
-        self.max_turns, self.context = max_turns, context
-        self._envs: list[TurnEnv] = []
-        self.last_episodes: list[Episode] = []
 
     @property
-    def num_train_items(self) -> int:
-        return len(self.train_seeds)
-
-    def _env_pool(self, n: int) -> list[TurnEnv]:
-        while len(self._envs) < n:
-            self._envs.append(self.make_env())
-        return self._envs[:n]
-
-    def play(
-        self, seeds: Sequence[int], groups: Sequence[int], greedy: bool
-    ) -> tuple[Rollout, PromptBatch, list[Episode]]:
-        from trl.models.utils import unwrap_model_for_generation
-
-        with unwrap_model_for_generation(self.module, self.accelerator) as unwrapped:
-            unwrapped.policy.eval()
-            return play_episodes(
-                unwrapped.policy,
-                self.processor,
-                self._env_pool(len(seeds)),
-                seeds,
-                groups,
-                max_turns=self.max_turns,
-                max_new_tokens=self.config.max_new_tokens,
-                temperature=self.config.temperature,
-                top_p=self.config.top_p,
-                greedy=greedy,
-                context=self.context,
-            )
-
-    def sample(self, step: int) -> tuple[Rollout, PromptBatch, dict[str, float]]:
-        G = self.config.samples_per_prompt
-        seeds = [self.train_seeds[i] for i in self._prompt_indices(step)]
-        groups = [position // G for position in range(len(seeds) * G)]
-        rollout, batch, episodes = self.play([s for s in seeds for _ in range(G)], groups, greedy=False)
-        self.last_episodes = episodes
-        return rollout, batch, {f"episodes/{k}": v for k, v in episode_metrics(episodes).items()}
-
-    @torch.no_grad()
-    def evaluate(self, dataset=None, batch_size: int = 64) -> dict[str, float]:
-        """One greedy episode per held-out seed: success rate, return, length, invalid-action rate."""
-        seeds = self.eval_seeds[self.accelerator.process_index :: self.accelerator.num_processes]
-        if not self.eval_seeds:
-            return {}
-        totals: dict[str, float] = {}
-        count = 0
-        for start in range(0, len(seeds), batch_size):
-            chunk = seeds[start : start + batch_size]
-            _, _, episodes = self.play(chunk, list(range(len(chunk))), greedy=True)
-            if (
-                start == 0 and self.metrics_log is not None
-            ):  # main process, in a run: the report's film strips
-                save_eval_episodes(self.run, self.step, episodes[:FILM_STRIPS])
-            for key, value in episode_metrics(episodes).items():
-                totals[key] = totals.get(key, 0.0) + value * len(episodes)
-            count += len(episodes)
-        keys = sorted(episode_metrics([]).keys())
-        values = torch.tensor(
-            [totals.get(k, 0.0) for k in keys] + [count], dtype=torch.float64, device=self.device
-        )
-        values = self.accelerator.reduce(values, reduction="sum")
-        return {
-            f"eval/{k}": v / max(values[-1].item(), 1)
-            for k, v in zip(keys, values[:-1].tolist(), strict=True)
-        }
-
-    def _write_samples(self, rollout: Rollout, batch: PromptBatch) -> None:
-        """The step's episodes (replies, actions, rewards, success) into episodes.jsonl, and the
-        first few as film strips (the frames side by side) under episodes/."""
-        folder = self.run.episodes_dir
-        folder.mkdir(exist_ok=True)
-        with self.run.episodes_file.open("a") as f:
-            for number, episode in enumerate(self.last_episodes):
-                f.write(json.dumps({"step": self.step, "episode": number, **episode.record()}) + "\n")
-        for number, episode in enumerate(self.last_episodes[:4]):
-            film_strip(episode.frames).save(folder / f"step-{self.step:06d}-episode-{number}.png")
+    def last_episodes(self) -> list[Episode]:
+        """The episodes of the last training step."""
+        return self.rollouts.last_episodes
 
 
 def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import torch
@@ -24,11 +25,15 @@ from vlm_rl.models.tiny import check_vocabulary
 from vlm_rl.models.value import load_value_head
 from vlm_rl.rewards.build import build_reward
 from vlm_rl.rewards.compose import CombinedReward
+from vlm_rl.rl.components import EvalMetric
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
-from vlm_rl.rl.trainer import EvalMetric, RLTrainer
+from vlm_rl.rl.trainer import RLTrainer
 from vlm_rl.run_folder import RunFolder
 from vlm_rl.sft import supervised_warm_start
 from vlm_rl.tasks import is_task_dataset
+
+if TYPE_CHECKING:
+    from vlm_rl.rl.trl_backend import TRLRun
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +97,21 @@ def build_policy(config: RLConfig, model: torch.nn.Module) -> tuple[torch.nn.Mod
 
 
 def warm_start(
-    trainer: RLTrainer, config: RLConfig, warm: WarmStartConfig, dataset: Callable[[], datasets.Dataset]
+    trainer: RLTrainer | TRLRun,
+    config: RLConfig,
+    warm: WarmStartConfig,
+    dataset: Callable[[], datasets.Dataset],
 ) -> dict[str, float] | None:
     """The supervised warm start (SFT stage) before RL, when `warm.warm_start_steps` and not
-    resuming: evaluates the base policy first and returns its metrics (else None). `dataset`
-    builds the supervised examples (prompt, images, answer) only when they are needed."""
+    resuming: evaluates the base policy first (`trainer.evaluate`) and returns its metrics (else
+    None), then trains `trainer.policy`. `dataset` builds the supervised examples (prompt, images,
+    answer) only when they are needed."""
     if not warm.warm_start_steps or config.resume_from_checkpoint:
         return None
     base = trainer.evaluate()
     supervised_warm_start(
-        trainer.unwrapped.policy,
-        trainer.processor,
+        trainer.policy.unwrapped.policy,
+        trainer.policy.processor,
         dataset(),
         steps=warm.warm_start_steps,
         learning_rate=warm.warm_start_learning_rate,
@@ -159,15 +168,21 @@ def run_rl(
     metric: str,
     held_out: str,
 ) -> dict:
-    """Train and report. Returns `RLTrainer.train`'s {"before", "after"} held-out metrics.
+    """Train and report. Returns the {"before", "after"} held-out metrics of RL.
 
     The policy is the base + LoRA (reference = adapter disabled, PPO critic = value head on the
     same trunk); prompts come from `config.dataset` (held-out ones on the test split). With
     `warm.warm_start_steps`, a short supervised warm start (the SFT stage of RLHF) runs first and
-    the base policy's score is reported too. The main process prints `metric` (e.g.
-    "caption_accuracy") and the reward before and after, for `held_out` items (e.g. "unseen
-    images"), then pushes the run when `config.push_to_hub`.
+    the base policy's score is reported too. RL runs on the native engine (`RLTrainer`), or with
+    `--trainer trl` on TRL's GRPOTrainer (`vlm_rl.rl.trl_backend.train_on_trl`). The main process
+    prints `metric` (e.g. "caption_accuracy") and the reward before and after, for `held_out` items
+    (e.g. "unseen images"), then pushes the run when `config.push_to_hub`.
     """
+    on_trl = config.trainer == "trl"
+    if on_trl:
+        from vlm_rl.rl import trl_backend
+
+        trl_backend.check_mappable(config)  # before anything is loaded
     train_dataset, eval_dataset, held_out, is_held_out = load_rl_datasets(
         config, held_out
     )  # before the model
@@ -176,16 +191,46 @@ def run_rl(
     model, processor = load_base(config, accelerator)
     policy, value_head = build_policy(config, model)
 
+    train = trl_backend.train_on_trl if on_trl else train_native
+    base, result, final = train(
+        config,
+        warm,
+        policy,
+        value_head,
+        processor,
+        reward,
+        train_dataset,
+        eval_dataset,
+        eval_metric,
+        accelerator,
+    )
+
+    if accelerator.is_main_process:
+        engine = "TRL GRPOTrainer, " if on_trl else ""
+        print_closing(config, warm, metric, held_out, base, result["before"], result["after"], final, engine)
+    return result
+
+
+def train_native(
+    config: RLConfig,
+    warm: WarmStartConfig,
+    policy: torch.nn.Module,
+    value_head: torch.nn.Linear | None,
+    processor: ProcessorMixin,
+    reward: CombinedReward,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset,
+    eval_metric: EvalMetric,
+    accelerator: Accelerator,
+) -> tuple[dict[str, float] | None, dict[str, dict[str, float]], Path]:
+    """The RL stage of `run_rl` on the native engine (`RLTrainer`): warm start, RL, final/. Returns
+    (the base policy's metrics when a warm start ran, {"before", "after"} held-out metrics, final/)."""
     trainer = RLTrainer(
         config, policy, processor, reward, train_dataset, eval_dataset, eval_metric, accelerator, value_head
     )
     base = warm_start(trainer, config, warm, lambda: train_dataset)
     result = trainer.train()
-    final = trainer.save_final(result["after"])
-
-    if accelerator.is_main_process:
-        print_closing(config, warm, metric, held_out, base, result["before"], result["after"], final)
-    return result
+    return base, result, trainer.save_final(result["after"])
 
 
 def print_closing(

@@ -32,11 +32,11 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import datasets
 import numpy as np
@@ -45,32 +45,51 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import ProcessorMixin, get_scheduler
 
-from vlm_rl.data.collators import PromptBatch, PromptCollator
-from vlm_rl.distributed import make_accelerator
+from vlm_rl.data.collators import PromptBatch
+from vlm_rl.distributed import check_prompts_per_step, make_accelerator
 from vlm_rl.models import share_image_encoding
 from vlm_rl.models.shared_prefix import PromptGroups
-from vlm_rl.models.value import PolicyWithValue, save_value_head
+from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.report import report_at_step
-from vlm_rl.report.records import GALLERY_SIZE, save_eval_samples
 from vlm_rl.rewards.compose import CombinedReward, NonFiniteRewardError
 from vlm_rl.rl import core
 from vlm_rl.rl.algorithms import StepPlan, get_algorithm, objective_settings
+from vlm_rl.rl.components import EvalMetric, PromptRollouts, RewardStage, TrainedPolicy
 from vlm_rl.rl.config import RLConfig
-from vlm_rl.rl.rollout import Rollout, generate
+from vlm_rl.rl.rollout import Rollout
 from vlm_rl.run_folder import (
     ADAPTER_NAME,
-    RL_RUN_INFO_NAME,
     TRAINER_STATE_NAME,
     CheckpointManager,
     MetricsLogger,
     RunFolder,
-    atomic_dir,
 )
 
 logger = logging.getLogger(__name__)
 
-EvalMetric = Callable[[list[str], dict[str, list[Any]]], dict[str, float]]
-"""(completions, columns) -> task metrics, e.g. caption accuracy judged by rule."""
+__all__ = ["EvalMetric", "RLTrainer", "RolloutSource", "SkippedStep"]
+
+
+class RolloutSource(Protocol):
+    """Where a step's rollout comes from and how held-out evaluation runs: `PromptRollouts`
+    (single-turn prompts, G completions each) or `vlm_rl.rl.agent.EpisodeRollouts` (episodes of an
+    environment, one row per turn). Everything after the rollout is the same trainer's."""
+
+    def __len__(self) -> int:
+        """How many distinct training items (prompts, environment seeds) there are."""
+
+    def sample(
+        self, policy: TrainedPolicy, indices: list[int]
+    ) -> tuple[Rollout, PromptBatch, dict[str, float]]:
+        """The rollout of training items `indices`: (rollout, the prompts its rows answer, metrics)."""
+
+    def evaluate(
+        self, policy: TrainedPolicy, rewards: RewardStage, gallery: RunFolder | None, step: int
+    ) -> dict[str, float]:
+        """Held-out metrics (eval/...), over all processes; `gallery`: where the report's examples go."""
+
+    def write_samples(self, run: RunFolder, step: int, rollout: Rollout, batch: PromptBatch) -> None:
+        """The step's samples into the run folder (every `sample_log_steps`, main process)."""
 
 
 @dataclass
@@ -94,13 +113,6 @@ class KLController:
         self.coef *= 1 + error * num_samples / self.horizon
 
 
-def _as_conversation(completion: str, prompt: Any) -> Any:
-    """TRL's convention: a conversational prompt gets a conversational completion."""
-    if isinstance(prompt, list):
-        return [{"role": "assistant", "content": completion}]
-    return completion
-
-
 class SkippedStep(Exception):
     """Raised inside a step that every rank agreed to skip; `reason` goes to the log."""
 
@@ -110,7 +122,10 @@ class SkippedStep(Exception):
 
 
 class RLTrainer:
-    """RL for VLMs with any registered algorithm. Components come in built; the trainer owns the loop."""
+    """RL for VLMs with any registered algorithm. Components come in built; the trainer owns the loop.
+
+    The rollout source is single-turn prompts (`train_dataset`, `eval_dataset`, `eval_metric`: a
+    `PromptRollouts`) unless `rollouts` is given (the agent's `EpisodeRollouts`)."""
 
     def __init__(
         self,
@@ -123,26 +138,23 @@ class RLTrainer:
         eval_metric: EvalMetric | None = None,
         accelerator: Accelerator | None = None,
         value_head: torch.nn.Linear | None = None,
+        *,
+        rollouts: RolloutSource | None = None,
     ):
-        if train_dataset is not None and len(train_dataset) == 0:
-            raise ValueError("the training prompt dataset is empty; check --dataset and its split")
+        self.rollouts = (
+            rollouts
+            if rollouts is not None
+            else PromptRollouts(processor, train_dataset, eval_dataset, eval_metric)
+        )
         self.config = config
         self.algorithm = get_algorithm(config.algorithm)
         self.accelerator = accelerator or make_accelerator(config.gradient_accumulation_steps)
         self.processor = processor
-        self.reward = reward
-        self.train_dataset = train_dataset
-        self.eval_dataset = eval_dataset
-        self.eval_metric = eval_metric
-        self.collator = PromptCollator(processor)
+        self.rewards = RewardStage(reward, config)
         self.output_dir = Path(config.output_dir)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        world = self.accelerator.num_processes
-        if config.prompts_per_step % world:
-            raise ValueError(
-                f"prompts_per_step ({config.prompts_per_step}) must be divisible by the {world} processes"
-            )
+        check_prompts_per_step(config.prompts_per_step, self.accelerator.num_processes)
 
         if not self.algorithm.uses_critic:
             value_head = None
@@ -169,6 +181,7 @@ class RLTrainer:
         # registered so checkpoints still carry it.
         self.module, self.optimizer = self.accelerator.prepare(module, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
+        self.policy = TrainedPolicy(self.module, self.accelerator, processor, config)
         self.params = params
         self.kl = KLController(
             config.kl_coef, config.target_kl if config.adaptive_kl else None, config.kl_horizon
@@ -184,7 +197,7 @@ class RLTrainer:
     # -- helpers --------------------------------------------------------------------------------
     @property
     def unwrapped(self) -> PolicyWithValue:
-        return self.accelerator.unwrap_model(self.module)
+        return self.policy.unwrapped
 
     @property
     def device(self) -> torch.device:
@@ -193,7 +206,7 @@ class RLTrainer:
     def _prompt_indices(self, step: int) -> list[int]:
         """This process's prompts for `step`: a deterministic function of (seed, step), so a resumed
         run sees exactly the prompts an uninterrupted one would."""
-        per_step, n = self.config.prompts_per_step, self.num_train_items
+        per_step, n = self.config.prompts_per_step, len(self.rollouts)
         start = step * per_step
         indices = []
         for position in range(start, start + per_step):
@@ -204,13 +217,8 @@ class RLTrainer:
             indices.append(int(order[offset]))
         return indices[self.accelerator.process_index :: self.accelerator.num_processes]
 
-    @property
-    def num_train_items(self) -> int:
-        """How many distinct training prompts (or, for agents, environment seeds) there are."""
-        return len(self.train_dataset)
-
     def _batch(self, dataset: datasets.Dataset, indices: list[int]) -> PromptBatch:
-        return self.collator([dataset[i] for i in indices])
+        return self.rollouts.batch(dataset, indices)
 
     def _all_ranks(self, ok: bool | torch.Tensor) -> bool:
         """True when `ok` holds on every process (an all-reduce: every rank must call it)."""
@@ -291,43 +299,11 @@ class RLTrainer:
 
     # -- stages ---------------------------------------------------------------------------------
     def generate(self, batch: PromptBatch, greedy: bool = False, samples: int | None = None) -> Rollout:
-        from trl.models.utils import unwrap_model_for_generation  # gathers ZeRO-3 shards for generation
-
-        with unwrap_model_for_generation(self.module, self.accelerator) as unwrapped:
-            unwrapped.policy.eval()
-            return generate(
-                unwrapped.policy,
-                self.processor,
-                batch.inputs,
-                torch.tensor([len(images) for images in batch.images]),
-                samples_per_prompt=samples or self.config.samples_per_prompt,
-                max_new_tokens=self.config.max_new_tokens,
-                temperature=self.config.temperature,
-                top_p=self.config.top_p,
-                greedy=greedy,
-            )
+        return self.policy.generate(batch, greedy=greedy, samples=samples)
 
     def compute_rewards(self, rollout: Rollout, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sequence rewards (N,) from the reward components, minus the missing-EOS penalty.
-        Raises `NonFiniteRewardError` when a component returns NaN or inf."""
-        index = rollout.prompt_index.tolist()
-        prompts = [batch.prompts[i] for i in index]
-        columns = {key: [values[i] for i in index] for key, values in batch.columns.items()}
-        columns["images"] = [batch.images[i] for i in index]
-        completions = [
-            _as_conversation(text, prompt) for text, prompt in zip(rollout.completions, prompts, strict=True)
-        ]
-        result = self.reward(prompts=prompts, completions=completions, **columns)
-        self.last_reward_components = result.per_component  # per sample, for the report's gallery
-        rewards = result.total.clone()
-        rewards -= self.config.missing_eos_penalty * (~rollout.ended).float()
-        metrics = result.metrics()
-        if self.config.overlong_buffer:  # DAPO's soft overlong punishment
-            lengths = rollout.completion_mask.sum(1)
-            overlong = core.overlong_penalty(lengths, self.config.max_new_tokens, self.config.overlong_buffer)
-            rewards += self.config.overlong_penalty * overlong
-            metrics["rewards/overlong_penalty/mean"] = (self.config.overlong_penalty * overlong).mean().item()
-        return rewards, metrics
+        """Sequence rewards (N,) and their metrics (`RewardStage`)."""
+        return self.rewards(rollout, batch)
 
     @torch.no_grad()
     def compute_logprobs(self, rollout: Rollout, plan: StepPlan) -> None:
@@ -465,10 +441,9 @@ class RLTrainer:
 
     # -- one step -----------------------------------------------------------------------------
     def sample(self, step: int) -> tuple[Rollout, PromptBatch, dict[str, float]]:
-        """The rollout stage: this process's prompts of `step` and their sampled completions (the
-        agent trainer plays episodes here instead). Returns (rollout, its prompts, metrics)."""
-        batch = self._batch(self.train_dataset, self._prompt_indices(step))
-        return self.generate(batch), batch, {}
+        """The rollout stage: this process's items of `step` (prompts, or environment seeds) from the
+        rollout source. Returns (rollout, its prompts, metrics)."""
+        return self.rollouts.sample(self.policy, self._prompt_indices(step))
 
     def train_step(self) -> dict[str, float]:
         """One RL step: its stages in order, each timed. Returns its metrics (mean over processes)."""
@@ -535,7 +510,7 @@ class RLTrainer:
             and self.config.sample_log_steps
             and self.step % self.config.sample_log_steps == 0
         ):
-            self._write_samples(rollout, batch)
+            self.rollouts.write_samples(self.run, self.step, rollout, batch)
         return self._gather_mean(metrics)
 
     def _gather_mean(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -551,83 +526,27 @@ class RLTrainer:
         totals = self.accelerator.reduce(torch.stack([values * present, present]), reduction="sum")
         return {k: total / count for k, total, count in zip(keys, *totals.tolist(), strict=True) if count}
 
-    def _write_samples(self, rollout: Rollout, batch: PromptBatch) -> None:
-        image_ids = batch.columns.get("image_id", [None] * len(batch))
-        self.run.write_samples(
-            {
-                "step": self.step,
-                "image_id": image_ids[int(rollout.prompt_index[i])],
-                "prompt": batch.prompts[int(rollout.prompt_index[i])],
-                "completion": rollout.completions[i],
-                "reward": float(rollout.rewards[i]),
-            }
-            for i in range(len(rollout))
-        )
-
     # -- evaluation -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, dataset: datasets.Dataset | None = None, batch_size: int = 64) -> dict[str, float]:
-        """Greedy completions on held-out prompts: mean reward and the task metric, over all processes."""
-        dataset = dataset if dataset is not None else self.eval_dataset
-        if dataset is None or len(dataset) == 0:
-            return {}
-        indices = list(range(len(dataset)))[self.accelerator.process_index :: self.accelerator.num_processes]
-        totals: dict[str, float] = defaultdict(float)
-        count = 0
-        for start in range(0, len(indices), batch_size):
-            batch = self._batch(dataset, indices[start : start + batch_size])
-            with share_image_encoding(self.unwrapped.policy):  # prompts may share an image
-                rollout = self.generate(batch, greedy=True, samples=1)
-            rewards, _ = self.compute_rewards(rollout, batch)
-            if start == 0 and self.metrics_log is not None:  # main process, in a run: the report's gallery
-                self._keep_eval_samples(indices, batch, rollout, rewards)
-            n = len(rollout)
-            totals["eval/reward"] += rewards.sum().item()
-            if self.eval_metric is not None:
-                for key, value in self.eval_metric(rollout.completions, batch.columns).items():
-                    totals[f"eval/{key}"] += value * n
-            count += n
-        keys = sorted(totals)
-        values = torch.tensor([totals[k] for k in keys] + [count], dtype=torch.float64, device=self.device)
-        values = self.accelerator.reduce(values, reduction="sum")
-        return {k: v / values[-1].item() for k, v in zip(keys, values[:-1].tolist(), strict=True)}
-
-    def _keep_eval_samples(
-        self, indices: list[int], batch: PromptBatch, rollout: Rollout, rewards: torch.Tensor
-    ) -> None:
-        """The first held-out prompts of this evaluation (one greedy completion each), for the report."""
-        n = min(GALLERY_SIZE, len(rollout))
-        save_eval_samples(
-            self.run,
-            self.step,
-            indices[:n],
-            batch.prompts[:n],
-            batch.images[:n],
-            rollout.completions[:n],
-            rewards[:n].tolist(),
-            {name: values[:n].tolist() for name, values in self.last_reward_components.items()},
-            {key: values[:n] for key, values in batch.columns.items()},
-        )
+    def evaluate(self) -> dict[str, float]:
+        """The rollout source's held-out evaluation (greedy), over all processes."""
+        gallery = self.run if self.metrics_log is not None else None  # main process, in a run: the report's
+        return self.rollouts.evaluate(self.policy, self.rewards, gallery, self.step)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """accelerate state (weights, optimizer, scheduler, RNG) + trainer state + the adapter, written
         atomically by the run's `CheckpointManager` (which rotates, sparing pending uploads)."""
-        self.accelerator.wait_for_everyone()
-        tmp = self.checkpoints.begin(self.step)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()  # every rank's RNG state is in tmp before it is renamed
-        path = self.run.checkpoint_dir(self.step)
-        if self.accelerator.is_main_process:
-            self._save_adapter(tmp / ADAPTER_NAME)
-            state = {"step": self.step, "kl_coef": self.kl.coef, "skipped_steps": self.skipped_steps}
-            path = self.checkpoints.commit(tmp, self.step, state)  # trainer_state.json: the marker, last
-            if self.config.push_to_hub and self.config.hub_push_checkpoints:
-                from vlm_rl.hub import push_checkpoint  # huggingface_hub is imported only when pushing
+        state = {"step": self.step, "kl_coef": self.kl.coef, "skipped_steps": self.skipped_steps}
+        path = self.checkpoints.save(
+            self.accelerator,
+            self.step,
+            state,
+            write_extra=lambda tmp: self.policy.save_adapter(tmp / ADAPTER_NAME),
+        )
+        if self.accelerator.is_main_process and self.config.push_to_hub and self.config.hub_push_checkpoints:
+            from vlm_rl.hub import push_checkpoint  # huggingface_hub is imported only when pushing
 
-                self.checkpoints.upload(path, functools.partial(push_checkpoint, self.config))
-        self.accelerator.wait_for_everyone()
+            self.checkpoints.upload(path, functools.partial(push_checkpoint, self.config))
         return path
 
     def wait_for_uploads(self) -> None:
@@ -643,33 +562,9 @@ class RLTrainer:
         self.step, self.kl.coef, self.skipped_steps = state["step"], state["kl_coef"], state["skipped_steps"]
         logger.info("resumed from %s at step %d", path, self.step)
 
-    def _save_adapter(self, path: Path) -> None:
-        """Policy adapter (+ processor files, + value head with a critic) into `path`."""
-        unwrapped = self.unwrapped
-        # Name the base as the user did ("tiny-llava", a hub id), not the local cache folder.
-        unwrapped.policy.peft_config["default"].base_model_name_or_path = self.config.model_name_or_path
-        # save_embedding_layers=False: embeddings are never trained, and "auto" would look the base up on
-        # the hub (a network call for a tiny default's name) to compare vocabulary sizes
-        unwrapped.policy.save_pretrained(str(path), save_embedding_layers=False)
-        self.processor.save_pretrained(str(path))
-        if unwrapped.value_head is not None:
-            save_value_head(unwrapped.value_head, path)
-
     def save_final(self, metrics: dict[str, float] | None = None) -> Path:
-        path = self.run.final_dir
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            with atomic_dir(path) as tmp:
-                self._save_adapter(tmp)
-                info = {
-                    "algorithm": self.config.algorithm,
-                    "step": self.step,
-                    "base_model": self.config.model_name_or_path,
-                    "metrics": metrics or {},
-                }
-                (tmp / RL_RUN_INFO_NAME).write_text(json.dumps(info, indent=2, default=str))
-        self.accelerator.wait_for_everyone()
-        return path
+        """The adapter (+ value head) and rl_run.json into final/ (`TrainedPolicy.save_final`)."""
+        return self.policy.save_final(self.run, self.step, metrics)
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, dict[str, float]]:

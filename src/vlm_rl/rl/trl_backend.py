@@ -9,7 +9,7 @@ Why a second engine: TRL's brings vLLM generation (colocated or a server) and it
 vlm_rl brings what TRL lacks for VLMs: the loader and structural LoRA targets (`build_policy`), the
 tasks, the rule rewards and the learned multimodal reward model, which needs the images (TRL hands
 every dataset column, `images` included, to each reward function), and the held-out evaluation.
-The held-out prompts are scored by `RLTrainer.evaluate` itself before and after training, so the
+The held-out prompts are scored by the native engine's own evaluation (`PromptRollouts.evaluate`) before and after training, so the
 closing line is computed exactly as the native engine's and the two compare directly.
 
 One RL step = one generation of prompts_per_step x samples_per_prompt completions (TRL's
@@ -61,19 +61,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
+import torch
 from accelerate import Accelerator
-from transformers import TrainerCallback, TrainerState
+from transformers import ProcessorMixin, TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from vlm_rl.data.collators import PromptCollator
 from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.report import report_at_step
 from vlm_rl.rewards.compose import CombinedReward
+from vlm_rl.rl.components import EvalMetric, PromptRollouts, RewardStage, TrainedPolicy
 from vlm_rl.rl.config import RLConfig, WarmStartConfig
-from vlm_rl.rl.pipeline import build_policy, load_base, load_rl_datasets, print_closing, warm_start
+from vlm_rl.rl.pipeline import warm_start
 from vlm_rl.rl.rollout import eos_token_ids, suppressed_tokens
-from vlm_rl.rl.trainer import EvalMetric, RLTrainer
 from vlm_rl.run_folder import MetricsLogger, RunFolder
 
 logger = logging.getLogger(__name__)
@@ -265,36 +266,33 @@ def missing_eos(eos_ids: Sequence[int]) -> Callable[..., list[float]]:
 
 
 class TRLRun:
-    """What evaluation, the warm start and the final save read of an `RLTrainer`, over TRL's model.
-
-    The methods are RLTrainer's own, bound to this object rather than copied, so held-out numbers
-    come from the same greedy decoding, reward (with the missing-EOS penalty) and task metric as the
-    native engine's, and final/ is written the same way (`--init_adapter`, `vlm-rl push` read it).
-    """
-
-    evaluate = RLTrainer.evaluate
-    generate = RLTrainer.generate
-    compute_rewards = RLTrainer.compute_rewards
-    save_final = RLTrainer.save_final
-    _save_adapter = RLTrainer._save_adapter
-    _batch = RLTrainer._batch
-    _keep_eval_samples = RLTrainer._keep_eval_samples
-    unwrapped = RLTrainer.unwrapped
-    device = RLTrainer.device
+    """The native engine's parts over TRL's model, for evaluation, the warm start and the final save:
+    held-out numbers come from the same greedy decoding (`TrainedPolicy`), reward with the missing-EOS
+    penalty (`RewardStage`) and task metric (`PromptRollouts.evaluate`) as the native engine's, and
+    final/ is written the same way (`--init_adapter`, `vlm-rl push` read it)."""
 
     def __init__(self, config: RLConfig, trainer, reward: CombinedReward, eval_dataset, eval_metric):
         self.config = config
         self.accelerator = trainer.accelerator
-        self.module = PolicyWithValue(trainer.model)
         self.processor = trainer.processing_class
-        self.collator = PromptCollator(self.processor)
-        self.reward = reward
-        self.eval_dataset = eval_dataset
-        self.eval_metric = eval_metric
+        self.policy = TrainedPolicy(PolicyWithValue(trainer.model), self.accelerator, self.processor, config)
+        self.rewards = RewardStage(reward, config)
+        self.prompts = PromptRollouts(self.processor, None, eval_dataset, eval_metric)
         self.run = RunFolder(config.output_dir)
         self.steps_per_rl_step = optimizer_steps_per_rl_step(trainer.args)
         self.step = 0  # RL steps done (TRL's global_step / k)
         self.metrics_log: MetricsLogger | None = None  # main process: evaluations keep the report's gallery
+
+    @property
+    def unwrapped(self) -> PolicyWithValue:
+        return self.policy.unwrapped
+
+    def evaluate(self) -> dict[str, float]:
+        gallery = self.run if self.metrics_log is not None else None
+        return self.prompts.evaluate(self.policy, self.rewards, gallery, self.step)
+
+    def save_final(self, metrics: dict[str, float] | None = None) -> Path:
+        return self.policy.save_final(self.run, self.step, metrics)
 
 
 class _RunLog(TrainerCallback):
@@ -309,9 +307,9 @@ class _RunLog(TrainerCallback):
     def evaluate(self, state) -> dict[str, float]:
         """Every process (the metrics are reduced over all); the model's mode is kept, as TRL files a
         step's metrics under it."""
-        training = self.run.module.training
+        training = self.run.policy.module.training
         metrics = self.run.evaluate()
-        self.run.module.train(training)
+        self.run.policy.module.train(training)
         if self.metrics_log is not None:
             self.metrics_log.log(metrics, step=state.global_step // self.run.steps_per_rl_step)
         return metrics
@@ -343,27 +341,25 @@ def resumed_rl_step(checkpoints_dir: str, resume: str | None, steps_per_rl_step:
     return TrainerState.load_from_json(str(state_file)).global_step // steps_per_rl_step
 
 
-def run_trl(
+def train_on_trl(
     config: RLConfig,
     warm: WarmStartConfig,
+    policy: torch.nn.Module,
+    value_head: torch.nn.Linear | None,
+    processor: ProcessorMixin,
     reward: CombinedReward,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset,
     eval_metric: EvalMetric,
     accelerator: Accelerator,
-    *,
-    metric: str,
-    held_out: str,
-) -> dict:
-    """`vlm_rl.rl.pipeline.run_rl` on TRL's GRPOTrainer: the same policy, prompts, warm start, reward,
-    held-out report and push. Returns {"before", "after"} held-out metrics."""
+) -> tuple[dict[str, float] | None, dict[str, dict[str, float]], Path]:
+    """The RL stage of `vlm_rl.rl.pipeline.run_rl` on TRL's GRPOTrainer (`pipeline.train_native`'s
+    arguments): the same policy, prompts, warm start, reward, held-out evaluation and final/; no
+    critic, so no `value_head` (`check_mappable` refuses --algorithm ppo). Returns (the base policy's
+    metrics when a warm start ran, {"before", "after"} held-out metrics, final/)."""
     from trl import GRPOTrainer
 
-    check_mappable(config)  # before anything is loaded
-    train_dataset, eval_dataset, held_out, is_held_out = load_rl_datasets(config, held_out)
-    if accelerator.is_main_process:
-        RunFolder(config.output_dir).write_evaluation(held_out, is_held_out)
-    model, processor = load_base(config, accelerator)  # the native engine's loading and LoRA
-    policy, _ = build_policy(config, model)
-    eos = eos_token_ids(model, processor)
+    eos = eos_token_ids(policy, processor)
     args = grpo_config(
         config,
         num_processes=accelerator.num_processes,
@@ -404,7 +400,4 @@ def run_trl(
     if metrics_log is not None:
         metrics_log.close()
         report_at_step(run.run.root, run.step, config.report_steps, final=True)
-
-    if accelerator.is_main_process:
-        print_closing(config, warm, metric, held_out, base, before, after, final, engine="TRL GRPOTrainer, ")
-    return {"before": before, "after": after}
+    return base, {"before": before, "after": after}, final

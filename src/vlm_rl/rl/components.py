@@ -1,0 +1,256 @@
+"""The parts an RL run is built from, shared by the native trainer (`RLTrainer`) and TRL's run
+(`vlm_rl.rl.trl_backend.TRLRun`), so both sample, score and save exactly the same way:
+
+- `TrainedPolicy`: the policy being trained as a run holds it (the module under accelerate and the
+  processor): sample completions from it, write its adapter into a checkpoint or final/;
+- `RewardStage`: the step's reward (the reward components, minus the missing-EOS penalty, plus
+  DAPO's overlong shaping);
+- `PromptRollouts`: the single-turn rollout source (a step's prompts and their G sampled
+  completions; held-out evaluation by greedy completions). The agent's source, `EpisodeRollouts`
+  (`vlm_rl.rl.agent`), plays episodes instead; `RLTrainer` takes either.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from transformers import ProcessorMixin
+
+from vlm_rl.data.collators import PromptBatch, PromptCollator
+from vlm_rl.models import share_image_encoding
+from vlm_rl.models.value import PolicyWithValue, save_value_head
+from vlm_rl.report.records import GALLERY_SIZE, save_eval_samples
+from vlm_rl.rewards.compose import CombinedReward
+from vlm_rl.rl import core
+from vlm_rl.rl.config import RLConfig
+from vlm_rl.rl.rollout import Rollout, generate
+from vlm_rl.run_folder import RL_RUN_INFO_NAME, RunFolder, atomic_dir
+
+EVAL_BATCH_SIZE = 64
+"""Held-out prompts (or episodes) generated together in one evaluation batch."""
+
+EvalMetric = Callable[[list[str], dict[str, list[Any]]], dict[str, float]]
+"""(completions, columns) -> task metrics, e.g. caption accuracy judged by rule."""
+
+
+class TrainedPolicy:
+    """The policy being trained: `module` (a `PolicyWithValue`, prepared by accelerate or not), its
+    accelerator and processor, and the config's sampling flags."""
+
+    def __init__(
+        self, module: torch.nn.Module, accelerator: Accelerator, processor: ProcessorMixin, config: RLConfig
+    ):
+        self.module = module
+        self.accelerator = accelerator
+        self.processor = processor
+        self.config = config
+
+    @property
+    def unwrapped(self) -> PolicyWithValue:
+        return self.accelerator.unwrap_model(self.module)
+
+    @contextmanager
+    def for_generation(self) -> Iterator[torch.nn.Module]:
+        """The policy model in eval mode, ZeRO-3 shards gathered (TRL's `unwrap_model_for_generation`)."""
+        from trl.models.utils import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.module, self.accelerator) as unwrapped:
+            unwrapped.policy.eval()
+            yield unwrapped.policy
+
+    def generate(self, batch: PromptBatch, greedy: bool = False, samples: int | None = None) -> Rollout:
+        """`samples` (default: samples_per_prompt) completions of each prompt of `batch`."""
+        with self.for_generation() as policy:
+            return generate(
+                policy,
+                self.processor,
+                batch.inputs,
+                torch.tensor([len(images) for images in batch.images]),
+                samples_per_prompt=samples or self.config.samples_per_prompt,
+                max_new_tokens=self.config.max_new_tokens,
+                temperature=self.config.temperature,
+                top_p=self.config.top_p,
+                greedy=greedy,
+            )
+
+    def save_adapter(self, path: Path) -> None:
+        """Policy adapter (+ processor files, + value head with a critic) into `path`."""
+        unwrapped = self.unwrapped
+        # Name the base as the user did ("tiny-llava", a hub id), not the local cache folder.
+        unwrapped.policy.peft_config["default"].base_model_name_or_path = self.config.model_name_or_path
+        # save_embedding_layers=False: embeddings are never trained, and "auto" would look the base up on
+        # the hub (a network call for a tiny default's name) to compare vocabulary sizes
+        unwrapped.policy.save_pretrained(str(path), save_embedding_layers=False)
+        self.processor.save_pretrained(str(path))
+        if unwrapped.value_head is not None:
+            save_value_head(unwrapped.value_head, path)
+
+    def save_final(self, run: RunFolder, step: int, metrics: dict[str, float] | None = None) -> Path:
+        """The adapter and rl_run.json (algorithm, step, base model, metrics) into the run's final/,
+        atomically (main process; every process calls it)."""
+        path = run.final_dir
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with atomic_dir(path) as tmp:
+                self.save_adapter(tmp)
+                info = {
+                    "algorithm": self.config.algorithm,
+                    "step": step,
+                    "base_model": self.config.model_name_or_path,
+                    "metrics": metrics or {},
+                }
+                (tmp / RL_RUN_INFO_NAME).write_text(json.dumps(info, indent=2, default=str))
+        self.accelerator.wait_for_everyone()
+        return path
+
+
+def _as_conversation(completion: str, prompt: Any) -> Any:
+    """TRL's convention: a conversational prompt gets a conversational completion."""
+    if isinstance(prompt, list):
+        return [{"role": "assistant", "content": completion}]
+    return completion
+
+
+class RewardStage:
+    """A rollout's sequence rewards: `reward`'s components, minus the missing-EOS penalty, plus DAPO's
+    soft overlong punishment with --overlong_buffer."""
+
+    def __init__(self, reward: CombinedReward, config: RLConfig):
+        self.reward = reward
+        self.config = config
+        self.last_components: dict[str, torch.Tensor] = {}
+        """Each component's rewards of the last call, per sample: for the report's gallery."""
+
+    def __call__(self, rollout: Rollout, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sequence rewards (N,) and their metrics. Raises `NonFiniteRewardError` when a component
+        returns NaN or inf."""
+        index = rollout.prompt_index.tolist()
+        prompts = [batch.prompts[i] for i in index]
+        columns = {key: [values[i] for i in index] for key, values in batch.columns.items()}
+        columns["images"] = [batch.images[i] for i in index]
+        completions = [
+            _as_conversation(text, prompt) for text, prompt in zip(rollout.completions, prompts, strict=True)
+        ]
+        result = self.reward(prompts=prompts, completions=completions, **columns)
+        self.last_components = result.per_component
+        rewards = result.total.clone()
+        rewards -= self.config.missing_eos_penalty * (~rollout.ended).float()
+        metrics = result.metrics()
+        if self.config.overlong_buffer:  # DAPO's soft overlong punishment
+            lengths = rollout.completion_mask.sum(1)
+            overlong = core.overlong_penalty(lengths, self.config.max_new_tokens, self.config.overlong_buffer)
+            rewards += self.config.overlong_penalty * overlong
+            metrics["rewards/overlong_penalty/mean"] = (self.config.overlong_penalty * overlong).mean().item()
+        return rewards, metrics
+
+
+class PromptRollouts:
+    """The single-turn rollout source: training prompts (`train_dataset`, sampled G times each) and
+    held-out prompts scored by greedy completions (`eval_dataset`, `eval_metric`)."""
+
+    def __init__(
+        self,
+        processor: ProcessorMixin,
+        train_dataset: datasets.Dataset | None,
+        eval_dataset: datasets.Dataset | None = None,
+        eval_metric: EvalMetric | None = None,
+    ):
+        if train_dataset is not None and len(train_dataset) == 0:
+            raise ValueError("the training prompt dataset is empty; check --dataset and its split")
+        self.collator = PromptCollator(processor)
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.eval_metric = eval_metric
+
+    def __len__(self) -> int:
+        """How many distinct training prompts there are."""
+        return len(self.train_dataset)
+
+    def batch(self, dataset: datasets.Dataset, indices: list[int]) -> PromptBatch:
+        return self.collator([dataset[i] for i in indices])
+
+    def sample(
+        self, policy: TrainedPolicy, indices: list[int]
+    ) -> tuple[Rollout, PromptBatch, dict[str, float]]:
+        """The training prompts `indices` and their sampled completions: (rollout, prompts, metrics)."""
+        batch = self.batch(self.train_dataset, indices)
+        return policy.generate(batch), batch, {}
+
+    def write_samples(self, run: RunFolder, step: int, rollout: Rollout, batch: PromptBatch) -> None:
+        """Every completion of the step with its prompt and reward, into samples.jsonl."""
+        image_ids = batch.columns.get("image_id", [None] * len(batch))
+        run.write_samples(
+            {
+                "step": step,
+                "image_id": image_ids[int(rollout.prompt_index[i])],
+                "prompt": batch.prompts[int(rollout.prompt_index[i])],
+                "completion": rollout.completions[i],
+                "reward": float(rollout.rewards[i]),
+            }
+            for i in range(len(rollout))
+        )
+
+    @torch.no_grad()
+    def evaluate(
+        self, policy: TrainedPolicy, rewards: RewardStage, gallery: RunFolder | None, step: int
+    ) -> dict[str, float]:
+        """Greedy completions on the held-out prompts: mean reward and the task metric, over all
+        processes. With `gallery` (the main process of a run) the first ones are kept for the report."""
+        accelerator = policy.accelerator
+        dataset = self.eval_dataset
+        if dataset is None or len(dataset) == 0:
+            return {}
+        indices = list(range(len(dataset)))[accelerator.process_index :: accelerator.num_processes]
+        totals: dict[str, float] = defaultdict(float)
+        count = 0
+        for start in range(0, len(indices), EVAL_BATCH_SIZE):
+            batch = self.batch(dataset, indices[start : start + EVAL_BATCH_SIZE])
+            with share_image_encoding(policy.unwrapped.policy):  # prompts may share an image
+                rollout = policy.generate(batch, greedy=True, samples=1)
+            sequence_rewards, _ = rewards(rollout, batch)
+            if start == 0 and gallery is not None:
+                self._keep_eval_samples(gallery, step, indices, batch, rollout, sequence_rewards, rewards)
+            n = len(rollout)
+            totals["eval/reward"] += sequence_rewards.sum().item()
+            if self.eval_metric is not None:
+                for key, value in self.eval_metric(rollout.completions, batch.columns).items():
+                    totals[f"eval/{key}"] += value * n
+            count += n
+        keys = sorted(totals)
+        values = torch.tensor(
+            [totals[k] for k in keys] + [count], dtype=torch.float64, device=accelerator.device
+        )
+        values = accelerator.reduce(values, reduction="sum")
+        return {k: v / values[-1].item() for k, v in zip(keys, values[:-1].tolist(), strict=True)}
+
+    @staticmethod
+    def _keep_eval_samples(
+        run: RunFolder,
+        step: int,
+        indices: list[int],
+        batch: PromptBatch,
+        rollout: Rollout,
+        sequence_rewards: torch.Tensor,
+        rewards: RewardStage,
+    ) -> None:
+        """The first held-out prompts of this evaluation (one greedy completion each), for the report."""
+        n = min(GALLERY_SIZE, len(rollout))
+        save_eval_samples(
+            run,
+            step,
+            indices[:n],
+            batch.prompts[:n],
+            batch.images[:n],
+            rollout.completions[:n],
+            sequence_rewards[:n].tolist(),
+            {name: values[:n].tolist() for name, values in rewards.last_components.items()},
+            {key: values[:n] for key, values in batch.columns.items()},
+        )
