@@ -121,8 +121,8 @@ def test_maps_follow_their_seed_and_every_map_is_solvable():
 
 
 def test_unknown_env_names_it_and_the_choices():
-    with pytest.raises(ValueError, match=r"'sokoban'.*frozenlake"):
-        make_env("sokoban")
+    with pytest.raises(ValueError, match=r"'nethack'.*frozenlake"):
+        make_env("nethack")
     with pytest.raises(ValueError, match="no_such_module"):
         make_env("no_such_module:Env")
 
