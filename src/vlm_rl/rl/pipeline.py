@@ -174,7 +174,7 @@ def run_rl(
     same trunk); prompts come from `config.dataset` (held-out ones on the test split). With
     `warm.warm_start_steps`, a short supervised warm start (the SFT stage of RLHF) runs first and
     the base policy's score is reported too. RL runs on the native engine (`RLTrainer`), or with
-    `--trainer trl` on TRL's GRPOTrainer (`vlm_rl.rl.trl_backend.train_on_trl`). The main process
+    `--trainer trl` on TRL's GRPOTrainer (`vlm_rl.rl.trl_backend.TRLRun`). The main process
     prints `metric` (e.g. "caption_accuracy") and the reward before and after, for `held_out` items
     (e.g. "unseen images"), then pushes the run when `config.push_to_hub`.
     """
@@ -191,46 +191,18 @@ def run_rl(
     model, processor = load_base(config, accelerator)
     policy, value_head = build_policy(config, model)
 
-    train = trl_backend.train_on_trl if on_trl else train_native
-    base, result, final = train(
-        config,
-        warm,
-        policy,
-        value_head,
-        processor,
-        reward,
-        train_dataset,
-        eval_dataset,
-        eval_metric,
-        accelerator,
-    )
-
-    if accelerator.is_main_process:
-        engine = "TRL GRPOTrainer, " if on_trl else ""
-        print_closing(config, warm, metric, held_out, base, result["before"], result["after"], final, engine)
-    return result
-
-
-def train_native(
-    config: RLConfig,
-    warm: WarmStartConfig,
-    policy: torch.nn.Module,
-    value_head: torch.nn.Linear | None,
-    processor: ProcessorMixin,
-    reward: CombinedReward,
-    train_dataset: datasets.Dataset,
-    eval_dataset: datasets.Dataset,
-    eval_metric: EvalMetric,
-    accelerator: Accelerator,
-) -> tuple[dict[str, float] | None, dict[str, dict[str, float]], Path]:
-    """The RL stage of `run_rl` on the native engine (`RLTrainer`): warm start, RL, final/. Returns
-    (the base policy's metrics when a warm start ran, {"before", "after"} held-out metrics, final/)."""
-    trainer = RLTrainer(
+    engine = trl_backend.TRLRun if on_trl else RLTrainer
+    trainer = engine(
         config, policy, processor, reward, train_dataset, eval_dataset, eval_metric, accelerator, value_head
     )
     base = warm_start(trainer, config, warm, lambda: train_dataset)
     result = trainer.train()
-    return base, result, trainer.save_final(result["after"])
+    final = trainer.save_final(result["after"])
+
+    if accelerator.is_main_process:
+        label = "TRL GRPOTrainer, " if on_trl else ""
+        print_closing(config, warm, metric, held_out, base, result["before"], result["after"], final, label)
+    return result
 
 
 def print_closing(

@@ -72,8 +72,7 @@ from vlm_rl.models.value import PolicyWithValue
 from vlm_rl.report import report_at_step
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.components import EvalMetric, PromptRollouts, RewardStage, TrainedPolicy
-from vlm_rl.rl.config import RLConfig, WarmStartConfig
-from vlm_rl.rl.pipeline import warm_start
+from vlm_rl.rl.config import RLConfig
 from vlm_rl.rl.rollout import eos_token_ids, suppressed_tokens
 from vlm_rl.run_folder import MetricsLogger, RunFolder
 
@@ -266,22 +265,75 @@ def missing_eos(eos_ids: Sequence[int]) -> Callable[..., list[float]]:
 
 
 class TRLRun:
-    """The native engine's parts over TRL's model, for evaluation, the warm start and the final save:
-    held-out numbers come from the same greedy decoding (`TrainedPolicy`), reward with the missing-EOS
-    penalty (`RewardStage`) and task metric (`PromptRollouts.evaluate`) as the native engine's, and
-    final/ is written the same way (`--init_adapter`, `vlm-rl push` read it)."""
+    """GRPO on TRL's GRPOTrainer with `RLTrainer`'s surface (`evaluate`, `train`, `save_final`,
+    `policy`), so `vlm_rl.rl.pipeline.run_rl` warm-starts, trains and saves either engine the same way.
 
-    def __init__(self, config: RLConfig, trainer, reward: CombinedReward, eval_dataset, eval_metric):
+    The native engine's parts run over TRL's model: held-out numbers come from the same greedy
+    decoding (`TrainedPolicy`), reward with the missing-EOS penalty (`RewardStage`) and task metric
+    (`PromptRollouts.evaluate`) as the native engine's, and final/ is written the same way
+    (`--init_adapter`, `vlm-rl push` read it). `RLTrainer`'s arguments; no critic, so no `value_head`
+    (`check_mappable` refuses --algorithm ppo)."""
+
+    def __init__(
+        self,
+        config: RLConfig,
+        policy: torch.nn.Module,
+        processor: ProcessorMixin,
+        reward: CombinedReward,
+        train_dataset: datasets.Dataset,
+        eval_dataset: datasets.Dataset | None,
+        eval_metric: EvalMetric | None,
+        accelerator: Accelerator,
+        value_head: torch.nn.Linear | None = None,  # not read: GRPO has no critic
+    ):
+        from trl import GRPOTrainer
+
+        eos = eos_token_ids(policy, processor)
+        args = grpo_config(
+            config,
+            num_processes=accelerator.num_processes,
+            use_cpu=accelerator.device.type == "cpu",
+            # vLLM takes no suppress_tokens; transformers' generate gets the native engine's list
+            generation_kwargs=None
+            if config.use_vllm
+            else {"suppress_tokens": suppressed_tokens(processor, eos)},
+        )
+        self.trainer = GRPOTrainer(
+            model=policy,
+            reward_funcs=[reward.as_reward_function(), *(fn for fn, _ in shaping_rewards(config, eos))],
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processor,
+        )
         self.config = config
-        self.accelerator = trainer.accelerator
-        self.processor = trainer.processing_class
-        self.policy = TrainedPolicy(PolicyWithValue(trainer.model), self.accelerator, self.processor, config)
+        self.accelerator = self.trainer.accelerator
+        self.processor = self.trainer.processing_class
+        self.policy = TrainedPolicy(
+            PolicyWithValue(self.trainer.model), self.accelerator, self.processor, config
+        )
         self.rewards = RewardStage(reward, config)
         self.prompts = PromptRollouts(self.processor, None, eval_dataset, eval_metric)
         self.run = RunFolder(config.output_dir)
-        self.steps_per_rl_step = optimizer_steps_per_rl_step(trainer.args)
+        self.steps_per_rl_step = optimizer_steps_per_rl_step(args)
         self.step = 0  # RL steps done (TRL's global_step / k)
         self.metrics_log: MetricsLogger | None = None  # main process: evaluations keep the report's gallery
+        if accelerator.is_main_process:
+            self.metrics_log = self.run.start(
+                config,
+                resume=bool(config.resume_from_checkpoint),
+                report_to=config.report_to,
+                resumed_step=resumed_rl_step(
+                    args.output_dir, config.resume_from_checkpoint, self.steps_per_rl_step
+                ),
+                evaluates_again=True,  # _RunLog evaluates when training begins, after the checkpoint is loaded
+            )
+        self.run_log = _RunLog(self, self.metrics_log)
+        self.trainer.add_callback(self.run_log)
+        logger.info(
+            "GRPO on TRL's GRPOTrainer, %d process(es), k=%d",
+            accelerator.num_processes,
+            self.steps_per_rl_step,
+        )
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -290,6 +342,18 @@ class TRLRun:
     def evaluate(self) -> dict[str, float]:
         gallery = self.run if self.metrics_log is not None else None
         return self.prompts.evaluate(self.policy, self.rewards, gallery, self.step)
+
+    def train(self) -> dict[str, dict[str, float]]:
+        """TRL's training to `total_steps` (resuming as --resume_from_checkpoint says); returns
+        {"before": eval metrics, "after": eval metrics}."""
+        resume = self.config.resume_from_checkpoint
+        self.trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+        before, after = self.run_log.before, self.run_log.evaluate(self.trainer.state)
+        self.step = self.trainer.state.global_step // self.steps_per_rl_step
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+            report_at_step(self.run.root, self.step, self.config.report_steps, final=True)
+        return {"before": before, "after": after}
 
     def save_final(self, metrics: dict[str, float] | None = None) -> Path:
         return self.policy.save_final(self.run, self.step, metrics)
@@ -339,65 +403,3 @@ def resumed_rl_step(checkpoints_dir: str, resume: str | None, steps_per_rl_step:
     if state_file is None or not state_file.is_file():
         return None
     return TrainerState.load_from_json(str(state_file)).global_step // steps_per_rl_step
-
-
-def train_on_trl(
-    config: RLConfig,
-    warm: WarmStartConfig,
-    policy: torch.nn.Module,
-    value_head: torch.nn.Linear | None,
-    processor: ProcessorMixin,
-    reward: CombinedReward,
-    train_dataset: datasets.Dataset,
-    eval_dataset: datasets.Dataset,
-    eval_metric: EvalMetric,
-    accelerator: Accelerator,
-) -> tuple[dict[str, float] | None, dict[str, dict[str, float]], Path]:
-    """The RL stage of `vlm_rl.rl.pipeline.run_rl` on TRL's GRPOTrainer (`pipeline.train_native`'s
-    arguments): the same policy, prompts, warm start, reward, held-out evaluation and final/; no
-    critic, so no `value_head` (`check_mappable` refuses --algorithm ppo). Returns (the base policy's
-    metrics when a warm start ran, {"before", "after"} held-out metrics, final/)."""
-    from trl import GRPOTrainer
-
-    eos = eos_token_ids(policy, processor)
-    args = grpo_config(
-        config,
-        num_processes=accelerator.num_processes,
-        use_cpu=accelerator.device.type == "cpu",
-        # vLLM takes no suppress_tokens; transformers' generate gets the native engine's list
-        generation_kwargs=None if config.use_vllm else {"suppress_tokens": suppressed_tokens(processor, eos)},
-    )
-    trainer = GRPOTrainer(
-        model=policy,
-        reward_funcs=[reward.as_reward_function(), *(fn for fn, _ in shaping_rewards(config, eos))],
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=processor,
-    )
-    run = TRLRun(config, trainer, reward, eval_dataset, eval_metric)
-    resume = config.resume_from_checkpoint
-    metrics_log = None
-    if accelerator.is_main_process:
-        metrics_log = run.run.start(
-            config,
-            resume=bool(resume),
-            report_to=config.report_to,
-            resumed_step=resumed_rl_step(args.output_dir, resume, run.steps_per_rl_step),
-            evaluates_again=True,  # _RunLog evaluates when training begins, after the checkpoint is loaded
-        )
-    run.metrics_log = metrics_log
-    run_log = _RunLog(run, metrics_log)
-    trainer.add_callback(run_log)
-    logger.info(
-        "GRPO on TRL's GRPOTrainer, %d process(es), k=%d", accelerator.num_processes, run.steps_per_rl_step
-    )
-
-    base = warm_start(run, config, warm, lambda: train_dataset)
-    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
-    before, after = run_log.before, run_log.evaluate(trainer.state)
-    run.step = trainer.state.global_step // run.steps_per_rl_step
-    final = run.save_final(after)
-    if metrics_log is not None:
-        metrics_log.close()
-        report_at_step(run.run.root, run.step, config.report_steps, final=True)
-    return base, {"before": before, "after": after}, final
