@@ -9,6 +9,12 @@ The algorithm (`vlm_rl.rl.algorithms`, `--algorithm`) only declares what it need
 critic, where its KL enters (reward or loss), its advantage estimator and its policy loss. The trainer
 turns that and the config into one `StepPlan` per step and never branches on an algorithm's name.
 
+The rollout stage is a component, the rollout source (`RolloutSource`): single-turn prompts
+(`vlm_rl.rl.components.PromptRollouts`, built from the datasets) or an agent's episodes
+(`vlm_rl.rl.agent.EpisodeRollouts`, one row per turn); it also runs held-out evaluation. Sampling
+and saving the policy (`TrainedPolicy`) and the reward (`RewardStage`) are components too, the same
+ones TRL's engine uses (`vlm_rl.rl.trl_backend.TRLRun`).
+
 Several processes: every decision to skip (a non-finite reward, loss or gradient; no sample left
 after dynamic sampling) is agreed by an all-reduce, so all ranks skip together and their optimizer
 steps, schedulers and counters stay aligned. A skipped step still advances the step counter and the
