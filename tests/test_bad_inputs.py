@@ -333,7 +333,11 @@ CASES: list[Case] = [
         _flags("--reward_funcs", "exact_mtch", "--reward_weights", "1.0"),
         ["--reward_funcs", "unknown reward function 'exact_mtch'", "exact_match"],
     ),
-    ("config-unknown-algorithm", _flags("--algorithm", "dpo"), ["--algorithm 'dpo'", "grpo, ppo, rloo"]),
+    (
+        "config-unknown-algorithm",
+        _flags("--algorithm", "dpo"),
+        ["--algorithm 'dpo'", "cispo, grpo, gspo, ppo, rloo, sapo"],
+    ),
     (
         "config-unknown-scheduler",
         _flags("--lr_scheduler_type", "cosin"),

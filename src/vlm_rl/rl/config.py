@@ -380,10 +380,12 @@ class AgentConfig:
 
     env: str = _f(
         "frozenlake",
-        "Environment: a built-in (frozenlake, numberline, cliffwalking), a gymnasium id (MiniGrid-Empty-5x5-v0), "
+        "Environment: a built-in (frozenlake, numberline, cliffwalking, sokoban), a gymnasium id (MiniGrid-Empty-5x5-v0), "
         "gymnasium's module:EnvId (minigrid:BabyAI-GoToRedBallNoDists-v0) or pkg.module:Class (a gymnasium.Env).",
     )
-    env_size: int | None = _f(None, "Built-in grid size (FrozenLake: 4 = the 4x4 random maps).")
+    env_size: int | None = _f(
+        None, "Built-in grid size (FrozenLake: 4 = the 4x4 random maps; Sokoban: 6 = 6x6 rooms)."
+    )
     slippery: bool = _f(False, "FrozenLake/CliffWalking built-ins: slippery moves.")
     render: str | None = _f(
         None,
