@@ -182,10 +182,11 @@ def small(argv: list[str], recipe: str, reward_model: Path | None) -> list[str]:
         else:
             argv += [flag, value]
     for flag, value in default.items():
-        # a warm start configured by --config or resumed by --init_adapter stays as the command has it
-        if flag not in argv and not (
-            flag == "--warm_start_steps" and {"--config", "--init_adapter"} & set(argv)
-        ):
+        # a warm start configured by --config stays on (its rate and batch size stay used) but short;
+        # one resumed by --init_adapter stays as the command has it
+        if flag == "--warm_start_steps" and flag not in argv and "--config" in argv:
+            argv += [flag, "2"]
+        elif flag not in argv and not (flag == "--warm_start_steps" and "--init_adapter" in argv):
             argv += [flag, value]
     if recipe == "ppo" and "--reward_model_path" not in argv:
         argv += ["--reward_model_path", str(reward_model)]
