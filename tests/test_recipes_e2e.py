@@ -78,8 +78,8 @@ def test_ppo_recipe_on_two_processes_raises_the_reward(tmp_path, reward_model, l
             str(out),
             "--total_steps",
             "60",
-            "--warm_start_steps",  # from the recipe's 40 (held-out 0.6) 60 steps leave too little to gain
-            "8",
+            "--warm_start_steps",  # a shorter warm start leaves more for 60 RL steps to gain (seeds 0-2:
+            "4",  # +1.13, +0.94, +0.58 eval reward; from the recipe's 40, +0.06 on seed 1)
             "--eval_steps",
             "0",
             "--save_steps",
