@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -16,7 +17,20 @@ def make_accelerator(gradient_accumulation_steps: int = 1) -> Accelerator:
     single-process state; `cpu=True` makes them one MULTI_CPU (gloo) group.
     """
     distributed_without_gpu = launched_processes() > 1 and not torch.cuda.is_available()
-    return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, cpu=distributed_without_gpu)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps, cpu=distributed_without_gpu
+    )
+    if launched_processes() > 1:
+        # The process group ends before the interpreter does (as torch.distributed asks): left to
+        # the interpreter's teardown, gloo's threads once aborted a rank that had finished its run
+        # ("terminate called without an active exception", exit -6) in a loaded make test.
+        atexit.register(_end_process_group)
+    return accelerator
+
+
+def _end_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def launched_processes() -> int:
