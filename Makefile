@@ -53,13 +53,13 @@ $(BROWSER):
 
 browser: $(BROWSER)
 
-# The whole suite (16-20 min on 2 cores): everything test-fast runs, plus learning runs,
+# The whole suite (about 9 min on 2 cores): everything test-fast runs, plus learning runs,
 # several-process runs, the report and docs rendered in a browser, and every documented command.
 test: $(STAMP) $(BROWSER)
 	$(PYTEST) -q $(XDIST) tests
 
 # Unit and integration tests without learning runs, several processes, the browser or the documented
-# commands (about 5 min on 2 cores).
+# commands (under 3 min on 2 cores).
 test-fast: $(STAMP)
 	$(PYTEST) -q $(XDIST) -m "not learning and not multiprocess and not browser and not documented" tests
 
