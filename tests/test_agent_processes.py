@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.multiprocess  # launches several training processes (make test only)
@@ -45,19 +45,13 @@ def tiny_agent_model() -> None:
     ensure_tiny("tiny-llava-agent")  # built once here: processes building it at once would race
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_rank_agent_run_ends_with_identical_weights(tmp_path: Path) -> None:
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch",
         "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         str(AGENT_RUN), str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, **ENV, "ACCELERATE_USE_CPU": "true"}

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from ports import free_port
 
 from vlm_rl import cli
 
@@ -547,12 +547,6 @@ def test_an_unexpected_exception_keeps_its_traceback(monkeypatch: pytest.MonkeyP
         cli.main(["grpo"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_processes_print_the_message_once(data: Path):
     """Under `accelerate launch` with 2 CPU processes a rank exits 2 (the other too, unless torchrun
@@ -563,7 +557,7 @@ def test_two_processes_print_the_message_once(data: Path):
     bad = jsonl(data, "two.jsonl", [row(images=["../outside.png"])])
     command = [
         ACCELERATE, "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(ROOT / "recipes" / "grpo_vqa.py"), "--dataset", bad, "--output_dir", str(data.parent / "runs" / "two"),
     ]  # fmt: skip
     result = subprocess.run(

@@ -303,38 +303,3 @@ def test_each_loss_runs_on_trls_grpo_trainer(
     assert any(t.abs().max() > 0 for name, t in adapter.items() if "lora_B" in name)
     logged = set().union(*RunFolder(tmp_path).read_metrics())
     assert ("rewards/soft_overlong_punishment_reward/mean" in logged) == ("--overlong_buffer" in extra)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["gspo", "cispo", "sapo"])
-def test_says_red_is_learned_with_each_loss(algorithm, tmp_path):
-    """tests/test_rl_trainer.py's learning check for the new losses: a reward only for answering
-    "red" first, 12 steps; the sampled reward must rise."""
-    from test_rl_trainer import make_trainer
-
-    from vlm_rl.rewards.compose import CombinedReward
-    from vlm_rl.rewards.rules import completion_text
-    from vlm_rl.run_folder import RunFolder
-    from vlm_rl.tasks.easy_vqa import caption_dataset
-
-    def says_red(prompts, completions, **columns):
-        return [1.0 if completion_text(c).split()[:1] == ["red"] else 0.0 for c in completions]
-
-    trainer = make_trainer(
-        tmp_path,
-        caption_dataset("train", num_samples=64, seed=0),
-        CombinedReward([says_red]),
-        algorithm=algorithm,
-        total_steps=12,
-        lr_decay_steps=None,
-        lr_scheduler_type="constant",
-        missing_eos_penalty=0.0,
-        entropy_coef=0.0,
-        learning_rate=3e-3,
-    )
-    trainer.train()
-    rewards = [
-        row["reward/mean"] for row in RunFolder(tmp_path / "run").read_metrics() if "reward/mean" in row
-    ]
-    assert len(rewards) == 12
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, rewards

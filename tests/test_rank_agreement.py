@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 pytestmark = pytest.mark.multiprocess  # launches several training processes (make test only)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "scripts" / "rank_agreement.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_two_ranks(output_dir: Path, mode: str) -> tuple[dict, dict, str]:
@@ -40,7 +34,7 @@ def run_two_ranks(output_dir: Path, mode: str) -> tuple[dict, dict, str]:
         str(Path(sys.executable).parent / "accelerate"), "launch",
         "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         str(SCRIPT), str(output_dir), mode,
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from ports import free_port
 
 from vlm_rl.data import DataError
 from vlm_rl.rewards.model import CONFIG_NAME, HEAD_NAME, RewardModel, last_token_index
@@ -297,12 +297,6 @@ def test_grpo_trainer_runs_with_reward_model_and_rule_reward(trained: TrainedRun
 # -- Two processes under accelerate -------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_two_processes(
     output_dir: Path, cache: Path, extra_env: dict[str, str | None]
 ) -> subprocess.CompletedProcess:
@@ -331,7 +325,7 @@ def launch_two_processes(
         "--multi_gpu",
         "--mixed_precision", "no",
         "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         str(RECIPE),
         "--output_dir", str(output_dir),
         "--max_train_samples", "64",

@@ -52,13 +52,15 @@ def trainable_state(trainer: RLTrainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.unwrapped.named_parameters() if v.requires_grad}
 
 
-def test_says_red_is_learned_by_every_algorithm(tmp_path, prompts):
-    """A reward only for answering "red" first: each algorithm must raise the sampled reward."""
+@pytest.mark.parametrize("algorithms", [("ppo", "grpo", "rloo"), ("gspo", "cispo", "sapo")])
+def test_says_red_is_learned_by_every_algorithm(tmp_path, prompts, algorithms):
+    """A reward only for answering "red" first: each algorithm (and each policy loss) must raise the
+    sampled reward."""
 
     def says_red(prompts, completions, **columns):
         return [1.0 if completion_text(c).split()[:1] == ["red"] else 0.0 for c in completions]
 
-    for algorithm in ("ppo", "grpo", "rloo"):
+    for algorithm in algorithms:
         trainer = make_trainer(
             tmp_path / algorithm,
             prompts,
