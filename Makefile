@@ -53,7 +53,7 @@ $(BROWSER):
 
 browser: $(BROWSER)
 
-# The whole suite (about 9 min on 2 cores): everything test-fast runs, plus learning runs,
+# The whole suite (9-11 min on 2 cores): everything test-fast runs, plus learning runs,
 # several-process runs, the report and docs rendered in a browser, and every documented command.
 test: $(STAMP) $(BROWSER)
 	$(PYTEST) -q $(XDIST) tests
