@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from vlm_rl.envs import cliffwalking, frozenlake, numberline, sokoban
+from vlm_rl.envs import babyai, cliffwalking, frozenlake, numberline, sokoban
 from vlm_rl.envs.adapter import TurnEnv, words_of
 from vlm_rl.envs.external import make_external
 from vlm_rl.errors import ConfigError
@@ -22,7 +23,10 @@ class EnvSpec:
     (a range, a tuple, or Sokoban's sequence computed on first use);
     `max_turns` is the episode cap with the default options; `words` are every word of the
     protocol (instruction and actions), for the tiny models' vocabulary; `expert(env)` is the
-    optimal (shortest-path) action word in the env's current state, for warm starts and baselines.
+    optimal (shortest-path) action word in the env's current state, for warm starts and baselines;
+    `tiny_model` is the offline tiny model whose vocabulary is built with these words (the agent
+    recipe's default model for this env; tiny-llava-agent's words never change when an env of
+    another tiny model is added).
     """
 
     name: str
@@ -32,6 +36,7 @@ class EnvSpec:
     max_turns: int
     words: list[str]
     expert: Callable[[TurnEnv], str] | None = None
+    tiny_model: str = "tiny-llava-agent"
 
 
 def _builtin(name: str, module: ModuleType, make: Callable[..., TurnEnv], max_turns: int) -> EnvSpec:
@@ -44,13 +49,27 @@ ENVS: dict[str, EnvSpec] = {
     "numberline": _builtin("numberline", numberline, numberline.make_numberline, max_turns=10),
     "cliffwalking": _builtin("cliffwalking", cliffwalking, cliffwalking.make_cliffwalking, max_turns=20),
     "sokoban": _builtin("sokoban", sokoban, sokoban.make_sokoban, max_turns=12),
+    **{
+        f"babyai-{level}": EnvSpec(
+            f"babyai-{level}",
+            functools.partial(babyai.make_babyai, level=level),
+            babyai.TRAIN_SEEDS[level],
+            babyai.EVAL_SEEDS[level],
+            babyai.MAX_TURNS,
+            words_of(babyai.INSTRUCTION, *babyai.MISSION_WORDS, *babyai.ACTIONS),
+            babyai.expert,
+            tiny_model="tiny-llava-babyai",
+        )
+        for level in babyai.LEVELS
+    },
 }
 """Built-in name -> its spec (protocols in the modules' docstrings)."""
 
 
-def vocabulary() -> list[str]:
-    """Texts whose words the built-in protocols use (the `vocabulary()` contract of `vlm_rl.tasks`)."""
-    return [" ".join(spec.words) for spec in ENVS.values()]
+def vocabulary(tiny_model: str | None = None) -> list[str]:
+    """Texts whose words the built-in protocols use (the `vocabulary()` contract of `vlm_rl.tasks`):
+    every built-in's, or with `tiny_model` only those of the built-ins whose `EnvSpec.tiny_model` it is."""
+    return [" ".join(spec.words) for spec in ENVS.values() if tiny_model in (None, spec.tiny_model)]
 
 
 BUILTIN_OPTIONS = {"size": ("--env_size", '{"size": 6}'), "slippery": ("--slippery", '{"is_slippery": true}')}

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +34,42 @@ from vlm_rl.models.tiny_builds import IMAGE_SIZE, build_llava, build_qwen2_5_vl
 logger = logging.getLogger(__name__)
 
 
-def _agent_words() -> list[str]:
-    from vlm_rl import envs  # the built-in environments' protocols
+def _env_words(tiny_model: str | None) -> Callable[[], list[str]]:
+    """The texts of the built-in environments whose `EnvSpec.tiny_model` is `tiny_model` (None: all)."""
 
-    return envs.vocabulary()
+    def words() -> list[str]:
+        from vlm_rl import envs  # the built-in environments' protocols
+
+        return envs.vocabulary(tiny_model)
+
+    return words
 
 
-TINY_VARIANTS: dict[str, tuple[str, Callable[[], list[str]]]] = {
-    "tiny-llava-agent": ("tiny-llava", _agent_words)
+@dataclass(frozen=True)
+class TinyVariant:
+    """A tiny model built as another one with a larger vocabulary and, optionally, other sizes."""
+
+    built_as: str
+    """The tiny model it is built as ("tiny-llava")."""
+    words: Callable[[], list[str]]
+    """Texts whose words it knows besides the demo tasks'."""
+    sizes: dict[str, Any] = field(default_factory=dict)
+    """Sizes that replace the built-as row's (`TinyBuild.sizes`), e.g. image_size."""
+
+
+TINY_VARIANTS: dict[str, TinyVariant] = {
+    "tiny-llava-agent": TinyVariant("tiny-llava", _env_words("tiny-llava-agent")),
+    "tiny-llava-babyai": TinyVariant("tiny-llava", _env_words(None), {"image_size": 56}),
 }
-"""Tiny models built as another one but with a larger vocabulary: name -> (the tiny model it is
-built as, texts whose words it knows besides the demo tasks'). tiny-llava-agent also knows every
-built-in environment's protocol (`vlm_rl.envs`)."""
+"""Tiny models built as another one but with a larger vocabulary. tiny-llava-agent knows the
+protocols of the built-in environments that name it (`EnvSpec.tiny_model`; its vocabulary never
+changes when an env naming another model is added); tiny-llava-babyai knows every built-in's, BabyAI's
+missions included, and reads 56x56 images (BabyAI's 7x7-cell view at 8 px a cell: one cell per
+8x8 patch, 49 visual tokens)."""
 
 TINY_MODELS: dict[str, str] = {
     **{name: row.model_type for name, row in TINY_FAMILIES.items()},
-    **{name: TINY_FAMILIES[built_as].model_type for name, (built_as, _) in TINY_VARIANTS.items()},
+    **{name: TINY_FAMILIES[variant.built_as].model_type for name, variant in TINY_VARIANTS.items()},
 }
 """Names accepted as `model_name_or_path` for the embedded default, mapped to their family
 (`config.model_type`): each row's tiny model (`FamilyFacts.tiny`), then the variants. tiny-aya-vision's
@@ -108,9 +129,11 @@ def build_tokenizer(family: FamilyFacts, extra_texts: Sequence[str] = ()) -> Pre
 
 def build_tiny(name: str, seed: int = 0):
     """Build the tiny model `name` (a key of TINY_MODELS) in memory: (model, processor)."""
-    built_as, extra_words = TINY_VARIANTS.get(name, (name, None))
-    extra = extra_words() if extra_words else ()
-    return build_vlm(TINY_FAMILIES[built_as].model_type, seed=seed, extra_texts=extra)
+    variant = TINY_VARIANTS.get(name)
+    if variant is None:
+        return build_vlm(TINY_FAMILIES[name].model_type, seed=seed)
+    model_type = TINY_FAMILIES[variant.built_as].model_type
+    return build_vlm(model_type, seed=seed, extra_texts=variant.words(), **variant.sizes)
 
 
 def build_vlm(model_type: str, *, seed: int = 0, extra_texts: Sequence[str] = (), **sizes: Any):

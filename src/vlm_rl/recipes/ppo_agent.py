@@ -19,6 +19,8 @@ held-out success before and after RL beside the random and image-blind baselines
 
 from __future__ import annotations
 
+import logging
+
 from vlm_rl import envs
 from vlm_rl.envs.baselines import frozenlake_baselines, sokoban_baselines, success_rate
 from vlm_rl.errors import ConfigError
@@ -30,6 +32,22 @@ from vlm_rl.rl.pipeline import build_policy, load_base, reward_from_config, star
 from vlm_rl.run_folder import RunFolder
 
 DEFAULT_CONFIG = CONFIGS / "ppo_agent.yaml"
+DEFAULT_MODEL = "tiny-llava-agent"
+logger = logging.getLogger(__name__)
+
+
+def model_for_env(model_name_or_path: str, spec: envs.EnvSpec | None) -> str:
+    """The model to run: the env's own tiny model (`EnvSpec.tiny_model`, e.g. tiny-llava-babyai, which
+    knows BabyAI's missions) where the user kept the default tiny-llava-agent (any @seedN kept), else
+    `model_name_or_path` unchanged.
+
+    >>> model_for_env("tiny-llava-agent@seed2", envs.ENVS["babyai-gotoobj"]), model_for_env("tiny-llava", None)
+    ('tiny-llava-babyai@seed2', 'tiny-llava')
+    """
+    tiny = resolve_tiny_name(model_name_or_path)
+    if spec is None or tiny is None or tiny[0] != DEFAULT_MODEL or spec.tiny_model == DEFAULT_MODEL:
+        return model_name_or_path
+    return spec.tiny_model + model_name_or_path[len(DEFAULT_MODEL) :]
 
 
 def baselines(agent: AgentConfig, env, eval_seeds: list[int]) -> dict[str, float]:
@@ -74,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     check_rl_inputs(config)  # before anything is loaded
     spec = envs.ENVS.get(agent.env)
     accelerator = start(config)
+    if (model := model_for_env(config.model_name_or_path, spec)) != config.model_name_or_path:
+        logger.info("--env %s: the model is %s, the tiny model that knows its words", agent.env, model)
+        config.model_name_or_path = model
 
     # Environment: built-in specs give train/held-out seeds and an expert; others use seed ranges.
     # Every flag set reaches make_env, which refuses the ones that do not apply to the env's kind.
@@ -140,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"-step warm start (RL starts here): {before['eval/success_rate']:.3f}"
             )
         what = {"frozenlake": "maps never seen in training", "sokoban": "rooms never seen in training"}.get(
-            agent.env, "held-out seeds"
+            agent.env,
+            "layouts never seen in training" if agent.env.startswith("babyai-") else "held-out seeds",
         )
         disjoint = (
             f"seeds disjoint from the {len(train_seeds)} training seeds"
