@@ -4,6 +4,7 @@
     vlm-rl grpo [--algorithm rloo ...]
     vlm-rl train-reward-model [--output_dir reward_models/mine ...]
     vlm-rl agent [--env numberline ...]
+    vlm-rl agent-preferences [--env frozenlake --env_size 6 ...]   # a learned turn reward for agents
     vlm-rl ppo --help                      # every config field of the recipe
     vlm-rl evaluate runs/ppo_caption
     vlm-rl report runs/ppo_caption          # -> runs/ppo_caption/report.html
@@ -37,6 +38,10 @@ RECIPES = {
     "grpo": ("grpo_vqa", "GRPO or RLOO (--algorithm rloo): answer easy-vqa questions, rewarded by rule"),
     "train-reward-model": ("train_reward_model", "train a multimodal reward model from preference pairs"),
     "agent": ("ppo_agent", "PPO/GRPO agents in visual environments (FrozenLake, NumberLine, ...)"),
+    "agent-preferences": (
+        "agent_preferences",
+        "turn preference pairs from an env's episodes + a reward model on them (agent --reward_model_path)",
+    ),
 }
 TRAINING_KEYS = ("reward/mean", "train/accuracy", "train/loss")
 

@@ -21,7 +21,7 @@ from vlm_rl.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-RECIPES = ("ppo_caption", "grpo_vqa", "ppo_agent", "train_reward_model")
+RECIPES = ("ppo_caption", "grpo_vqa", "ppo_agent", "train_reward_model", "agent_preferences")
 
 
 @dataclass(frozen=True)
@@ -323,10 +323,58 @@ REWARD_MODEL_RULES: dict[str, Rule] = {
 """The reward-model recipe's fields that are not always read (every other field is)."""
 
 
+def _pairs_mode(mode: str) -> Rule:
+    return lambda run: None if run.pairs == mode else f"--pairs {mode} only"
+
+
+def _random_action_prob(run: Run) -> str | None:
+    if run.pairs == "expert" or run.behaviour_policy == "expert":
+        return None
+    return f"mixes random moves into the expert's (--pairs expert); --behaviour_policy {run.behaviour_policy} plays alone"
+
+
+_OWN_PAIRS = lambda run: "agent-preferences trains on the pairs it writes (<output_dir>/pairs/)"  # noqa: E731
+
+AGENT_PREFERENCE_RULES: dict[str, Rule] = {
+    # TurnPairsConfig's fields
+    "pairs": always,
+    "num_seeds": always,
+    "random_action_prob": _random_action_prob,
+    "episodes_per_seed": _pairs_mode("return"),
+    "behaviour_policy": _pairs_mode("return"),
+    "pairs_only": always,
+    # the reward-model trainer's and the agent recipe's fields that do not apply
+    "dataset": _OWN_PAIRS,
+    "eval_dataset": _OWN_PAIRS,
+    "expert_warm_start_seeds": lambda run: "vlm-rl agent's warm start; agent-preferences has none",
+}
+"""`vlm-rl agent-preferences` (recipes/agent_preferences.py): its own fields, and the reward-model and
+agent fields it does not read; every other reward-model field is the trainer's (`REWARD_MODEL_RULES`),
+unused under --pairs_only, and every other agent field (the env's) is read."""
+
+PAIRS_ONLY_READS = ("output_dir", "seed")
+"""The reward-model fields that `--pairs_only` still reads (the folder, the behaviour policy's seed)."""
+
+
+def _agent_preference_rule(name: str) -> Rule:
+    if name in AGENT_PREFERENCE_RULES:
+        return AGENT_PREFERENCE_RULES[name]
+    if name in AGENT_RULES:
+        return always
+    trainer = REWARD_MODEL_RULES.get(name, always)
+    if name in PAIRS_ONLY_READS:
+        return trainer
+    return lambda run: (
+        "--pairs_only writes the pairs and trains no reward model" if run.pairs_only else trainer(run)
+    )
+
+
 def rules_for(recipe: str, names: Iterable[str]) -> dict[str, Rule]:
     """The rule of each of `names` in `recipe` (KeyError for a field with no rule)."""
     if recipe == "train_reward_model":
         return {name: REWARD_MODEL_RULES.get(name, always) for name in names}
+    if recipe == "agent_preferences":
+        return {name: _agent_preference_rule(name) for name in names}
     table = {**RL_RULES, **WARM_START_RULES, **AGENT_RULES}
     return {name: table[name] for name in names}
 

@@ -15,9 +15,12 @@ context length stays constant (as verl-agent does) whatever the episode length.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -27,7 +30,7 @@ from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
 from vlm_rl.data.collators import PromptBatch, PromptCollator
-from vlm_rl.envs.adapter import Turn, TurnEnv
+from vlm_rl.envs.adapter import StepResult, Turn, TurnEnv
 from vlm_rl.models.families import completion_token_type
 from vlm_rl.report.records import FILM_STRIPS, save_eval_episodes
 from vlm_rl.rewards.compose import CombinedReward
@@ -407,19 +410,163 @@ def expert_dataset(
 ) -> datasets.Dataset:
     """Every turn of the expert's episodes on `seeds` as supervised examples (prompt, images, the
     expert's action word as `answer`), for the warm start (`vlm_rl.sft.supervised_warm_start`)."""
+    rows = [
+        {**example, "answer": result.action}
+        for seed in seeds
+        for example, result in episode_turns(env, seed, lambda env, turn: expert(env), context)
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+# -- preference pairs of turns (vlm-rl agent-preferences) --------------------------------------
+TurnPolicy = Callable[[TurnEnv, Turn], str]
+"""(env, the current turn) -> the reply (an action word): a policy that plays episodes without a model."""
+
+
+def episode_turns(
+    env: TurnEnv, seed: int, policy: TurnPolicy, context: AgentContext = AgentContext()
+) -> Iterator[tuple[dict, StepResult]]:
+    """Play one episode of `seed` with `policy`: each turn's prompt example as the agent sees it
+    (`turn_example` under `context`) and the result of its step, turn by turn."""
+    turn = env.reset(seed=int(seed))
+    frames: list[Image.Image] = []
+    actions: list[str] = []
+    while True:
+        example = turn_example(turn, frames, actions, context)
+        result = env.step(policy(env, turn))
+        yield example, result
+        frames.append(turn.image)
+        actions.append(result.action)
+        if result.done:
+            return
+        turn = result.turn
+
+
+def expert_mix(expert: Callable[[TurnEnv], str], random_action_prob: float, rng: random.Random) -> TurnPolicy:
+    """The expert's move, or with probability `random_action_prob` a uniformly random one."""
+    return lambda env, turn: rng.choice(env.actions) if rng.random() < random_action_prob else expert(env)
+
+
+def replay(env: TurnEnv, seed: int, history: Sequence[str]) -> TurnEnv:
+    """`env` back in the state that `history` (the actions taken since `reset(seed=seed)`) reached:
+    reset and replayed (any env that its seed makes reproducible, no copy of its internals)."""
+    env.reset(seed=int(seed))
+    for taken in history:
+        env.step(taken)
+    return env
+
+
+def expert_outcome(
+    env: TurnEnv, expert: Callable[[TurnEnv], str], seed: int, history: Sequence[str], action: str
+) -> tuple[float, int]:
+    """How good `action` is after `history` (the actions taken since `env.reset(seed=seed)`): replay
+    them, step `action`, then follow `expert` to the episode's end. (return from `action` on, -turns
+    if it won else 0): a higher return is better, and between wins the shorter one; equal outcomes
+    are ties."""
+    result = replay(env, seed, history).step(action)
+    total, turns = result.reward, 1
+    while not result.done:
+        result = env.step(expert(env))
+        total += result.reward
+        turns += 1
+    return total, -turns if env.success(result) else 0
+
+
+def expert_pairs(
+    make_env: Callable[[], TurnEnv],
+    expert: Callable[[TurnEnv], str],
+    seeds: Sequence[int],
+    *,
+    random_action_prob: float,
+    rng: random.Random,
+    context: AgentContext = AgentContext(),
+) -> list[dict]:
+    """Preference rows at the states a behaviour policy visits on `seeds`: the expert's action
+    chosen over each action that does strictly worse there (`expert_outcome`; an action as good as
+    the expert's, such as the other half of a tie between two shortest paths, gives no row).
+
+    The behaviour policy is `expert_mix`, so states off the expert's path are covered too. A row is
+    the turn's prompt exactly as the agent sees it (`turn_example` under `context`: prompt, images)
+    plus `chosen`, `rejected`, `seed` and `turn`. `make_env` is called twice: one env plays, the
+    other replays each state to try every action there.
+    """
+    env, trial = make_env(), make_env()
+    behaviour = expert_mix(expert, random_action_prob, rng)
     rows = []
     for seed in seeds:
-        turn = env.reset(seed=int(seed))
-        frames: list[Image.Image] = []
-        actions: list[str] = []
-        while True:
-            example = turn_example(turn, frames, actions, context)
-            action = expert(env)
-            rows.append({**example, "answer": action})
-            result = env.step(action)
-            frames.append(turn.image)
-            actions.append(result.action)
-            if result.done:
-                break
-            turn = result.turn
-    return datasets.Dataset.from_list(rows)
+        history: list[str] = []
+        for number, (example, result) in enumerate(episode_turns(env, seed, behaviour, context)):
+            outcomes = {a: expert_outcome(trial, expert, seed, history, a) for a in env.actions}
+            best = expert(replay(trial, seed, history))
+            rows += [
+                {**example, "chosen": best, "rejected": a, "seed": int(seed), "turn": number}
+                for a in env.actions
+                if outcomes[a] < outcomes[best]
+            ]
+            history.append(result.action)
+    return rows
+
+
+def return_pairs(
+    env: TurnEnv,
+    policy: TurnPolicy,
+    seeds: Sequence[int],
+    *,
+    episodes_per_seed: int,
+    context: AgentContext = AgentContext(),
+) -> list[dict]:
+    """Preference rows from returns, for any environment (no expert needed): `policy` plays
+    `episodes_per_seed` episodes of each seed; where episodes of one seed show the same observation
+    (`observation_key`: frames and prompt text) and took different actions there, the action whose
+    episodes had the higher mean return from that turn on is chosen over the other (ties give no
+    row). The return counts from the turn on, not from the episode's start: earlier rewards do not
+    depend on the action (in a sparse task the two are the same)."""
+    rows = []
+    for seed in seeds:
+        examples: dict[str, tuple[dict, int]] = {}  # observation key -> (its prompt example, turn)
+        returns: dict[str, dict[str, list[float]]] = {}  # observation key -> action -> returns to go
+        for _ in range(episodes_per_seed):
+            visited, rewards = [], []
+            for number, (example, result) in enumerate(episode_turns(env, seed, policy, context)):
+                key = observation_key(example)
+                examples.setdefault(key, (example, number))
+                visited.append((key, result.action))
+                rewards.append(result.reward)
+            to_go = list(itertools.accumulate(reversed(rewards)))[::-1]
+            for (key, action), value in zip(visited, to_go, strict=True):
+                returns.setdefault(key, {}).setdefault(action, []).append(value)
+        for key, by_action in returns.items():
+            means = {action: sum(values) / len(values) for action, values in by_action.items()}
+            example, turn_number = examples[key]
+            for first, second in itertools.combinations(sorted(means), 2):
+                if means[first] == means[second]:
+                    continue
+                chosen, rejected = (first, second) if means[first] > means[second] else (second, first)
+                rows.append(
+                    {
+                        **example,
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "seed": int(seed),
+                        "turn": turn_number,
+                    }
+                )
+    return rows
+
+
+def write_pairs(rows: Sequence[dict], path: Path) -> Path:
+    """`rows` as a JSONL preference dataset at `path` (the reward-model trainer's format, docs/data.md):
+    each distinct frame saved once as a PNG (lossless: the trainer reads the pixels the agent saw)
+    under images/ beside it, named by its content."""
+    folder = path.parent
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for row in rows:
+            names = []
+            for image in row["images"]:
+                name = f"images/{hashlib.sha1(image.tobytes()).hexdigest()[:16]}-{image.width}x{image.height}.png"
+                if not (folder / name).is_file():
+                    image.save(folder / name)
+                names.append(name)
+            out.write(json.dumps({**row, "images": names}) + "\n")
+    return path
