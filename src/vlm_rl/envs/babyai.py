@@ -11,16 +11,17 @@ Protocol:
   mission-blind control: the same frames, no instruction of what to reach);
 - the image: the agent's egocentric view as minigrid draws it (`get_pov_render`), 7x7 cells at
   8 px = 56x56, one cell per 8x8 patch, the agent at the bottom centre facing up; cells it cannot
-  see (behind walls) are black; nothing is resized;
+  see (behind walls) are black; nothing is resized (`render="env"`: the whole room instead, 64x64,
+  the view highlighted);
 - actions: "left", "right" (turn in place), "forward" (a step; a wall or the object blocks it), as
   minigrid's actions 0-2 (pickup, drop, toggle and done do nothing for a GoTo mission);
 - reward: 1.0 when the agent faces the object after an action, else 0.0 (sparse like the other
   built-ins; minigrid's own 1 - 0.9 * steps / max_steps is replaced); a reply with no action word
   steps nothing and costs `invalid_penalty`;
-- termination: success; truncation after `max_turns` (`MAX_TURNS`): the expert's longest solution
-  is 11 moves on the training and held-out seeds of both levels (mean 5.2 on GoToRedBallNoDists'
-  held-out seeds, 5.3 on GoToObj's), and the agent sees only its 7x7 view, so it may need turns to
-  find the object: the cap is 14.
+- termination: success; truncation after `max_turns` (`MAX_TURNS` = 14). The expert's longest
+  solution is 11 moves on the training seeds of both levels (10 and 9 on the held-out seeds of
+  GoToRedBallNoDists and GoToObj; mean 4.8 and 4.9 there), and the agent sees only its 7x7 view, so
+  it may need a few more turns to find the object.
 
 Held-out seeds (`EVAL_SEEDS[level]`): the first 100 seeds from 100,000 with distinct layouts (agent
 position and direction, object position, colour and type); `TRAIN_SEEDS[level]` are the seeds of
@@ -37,10 +38,11 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium
 import numpy as np
+from PIL import Image
 
 from vlm_rl.envs.adapter import TurnEnv
 
@@ -234,19 +236,31 @@ def make_babyai(
     *,
     level: str = "gotoobj",
     blank_mission: bool = False,
+    render: Literal["flat", "env"] = "flat",
+    image_size: int | None = None,
     max_turns: int | None = None,
     **adapter_options: Any,
 ) -> TurnEnv:
     """BabyAI turns on `level` (a key of `LEVELS`); `blank_mission` leaves the mission out of the
-    prompt; `adapter_options` go to `TurnEnv` (invalid_penalty, default_action, ...)."""
+    prompt. `render="flat"` (the default) shows the agent's 7x7-cell view, 56x56; `render="env"` the
+    whole room as minigrid draws it (its view highlighted), 8 px a cell: 64x64 for the 8x8 rooms;
+    `image_size` resizes either (None: as drawn). `adapter_options` go to `TurnEnv` (invalid_penalty,
+    default_action, ...)."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {sorted(LEVELS)}, not {level!r}")
+    if render not in ("flat", "env"):
+        raise ValueError(f"render must be 'flat' or 'env', not {render!r}")
     return TurnEnv(
         BabyAIEnv(LEVELS[level]),
         actions=ACTIONS,
         instruction=INSTRUCTION,
-        image_size=None,  # minigrid's drawing, 8 px a cell: one cell per patch
+        frame=_whole_room if render == "env" else None,  # None: the observation's view
+        image_size=image_size,
         describe=(lambda observation, info: "") if blank_mission else None,
         max_turns=max_turns if max_turns is not None else MAX_TURNS,
         **adapter_options,
     )
+
+
+def _whole_room(env: BabyAIEnv, observation: Any) -> Image.Image:
+    return Image.fromarray(env.level.get_frame(highlight=True, tile_size=CELL_PIXELS))

@@ -85,7 +85,12 @@ def check_action_words(model_name_or_path: str, env_name: str, env) -> None:
     check_vocabulary(model_name_or_path, [env.instruction], env_name, flag="--env")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(
+    argv: list[str] | None = None, *, env_options: dict | None = None, evaluate_only: bool = False
+) -> dict:
+    """The recipe. For benchmarks/babyai_mission.py: `env_options` are `make_env` options the flags do
+    not give (BabyAI's `blank_mission=True`); `evaluate_only` returns the held-out evaluation of the
+    policy (e.g. a saved one: --init_adapter) and the baselines, with no warm start and no RL."""
     config, agent, warm = parse_config(
         (RLConfig, AgentConfig, WarmStartConfig), argv, DEFAULT_CONFIG, recipe="ppo_agent"
     )
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Environment: built-in specs give train/held-out seeds and an expert; others use seed ranges.
     # Every flag set reaches make_env, which refuses the ones that do not apply to the env's kind.
-    options = agent.env_options()
+    options = {**agent.env_options(), **(env_options or {})}
 
     def make():
         return envs.make_env(agent.env, **options)
@@ -139,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator=accelerator,
         value_head=value_head,
     )
+    if evaluate_only:
+        return {"eval": trainer.evaluate(), "baselines": baselines(agent, env, eval_seeds)}
     # Supervised warm start on expert (shortest-path) turns of training maps, then RL
     base = warm_start(
         trainer,
