@@ -81,7 +81,8 @@ def test_parser_forgives_case_punctuation_and_finds_tags_and_keys():
 def test_builtins_render_rgb_images_headless(name, render):
     env = make_env(name, render=render)
     turn = env.reset(seed=ENVS[name].train_seeds[0])
-    assert turn.image.mode == "RGB" and turn.image.size == (32, 32)
+    side = 32 if not name.startswith("babyai-") else {"flat": 56, "env": 64}[render]  # minigrid's 8 px cells
+    assert turn.image.mode == "RGB" and turn.image.size == (side, side)
     assert turn.text.startswith(env.instruction) and set(env.actions) <= set(ENVS[name].words)
     assert env.max_turns == ENVS[name].max_turns
     pixels = np.asarray(turn.image)
