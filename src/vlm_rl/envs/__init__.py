@@ -5,9 +5,10 @@
     result = env.step("<action>down</action>")  # StepResult: turn, reward, terminated, truncated, ...
 
 Built-ins (`ENVS`): "frozenlake" (random maps), "numberline" (after RL4VLM), "cliffwalking", "sokoban"
-(random rooms, generated as gym-sokoban/VAGEN do, with a shortest-solution expert); each
-draws flat, model-friendly frames by default (`render="flat"`) and gymnasium's own on
-`render="env"`. Any other gymnasium env with discrete actions and a picture to show plays too
+(random rooms, generated as gym-sokoban/VAGEN do, with a shortest-solution expert),
+"babyai-gotoredballnodists" and "babyai-gotoobj" (minigrid's BabyAI GoTo levels: the mission in the
+prompt, the agent's 7x7-cell view as the frame; `vlm_rl.envs.babyai`); each draws flat,
+model-friendly frames by default (`render="flat"`) and the env's own on `render="env"`. Any other gymnasium env with discrete actions and a picture to show plays too
 (`vlm_rl.envs.external`: MiniGrid/BabyAI ids, a user's `gymnasium.Env` class). Rendering is headless: SDL (pygame-ce, which gymnasium's toy-text frames use) is
 pointed at its dummy video and audio drivers unless the environment says otherwise.
 """

@@ -3,6 +3,7 @@
     accelerate launch recipes/ppo_agent.py                      # FrozenLake random 4x4 maps, PPO
     accelerate launch recipes/ppo_agent.py --config recipes/configs/grpo_agent.yaml   # GRPO + GiGPO
     accelerate launch recipes/ppo_agent.py --env numberline
+    vlm-rl agent --env babyai-gotoobj                            # BabyAI: the mission in the prompt (tiny-llava-babyai)
     vlm-rl agent --env minigrid:BabyAI-GoToRedBallNoDists-v0 --model_name_or_path smol-llava --warm_start_steps 0
     vlm-rl agent --env CliffWalking-v1 --actions up,right,down,left --max_turns 20 --warm_start_steps 0
     vlm-rl agent --env userpkg.colorpick:ColorPick --max_turns 1 ...  # a gymnasium.Env class of your own
