@@ -97,6 +97,7 @@ def test_recipe_help_lists_the_config_fields_of_the_recipe(tmp_path: Path):
         ("grpo", "grpo_vqa"),
         ("train-reward-model", "train_reward_model"),
         ("agent", "ppo_agent"),
+        ("agent-preferences", "agent_preferences"),
     ],
 )
 def test_a_recipe_command_calls_its_package_module_with_the_arguments_untouched(

@@ -23,12 +23,20 @@ import vlm_rl.rl.config
 import vlm_rl.rl.trl_backend
 from vlm_rl.errors import ConfigError
 from vlm_rl.recipes import CONFIGS, parse_config
+from vlm_rl.recipes.agent_preferences import TurnPairsConfig
 from vlm_rl.recipes.flags import RL_RULES, Run, rules_for
 from vlm_rl.rewards.trainer import RewardTrainingConfig
 from vlm_rl.rl.config import AgentConfig, RLConfig, WarmStartConfig
 from vlm_rl.tasks.easy_vqa import PreferenceOptions
 
-CONFIG_TYPES = (RLConfig, AgentConfig, WarmStartConfig, RewardTrainingConfig, PreferenceOptions)
+CONFIG_TYPES = (
+    RLConfig,
+    AgentConfig,
+    WarmStartConfig,
+    RewardTrainingConfig,
+    PreferenceOptions,
+    TurnPairsConfig,
+)
 # Reads that check or copy a config rather than act on it.
 NOT_ACTING = {dataclasses.__file__, copy.__file__, vlm_rl.errors.__file__, vlm_rl.recipes.flags.__file__}
 NOT_ACTING.add(vlm_rl.recipes.__file__)
@@ -153,6 +161,36 @@ def test_the_reward_model_recipe_reads_every_field_it_accepts(field_reads, tmp_p
     args += ["--eval_steps", "1", "--logging_steps", "1"]
     values = _run_recipe("train_reward_model", args)
     silent = _silent("train_reward_model", values, field_reads)
+    assert silent == [], f"read by no code in this run, yet no rule says why: {silent}"
+
+
+AGENT_PREFERENCE_RUNS = [
+    ["--pairs", "expert"],
+    ["--pairs", "return", "--behaviour_policy", "expert"],
+    ["--pairs", "expert", "--pairs_only"],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", AGENT_PREFERENCE_RUNS, ids=" ".join)
+def test_agent_preferences_reads_every_field_it_accepts(mode, field_reads, tmp_path):
+    args = [*mode, "--num_seeds", "2", "--eval_episodes", "2", "--output_dir", str(tmp_path)]
+    if "--pairs_only" not in mode:
+        args += [
+            "--max_steps",
+            "2",
+            "--per_device_batch_size",
+            "4",
+            "--num_threads",
+            "1",
+            "--report_to",
+            "none",
+        ]
+        args += ["--save_steps", "1", "--eval_steps", "1", "--logging_steps", "1"]
+    if "return" in mode:
+        args += ["--episodes_per_seed", "6"]
+    values = _run_recipe("agent_preferences", args)
+    silent = _silent("agent_preferences", values, field_reads)
     assert silent == [], f"read by no code in this run, yet no rule says why: {silent}"
 
 

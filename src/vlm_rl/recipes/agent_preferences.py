@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"after ({int(metrics['eval/pairs'])} pairs, {shared} frame(s) shared with training); an image-blind "
             f"ranking scores {blind:.3f}; on the {len(image_rows)} pairs it gets wrong or ties, the reward model "
             f"scores {metrics.get('eval/image_pairs_accuracy', float('nan')):.3f}; saved to {Path(config.output_dir) / 'final'} "
-            f"(vlm-rl agent --env {agent.env} --reward_model_path {Path(config.output_dir) / 'final'})"
+            "(vlm-rl agent with the same env flags and --reward_model_path to it)"
         )
+        if config.push_to_hub:
+            from vlm_rl.hub import push_after_training
+
+            print(push_after_training(config))
     return {**metrics, "eval/blind_accuracy": blind}
