@@ -32,6 +32,7 @@ from typing import Literal
 from vlm_rl import envs
 from vlm_rl.errors import ConfigError, DataError, check_ranges
 from vlm_rl.recipes import CONFIGS, check_model_source, check_output_dir, check_resume, parse_config
+from vlm_rl.recipes.ppo_agent import model_for_env
 from vlm_rl.rewards.trainer import RewardTrainingConfig, train_reward_model
 from vlm_rl.rl.agent import AgentContext, TurnPolicy, expert_mix, expert_pairs, return_pairs, write_pairs
 from vlm_rl.rl.config import AgentConfig
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config, agent, pairs = parse_config(
         (RewardTrainingConfig, AgentConfig, TurnPairsConfig), argv, DEFAULT_CONFIG, recipe="agent_preferences"
     )
+    spec = envs.ENVS.get(agent.env)
+    config.model_name_or_path = model_for_env(config.model_name_or_path, spec)  # e.g. tiny-llava-babyai
     if not pairs.pairs_only:
         check_model_source(config.model_name_or_path)
         check_resume(config, ("model_name_or_path", "lora_r", "lora_alpha", "train_projector"))
@@ -159,7 +162,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Seeds: the env's training seeds for the pairs, its held-out seeds (as `vlm-rl agent` evaluates) to check
     envs.make_env(agent.env, **agent.env_options())  # an unknown --env or option is the first thing to fix
-    spec = envs.ENVS.get(agent.env)
     available = list(spec.train_seeds) if spec else list(range(OTHER_ENV_SEEDS))
     if pairs.num_seeds > len(available):
         raise ConfigError(
