@@ -4,8 +4,10 @@ frame, the mission in the prompt (and blanked), the tiny models' vocabularies an
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from vlm_rl.envs import babyai as ba
 
 pytest.importorskip("minigrid")
 
+ROOT = Path(__file__).resolve().parent.parent
 LEVELS = [f"babyai-{level}" for level in ba.LEVELS]
 FIXED_SEED = 100_000  # GoToObj's first held-out layout
 FIXED_LAYOUT = ((1, 1), 1, (6, 5), "grey", "key")  # facing south from the top-left corner
@@ -249,3 +252,16 @@ def test_the_agent_recipe_warm_starts_and_runs_two_rl_steps_on_babyai(tmp_path, 
     episodes = [json.loads(line) for line in (tmp_path / "run" / "episodes.jsonl").open()]
     assert episodes and all(set(e["actions"]) <= {*ba.ACTIONS, ""} and e["turns"] <= 14 for e in episodes)
     assert all(prompt.startswith(f"{ba.INSTRUCTION} go to the ") for e in episodes for prompt in e["prompts"])
+
+    # benchmarks/babyai_mission.py on this run: with the mission it reproduces the run's own held-out
+    # figure (the same adapter, seeds and greedy episodes)
+    spec = importlib.util.spec_from_file_location("babyai_mission", ROOT / "benchmarks" / "babyai_mission.py")
+    mission = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mission)
+    figures = mission.main([str(tmp_path / "run"), "--env", "babyai-gotoobj", "--eval_episodes", "4"])
+    assert figures["with_mission"] == {k.removeprefix("eval/"): v for k, v in result["after"].items()}
+    assert (
+        set(figures["mission_blanked"]) == set(figures["with_mission"])
+        and figures["random"] == result["baselines"]["random"]
+    )
+    assert json.loads((tmp_path / "run" / "mission_blank.json").read_text()) == figures
