@@ -27,15 +27,19 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from vlm_rl import envs
+from vlm_rl.distributed import make_accelerator
 from vlm_rl.errors import ConfigError, DataError, check_ranges
 from vlm_rl.recipes import CONFIGS, check_model_source, check_output_dir, check_resume, parse_config
 from vlm_rl.recipes.ppo_agent import model_for_env
 from vlm_rl.rewards.trainer import RewardTrainingConfig, train_reward_model
 from vlm_rl.rl.agent import AgentContext, TurnPolicy, expert_mix, expert_pairs, return_pairs, write_pairs
 from vlm_rl.rl.config import AgentConfig
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CONFIG = CONFIGS / "agent_preferences.yaml"
 OTHER_ENV_SEEDS = 10_000
@@ -136,7 +140,9 @@ def blind_scores(train: Sequence[dict], held_out: Sequence[dict]) -> list[float]
     return scores
 
 
-def image_dependent_accuracy(model_path: Path, rows: Sequence[dict], device: str = "cpu") -> float:
+def image_dependent_accuracy(
+    model_path: Path, rows: Sequence[dict], device: torch.device | str = "cpu"
+) -> float:
     """The reward model's pairwise accuracy on `rows` (pairs that the image-blind ranking gets
     wrong or ties: only the image tells their actions apart)."""
     from vlm_rl.rewards.build import load_reward_model
@@ -182,8 +188,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "pairs; the episodes showed no action better than another (a sparse reward that random play never "
             "reaches?): play more (--num_seeds, --episodes_per_seed) or use --pairs expert"
         )
-    write_pairs(train_rows, folder / "train.jsonl")
-    write_pairs(held_out_rows, folder / "held_out.jsonl")
+    # several processes build the same rows (seeded); one writes them
+    state = make_accelerator(config.gradient_accumulation_steps)  # the launch's state, as the trainer's
+    if state.is_main_process:
+        write_pairs(train_rows, folder / "train.jsonl")
+        write_pairs(held_out_rows, folder / "held_out.jsonl")
+    state.wait_for_everyone()
     blind_per_pair = blind_scores(train_rows, held_out_rows)
     blind = sum(blind_per_pair) / len(blind_per_pair)
     image_rows = [row for row, score in zip(held_out_rows, blind_per_pair, strict=True) if score < 1.0]
@@ -197,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"in {folder}"
     )
     if pairs.pairs_only:
-        print(f"{summary}; an image-blind ranking scores {blind:.3f} on the second")
+        if state.is_main_process:
+            print(f"{summary}; an image-blind ranking scores {blind:.3f} on the second")
         return {
             "pairs/train": len(train_rows),
             "pairs/held_out": len(held_out_rows),
@@ -207,13 +218,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Reward model: the trainer of `vlm-rl train-reward-model`, on these pairs
     config.dataset, config.eval_dataset = str(folder / "train.jsonl"), str(folder / "held_out.jsonl")
     metrics = train_reward_model(config)
-    from accelerate import PartialState
-
+    state.wait_for_everyone()  # final/ is written by the main process
     if image_rows:  # on every process, so that each returns the same metrics
         metrics["eval/image_pairs_accuracy"] = image_dependent_accuracy(
-            Path(config.output_dir) / "final", image_rows
+            Path(config.output_dir) / "final", image_rows, state.device
         )
-    if PartialState().is_main_process:
+    if state.is_main_process:
         label = "held-out pairwise accuracy" if not shared_seeds else "pairwise accuracy (NOT held out)"
         shared = int(metrics["eval/images_shared_with_training"])
         print(
