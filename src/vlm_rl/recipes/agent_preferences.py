@@ -53,14 +53,15 @@ class TurnPairsConfig:
     pairs: Literal["expert", "return"] = field(
         default="expert",
         metadata={
-            "help": "expert: the expert's action over worse ones (built-ins); return: by episode return."
+            "help": "expert: the expert's action over each worse one (built-ins); return: the action with the higher "
+            "return from the turn on, over episodes of one seed (any env)."
         },
     )
     num_seeds: int = field(default=300, metadata={"help": "Training seeds played (the env's first ones)."})
     random_action_prob: float = field(
         default=0.3,
         metadata={
-            "help": "Behaviour policy of --pairs expert: a random move instead of the expert's this often."
+            "help": "How often the expert's behaviour policy (--pairs expert, --behaviour_policy expert) moves at random."
         },
     )
     episodes_per_seed: int = field(default=8, metadata={"help": "--pairs return: episodes played per seed."})
