@@ -380,7 +380,8 @@ class AgentConfig:
 
     env: str = _f(
         "frozenlake",
-        "Environment: a built-in (frozenlake, numberline, cliffwalking, sokoban), a gymnasium id (MiniGrid-Empty-5x5-v0), "
+        "Environment: a built-in (frozenlake, numberline, cliffwalking, sokoban, babyai-gotoredballnodists, "
+        "babyai-gotoobj), a gymnasium id (MiniGrid-Empty-5x5-v0), "
         "gymnasium's module:EnvId (minigrid:BabyAI-GoToRedBallNoDists-v0) or pkg.module:Class (a gymnasium.Env).",
     )
     env_size: int | None = _f(
