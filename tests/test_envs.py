@@ -167,6 +167,25 @@ def test_frozenlake_baselines_order():
     assert len(figures["best_sequence_moves"]) == 8
 
 
+@pytest.mark.parametrize("slippery", [False, True])
+def test_the_beam_search_finds_the_best_sequence_where_every_one_can_be_tried(slippery):
+    from gymnasium.envs.toy_text.frozen_lake import generate_random_map
+
+    from vlm_rl.envs.baselines import beam_sequence_success, sequence_success
+
+    maps = [generate_random_map(4, 0.8, seed=s) for s in range(100_000, 100_030)]
+    every = sequence_success(maps, 6, slippery)
+    found, moves = beam_sequence_success(maps, 6, slippery)
+    assert found == pytest.approx(every.max(), abs=1e-5) and len(moves) == 6
+    assert every[int("".join(map(str, moves)), 4)] == pytest.approx(found, abs=1e-5)  # its moves score it
+
+
+def test_frozenlake_6x6_baselines_take_seconds_not_minutes():
+    figures = frozenlake_baselines(range(100_000, 100_010), size=6)  # 12 turns: a beam search
+    assert 0 < figures["best_blind"] <= figures["best_sequence"] < figures["expert"] == 1.0
+    assert len(figures["best_sequence_moves"]) == 12
+
+
 def test_frozenlake_held_out_maps_are_never_training_maps():
     from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 
