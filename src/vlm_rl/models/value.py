@@ -83,10 +83,14 @@ def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 VALUE_HEAD_NAME = "value_head.safetensors"
 
 
-def save_value_head(value_head: nn.Linear, folder: str | Path) -> None:
+def save_value_head(
+    value_head: nn.Linear, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """`value_head`'s weights, or `state_dict` (its weights gathered from FSDP or ZeRO-3 shards)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}
+    state_dict = value_head.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     save_file(state, str(Path(folder) / VALUE_HEAD_NAME))
 
 

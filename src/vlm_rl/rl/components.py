@@ -59,12 +59,23 @@ class TrainedPolicy:
 
     @contextmanager
     def for_generation(self) -> Iterator[torch.nn.Module]:
-        """The policy model in eval mode, ZeRO-3 shards gathered (TRL's `unwrap_model_for_generation`)."""
+        """The policy model in eval mode, ZeRO-3 shards gathered (TRL's `unwrap_model_for_generation`),
+        FSDP2's root parameters unsharded."""
         from trl.models.utils import unwrap_model_for_generation
 
         with unwrap_model_for_generation(self.module, self.accelerator) as unwrapped:
             unwrapped.policy.eval()
-            yield unwrapped.policy
+            if not self.accelerator.is_fsdp2:
+                yield unwrapped.policy
+                return
+            # Generation calls the policy, a child of the sharded root (`PolicyWithValue`): the root's
+            # forward hook, which gathers the parameters outside the wrapped decoder layers (embeddings,
+            # vision patch embedding, lm_head), never runs, so they are gathered here.
+            self.module.unshard()
+            try:
+                yield unwrapped.policy
+            finally:
+                self.module.reshard()
 
     def generate(self, batch: PromptBatch, greedy: bool = False, samples: int | None = None) -> Rollout:
         """`samples` (default: samples_per_prompt) completions of each prompt of `batch`."""
@@ -81,26 +92,36 @@ class TrainedPolicy:
                 greedy=greedy,
             )
 
-    def save_adapter(self, path: Path) -> None:
-        """Policy adapter (+ processor files, + value head with a critic) into `path`."""
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's weights (`policy.…`, `value_head.…`), gathered from the shards under FSDP or
+        ZeRO-3 (`accelerator.get_state_dict`, a collective: every process calls it; the main
+        process's is complete)."""
+        return self.accelerator.get_state_dict(self.module)
+
+    def save_adapter(self, path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """Policy adapter (+ processor files, + value head with a critic) into `path`, from `state_dict`
+        (`TrainedPolicy.state_dict`)."""
         unwrapped = self.unwrapped
         # Name the base as the user did ("tiny-llava", a hub id), not the local cache folder.
         unwrapped.policy.peft_config["default"].base_model_name_or_path = self.config.model_name_or_path
         # save_embedding_layers=False: embeddings are never trained, and "auto" would look the base up on
         # the hub (a network call for a tiny default's name) to compare vocabulary sizes
-        unwrapped.policy.save_pretrained(str(path), save_embedding_layers=False)
+        unwrapped.policy.save_pretrained(
+            str(path), state_dict=_submodule_state(state_dict, "policy"), save_embedding_layers=False
+        )
         self.processor.save_pretrained(str(path))
         if unwrapped.value_head is not None:
-            save_value_head(unwrapped.value_head, path)
+            save_value_head(unwrapped.value_head, path, _submodule_state(state_dict, "value_head"))
 
     def save_final(self, run: RunFolder, step: int, metrics: dict[str, float] | None = None) -> Path:
         """The adapter and rl_run.json (algorithm, step, base model, metrics) into the run's final/,
         atomically (main process; every process calls it)."""
         path = run.final_dir
         self.accelerator.wait_for_everyone()
+        state_dict = self.state_dict()
         if self.accelerator.is_main_process:
             with atomic_dir(path) as tmp:
-                self.save_adapter(tmp)
+                self.save_adapter(tmp, state_dict)
                 info = {
                     "algorithm": self.config.algorithm,
                     "step": step,
@@ -110,6 +131,12 @@ class TrainedPolicy:
                 (tmp / RL_RUN_INFO_NAME).write_text(json.dumps(info, indent=2, default=str))
         self.accelerator.wait_for_everyone()
         return path
+
+
+def _submodule_state(state_dict: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The entries of submodule `name` in a module's `state_dict`, named as in the submodule's own."""
+    prefix = f"{name}."
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _as_conversation(completion: str, prompt: Any) -> Any:

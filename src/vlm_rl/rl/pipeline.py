@@ -15,12 +15,18 @@ import datasets
 import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, ProcessorMixin
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from vlm_rl.data.loaders import count_shared_images, load_eval_dataset, load_task_dataset
 from vlm_rl.data.validation import completion_text
 from vlm_rl.distributed import make_accelerator
 from vlm_rl.models import load_model, wrap_with_lora
-from vlm_rl.models.loading import check_adapter_folder, loading_kwargs, prepare_for_training
+from vlm_rl.models.loading import (
+    check_adapter_folder,
+    loading_kwargs,
+    prepare_for_training,
+    resolve_model_path,
+)
 from vlm_rl.models.tiny import check_vocabulary
 from vlm_rl.models.value import load_value_head
 from vlm_rl.rewards.build import build_reward
@@ -65,6 +71,12 @@ def load_base(config: RLConfig, accelerator: Accelerator) -> tuple[PreTrainedMod
     """The base VLM and processor of `config.model_name_or_path`, loaded with the config's "Model
     loading" options (dtype, attention kernel, 4/8-bit, trust_remote_code); both engines (native and
     --trainer trl) and the agent recipe load it here."""
+    if is_deepspeed_zero3_enabled():
+        # ZeRO-3 builds the model under zero.Init, which partitions each weight as it is created (a
+        # broadcast): every process loads at once, or the first would wait for the others forever
+        with accelerator.main_process_first():  # the first build of an embedded model writes the cache
+            resolve_model_path(config.model_name_or_path)
+        return load_model(config.model_name_or_path, **loading_kwargs(config))
     with accelerator.main_process_first():  # the first build of an embedded model writes the cache
         return load_model(config.model_name_or_path, **loading_kwargs(config))
 

@@ -169,7 +169,6 @@ class RLTrainer:
             torch.nn.init.zeros_(value_head.weight)
             torch.nn.init.zeros_(value_head.bias)
         module = PolicyWithValue(policy, value_head)
-        params = [p for p in module.parameters() if p.requires_grad]
         policy_params = [p for p in policy.parameters() if p.requires_grad]
         groups = [{"params": policy_params, "lr": config.learning_rate}]
         if value_head is not None:
@@ -183,12 +182,19 @@ class RLTrainer:
             num_warmup_steps=config.warmup_steps,
             num_training_steps=config.lr_decay_steps or config.total_steps,
         )
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        if deepspeed is not None:
+            # DeepSpeed reads its batch size from a prepared dataloader (there is none), and clips the
+            # gradients inside its own step (accelerate would fill in 1.0)
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.minibatch_size
+            deepspeed.deepspeed_config["gradient_clipping"] = config.max_grad_norm
         # The scheduler steps once per RL step by hand (a prepared one steps once per process);
         # registered so checkpoints still carry it.
         self.module, self.optimizer = self.accelerator.prepare(module, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.policy = TrainedPolicy(self.module, self.accelerator, processor, config)
-        self.params = params
+        # the prepared module's: FSDP2 replaces each parameter with its sharded DTensor
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.kl = KLController(
             config.kl_coef, config.target_kl if config.adaptive_kl else None, config.kl_horizon
         )
@@ -380,7 +386,10 @@ class RLTrainer:
                         raise SkippedStep("non-finite loss (weights left untouched)")
                     self.accelerator.backward(loss)
                     if self.accelerator.sync_gradients:
-                        grad_norm = self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+                        # a float under DeepSpeed (which clipped and stepped inside `backward`)
+                        grad_norm = torch.as_tensor(
+                            self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+                        )
                         if not self._all_ranks(torch.isfinite(grad_norm)):
                             self._abort(snapshot)
                             raise SkippedStep("non-finite gradient (weights left untouched)")
@@ -543,11 +552,12 @@ class RLTrainer:
         """accelerate state (weights, optimizer, scheduler, RNG) + trainer state + the adapter, written
         atomically by the run's `CheckpointManager` (which rotates, sparing pending uploads)."""
         state = {"step": self.step, "kl_coef": self.kl.coef, "skipped_steps": self.skipped_steps}
+        weights = self.policy.state_dict()  # every process: under FSDP or ZeRO-3 a gather
         path = self.checkpoints.save(
             self.accelerator,
             self.step,
             state,
-            write_extra=lambda tmp: self.policy.save_adapter(tmp / ADAPTER_NAME),
+            write_extra=lambda tmp: self.policy.save_adapter(tmp / ADAPTER_NAME, weights),
         )
         if self.accelerator.is_main_process and self.config.push_to_hub and self.config.hub_push_checkpoints:
             from vlm_rl.hub import push_checkpoint  # huggingface_hub is imported only when pushing
