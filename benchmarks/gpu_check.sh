@@ -6,13 +6,19 @@
 #   2. a PPO step on the same model (benchmarks/ppo_step.py): stage times, tokens/s, peak GPU memory
 #      against a plain LoRA training step;
 #   3. the accelerate configs recipes/accelerate/{ddp,fsdp,zero2,zero3}.yaml, each running the GRPO
-#      recipe for 3 steps on a mid-size model on every GPU (ZeRO: skipped when deepspeed is missing).
+#      recipe for 3 steps on a mid-size model on every GPU (ZeRO: skipped when deepspeed is missing);
+#   4. what the CPU test (tests/test_distributed_engines.py) cannot run, on the tiny model:
+#      fsdp_ppo: PPO under fsdp.yaml as accelerate itself selects FSDP (only from GPUs; the CPU test
+#      wraps the launch) in the config's bf16, 2 steps, then resumed from the step-1 checkpoint;
+#      zero3_ppo_rm: PPO with the learned reward model under zero3.yaml (on CPU: AttributeError:
+#      'LlamaAttention' object has no attribute '_kernel_funcs', see docs/distributed.md).
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine; logs in runs/gpu_check/
 #   bash benchmarks/gpu_check.sh --dry-run    # on CPU: the same steps on the tiny preset, 1 step each
 #
 # Environment: PYTHON (default .venv/bin/python), GPU_CHECK_OUT (log folder), GPU_CHECK_ONLY (a
-# space-separated subset of "grpo ppo ddp fsdp zero2 zero3"). Exit status: the number of failed checks.
+# space-separated subset of "grpo ppo ddp fsdp zero2 zero3 fsdp_ppo zero3_ppo_rm"). Exit status: the number
+# of failed checks.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -20,7 +26,7 @@ DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; fi
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${GPU_CHECK_OUT:-runs/gpu_check}
-ONLY=${GPU_CHECK_ONLY:-grpo ppo ddp fsdp zero2 zero3}
+ONLY=${GPU_CHECK_ONLY:-grpo ppo ddp fsdp zero2 zero3 fsdp_ppo zero3_ppo_rm}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
@@ -70,6 +76,8 @@ if wanted ppo; then
     --dtype "$DTYPE" "${PPO_SIZE[@]}" --steps "$STEPS" --threads "$THREADS"
 fi
 
+HAS_DEEPSPEED=0
+"$PYTHON" -c "import deepspeed" >/dev/null 2>&1 && HAS_DEEPSPEED=1
 ACCELERATE_CONFIGS=""
 for config in ddp fsdp zero2 zero3; do wanted "$config" && ACCELERATE_CONFIGS="$ACCELERATE_CONFIGS $config"; done
 if [ -n "$ACCELERATE_CONFIGS" ]; then
@@ -78,11 +86,9 @@ if [ -n "$ACCELERATE_CONFIGS" ]; then
     "$PYTHON" benchmarks/model_sizes.py --config "$ACC_CONFIG" --dtype "$DTYPE" --device "$DEVICE" --out "$MODEL" \
       || { echo "gpu_check: building $MODEL failed" >&2; exit 2; }
   fi
-  HAS_DEEPSPEED=0
-  "$PYTHON" -c "import deepspeed" >/dev/null 2>&1 && HAS_DEEPSPEED=1
   for config in $ACCELERATE_CONFIGS; do
     if [ "$DRY_RUN" = 1 ] && [ "$config" != ddp ]; then
-      echo "== $config: dry run, not launched on CPU ($config needs CUDA): would run"
+      echo "== $config: dry run, not launched (on CPU: tests/test_distributed_engines.py): would run"
       echo "   accelerate launch --config_file recipes/accelerate/$config.yaml --num_processes $GPUS recipes/grpo_vqa.py ..."
       SKIPPED=$((SKIPPED + 1)); continue
     fi
@@ -97,6 +103,37 @@ if [ -n "$ACCELERATE_CONFIGS" ]; then
       --report_to none --output_dir "$OUT/$config"
   done
 fi
+
+# The engines beyond the CPU test, on the tiny model, one process per GPU.
+TINY=(recipes/grpo_vqa.py --total_steps 2 --prompts_per_step "$((2 * GPUS))" --samples_per_prompt 2
+  --minibatch_size 4 --max_new_tokens 4 --max_train_prompts 16 --max_eval_prompts "$((2 * GPUS))"
+  --eval_steps 0 --warm_start_steps 0 --num_threads 2 --report_to none)
+LAUNCH=("$PYTHON" -m accelerate.commands.launch --num_processes "$GPUS")
+for check in fsdp_ppo zero3_ppo_rm; do
+  wanted "$check" || continue
+  if [ "$DRY_RUN" = 1 ]; then
+    why="accelerate selects FSDP only on GPUs"
+    [ "$check" = zero3_ppo_rm ] && why="fails on CPU: docs/distributed.md"
+    echo "== $check: dry run, not launched ($why)"; SKIPPED=$((SKIPPED + 1)); continue
+  fi
+  if [ "$check" = fsdp_ppo ]; then
+    rm -rf "$OUT/fsdp_ppo"
+    run fsdp_ppo "$ACC_LIMIT" 'held-out|Error|error' "${LAUNCH[@]}" --config_file recipes/accelerate/fsdp.yaml \
+      "${TINY[@]}" --algorithm ppo --save_steps 1 --output_dir "$OUT/fsdp_ppo"
+    run fsdp_ppo_resumed "$ACC_LIMIT" 'resumed from|held-out|Error|error' "${LAUNCH[@]}" \
+      --config_file recipes/accelerate/fsdp.yaml "${TINY[@]}" --algorithm ppo --save_steps 1 \
+      --output_dir "$OUT/fsdp_ppo" --resume_from_checkpoint step-000001
+  elif [ "$HAS_DEEPSPEED" = 0 ]; then
+    echo "== $check: SKIP (deepspeed is not installed: pip install deepspeed)"; SKIPPED=$((SKIPPED + 1))
+  else
+    REWARD_MODEL="$OUT/reward_model"
+    [ -f "$REWARD_MODEL/final/adapter_config.json" ] || "$PYTHON" -m accelerate.commands.launch --num_processes 1 \
+      recipes/train_reward_model.py --output_dir "$REWARD_MODEL" --max_train_samples 600 --num_epochs 1 \
+      --max_eval_samples 100 --eval_steps 1000 --report_to none >"$OUT/reward_model.log" 2>&1
+    run zero3_ppo_rm "$ACC_LIMIT" 'held-out|Error|error' "${LAUNCH[@]}" --config_file recipes/accelerate/zero3.yaml \
+      recipes/ppo_caption.py "${TINY[@]:1}" --reward_model_path "$REWARD_MODEL/final" --output_dir "$OUT/zero3_ppo_rm"
+  fi
+done
 
 echo "gpu_check: $PASSED passed, $FAILED failed, $SKIPPED skipped (logs in $OUT/)"
 exit "$FAILED"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers import PreTrainedModel, ProcessorMixin
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -120,6 +121,17 @@ def warm_start(
     answer) only when they are needed."""
     if not warm.warm_start_steps or config.resume_from_checkpoint:
         return None
+    engine = trainer.accelerator.distributed_type
+    if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        from vlm_rl.errors import ConfigError
+
+        # the warm start trains the unwrapped policy outside accelerate: FSDP and ZeRO-3 hold it in
+        # shards (FSDP2: "got mixed torch.Tensor and DTensor"), ZeRO-1/2 would overwrite it with
+        # their own fp32 copy at the first RL step
+        raise ConfigError(
+            f"--warm_start_steps {warm.warm_start_steps}: the supervised warm start does not run under "
+            f"{engine.value}; pass --warm_start_steps 0 (or start from a trained adapter: --init_adapter)"
+        )
     base = trainer.evaluate()
     supervised_warm_start(
         trainer.policy.unwrapped.policy,
