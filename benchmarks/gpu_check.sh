@@ -113,7 +113,7 @@ for check in fsdp_ppo zero3_ppo_rm; do
   wanted "$check" || continue
   if [ "$DRY_RUN" = 1 ]; then
     why="accelerate selects FSDP only on GPUs"
-    [ "$check" = zero3_ppo_rm ] && why="fails on CPU: docs/distributed.md"
+    [ "$check" = zero3_ppo_rm ] && why="fails on CPU too: docs/distributed.md"
     echo "== $check: dry run, not launched ($why)"; SKIPPED=$((SKIPPED + 1)); continue
   fi
   if [ "$check" = fsdp_ppo ]; then
