@@ -11,8 +11,10 @@ with its default config once per seed, as `python -m vlm_rl.cli <command> --seed
 HF_HUB_OFFLINE=1, up to `--jobs` runs at a time (default: available cores // T). The held-out
 metric before RL (the first evaluation row of the run's metrics.jsonl: step 0, after the recipe's
 supervised warm start) and after (its last evaluation row) are read from the run folder, not from
-stdout. `ppo_caption` is rewarded by the reward model that `reward_model` trained with the first
-seed (`<out>/reward_model/seed<first>/final`, or `--reward_model_path`): its runs wait for that one.
+stdout. A recipe that `uses` a reward model gets the one its producer trained with the first seed
+(`<out>/<producer>/seed<first>/final`, or the path given): `ppo_caption` is rewarded by
+`reward_model`'s (`--reward_model_path`), `frozenlake6_turn_reward`'s turns by
+`turn_reward_model`'s (`--turn_reward_model_path`); their runs wait for that one.
 
 Written (cleanrl/openrlbenchmark and rl-baselines3-zoo style): `<docs>/learning.md` (per recipe the
 exact command, before -> after per seed, mean and [min, max] of after over seeds, median wall time,
@@ -84,6 +86,9 @@ class Recipe:
     smoke: tuple[str, ...] = ("--max_eval_prompts", str(SMOKE_EVAL_PROMPTS))
     """A smoke test's small evaluation (each recipe names its evaluation size its own way) and batch."""
     warm_start: bool = True
+    uses: str | None = None
+    """The recipe whose first seed's trained reward model (its final/) this recipe's runs get as
+    --reward_model_path (`ppo_caption`: "reward_model")."""
 
 
 FROZENLAKE6 = ("agent", "--env", "frozenlake", "--env_size", "6", "--warm_start_steps", "50")
@@ -98,7 +103,9 @@ RECIPES = {
         smoke=("--max_eval_samples", str(SMOKE_EVAL_PAIRS_IMAGES)),
         warm_start=False,
     ),
-    "ppo_caption": Recipe(("ppo",), "eval/caption_accuracy", "held-out caption accuracy", Bar(0.80, 0.85)),
+    "ppo_caption": Recipe(
+        ("ppo",), "eval/caption_accuracy", "held-out caption accuracy", Bar(0.80, 0.85), uses="reward_model"
+    ),
     "grpo": Recipe(("grpo",), "eval/accuracy", "held-out answer accuracy", Bar(0.80)),
     "rloo": Recipe(("grpo", "--algorithm", "rloo"), "eval/accuracy", "held-out answer accuracy", Bar(0.75)),
     "ppo_agent": Recipe(
@@ -141,6 +148,15 @@ RECIPES = {
     ),
     # What a learned turn reward buys (docs/turn_reward.md): FrozenLake 6x6 from a short warm start
     # (held-out 0.02), 100 PPO steps, without and with the turn reward model (vlm-rl agent-preferences)
+    "turn_reward_model": Recipe(
+        ("agent-preferences", "--env", "frozenlake", "--env_size", "6"),
+        "eval/accuracy",
+        "held-out turn-pair accuracy",
+        Bar(0.95),
+        steps_flag="--max_steps",
+        smoke=("--num_seeds", "20", "--eval_episodes", "10"),
+        warm_start=False,
+    ),
     "frozenlake6": Recipe(
         FROZENLAKE6, "eval/success_rate", "FrozenLake 6x6 held-out success", None, smoke=AGENT_SMOKE
     ),
@@ -150,6 +166,7 @@ RECIPES = {
         "FrozenLake 6x6 held-out success, learned turn reward",
         None,
         smoke=AGENT_SMOKE,
+        uses="turn_reward_model",
     ),
     # BabyAI: the default learning rate 3e-4 erodes the warm start within a few PPO steps (0.92 ->
     # 0.72 after 3 on GoToObj); 1e-4 keeps it (docs/agents.md)
@@ -200,8 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--turn_reward_model_path",
         type=Path,
-        help="frozenlake6_turn_reward's turn reward model (default: <out>/turn_reward_model/final, trained by "
-        "`vlm-rl agent-preferences --env frozenlake --env_size 6 --output_dir <out>/turn_reward_model`)",
+        help="frozenlake6_turn_reward's turn reward model (default: <out>/turn_reward_model/seed<first "
+        "seed>/final, trained by the turn_reward_model entry)",
     )
     parser.add_argument(
         "--bars", action="store_true", help="print each recipe's bar beside its measured min/mean"
@@ -223,7 +240,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.reward_model_path = (
         args.reward_model_path or args.out / "reward_model" / f"seed{args.seeds[0]}" / "final"
     )
-    args.turn_reward_model_path = args.turn_reward_model_path or args.out / "turn_reward_model" / "final"
+    args.turn_reward_model_path = (
+        args.turn_reward_model_path or args.out / "turn_reward_model" / f"seed{args.seeds[0]}" / "final"
+    )
     return args
 
 
@@ -237,10 +256,8 @@ def recipe_args(name: str, args: argparse.Namespace, seed: int | str) -> list[st
     recipe = RECIPES[name]
     argv = [*recipe.args, "--seed", str(seed), "--num_threads", str(args.num_threads)]
     argv += ["--output_dir", str(args.out / name / f"seed{seed}")]
-    if name == "ppo_caption":
-        argv += ["--reward_model_path", str(args.reward_model_path)]
-    if name == "frozenlake6_turn_reward":
-        argv += ["--reward_model_path", str(args.turn_reward_model_path)]
+    if recipe.uses:
+        argv += ["--reward_model_path", str(used_model_path(recipe.uses, args))]
     if args.steps:  # smoke test: short run, small evaluations, a midway evaluation for the curves
         argv += [
             recipe.steps_flag,
@@ -252,6 +269,13 @@ def recipe_args(name: str, args: argparse.Namespace, seed: int | str) -> list[st
         if recipe.warm_start:
             argv += ["--warm_start_steps", str(SMOKE_WARM_START_STEPS)]
     return argv
+
+
+def used_model_path(producer: str, args: argparse.Namespace) -> Path:
+    """Where the reward model that recipe `producer` trains (or the one given instead) is."""
+    return {"reward_model": args.reward_model_path, "turn_reward_model": args.turn_reward_model_path}[
+        producer
+    ]
 
 
 def shown_command(name: str, args: argparse.Namespace) -> str:
@@ -280,21 +304,25 @@ class Job:
 
 
 def run_all(args: argparse.Namespace, setting: dict[str, Any]) -> None:
-    """Run every (recipe, seed), `args.jobs` at a time; ppo_caption's runs after the reward model
-    they use. Each finished run's record is written to `<out>/<recipe>/seed<S>.json`."""
-    # the reward model's runs first: ppo_caption's runs wait for one of them
-    recipes = sorted(args.recipes, key=lambda name: name != "reward_model")
+    """Run every (recipe, seed), `args.jobs` at a time; a recipe that uses a reward model after the
+    run that trains it. Each finished run's record is written to `<out>/<recipe>/seed<S>.json`."""
+    producers = {RECIPES[name].uses for name in args.recipes} - {None}
+    # the reward models' runs first: their users' runs wait for one of them
+    recipes = sorted(args.recipes, key=lambda name: name not in producers)
     pending = [
         Job(name, seed, recipe_args(name, args, seed), args.out / name / f"seed{seed}")
         for name in recipes
         for seed in args.seeds
     ]
-    reward_model = next((job for job in pending if job.folder / "final" == args.reward_model_path), None)
-    if "ppo_caption" in args.recipes and reward_model is None:
-        if not (args.reward_model_path / "reward_config.json").is_file():
+    trains: dict[str, Job | None] = {}  # producer -> the job that trains the model its users get
+    for producer in sorted(producers):
+        path = used_model_path(producer, args)
+        trains[producer] = next((job for job in pending if job.folder / "final" == path), None)
+        if trains[producer] is None and not (path / "reward_config.json").is_file():
+            users = sorted(name for name in args.recipes if RECIPES[name].uses == producer)
             sys.exit(
-                f"ppo_caption needs the reward model {args.reward_model_path}: add reward_model to --recipes "
-                "(its first seed trains it) or pass --reward_model_path"
+                f"{', '.join(users)} need(s) the reward model {path}: add {producer} to --recipes (its first "
+                f"seed trains it) or pass --{producer}_path"
             )
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.num_threads), "HF_HUB_OFFLINE": "1"}
     running: list[Job] = []
@@ -321,7 +349,8 @@ def run_all(args: argparse.Namespace, setting: dict[str, Any]) -> None:
             for job in list(pending):
                 if len(running) >= args.jobs:
                     break
-                if job.recipe == "ppo_caption" and reward_model is not None:
+                reward_model = trains.get(RECIPES[job.recipe].uses)
+                if reward_model is not None:
                     reward_record = records.get((reward_model.recipe, reward_model.seed))
                     if reward_record is None:
                         continue  # its reward model is still training
@@ -490,8 +519,8 @@ def summarize(args: argparse.Namespace, setting: dict[str, Any]) -> dict[str, An
             if recipe.bar is None
             else bool(ok) and len(ok) == len(runs) and recipe.bar.passes(after),
         }
-        if name == "ppo_caption":
-            entry["reward_model_path"] = str(args.reward_model_path)
+        if recipe.uses:
+            entry["reward_model_path"] = str(used_model_path(recipe.uses, args))
         recipes[name] = entry
 
     def of_runs(key: str) -> Any:
@@ -578,10 +607,11 @@ def markdown(summary: dict[str, Any], svg_folder: str) -> str:
         )
         before, after = entry["before"], entry["after"]
         command = f"`{entry['command']}`"
-        if name == "ppo_caption":
+        if RECIPES[name].uses:
+            producer = RECIPES[name].uses
             command += (
-                "<br>every seed is rewarded by the reward model that `reward_model` trained with the first seed "
-                f"(`{entry['reward_model_path']}`), not by one of its own; its training time is in reward_model's row"
+                f"<br>every seed is rewarded by the reward model that `{producer}` trained with the first seed "
+                f"(`{entry['reward_model_path']}`), not by one of its own; its training time is in {producer}'s row"
             )
         before_mean = f"{before['mean']:.3f}" if before else "-"
         over_seeds = f"{after['mean']:.3f} [{after['min']:.3f}, {after['max']:.3f}]" if after else "-"
