@@ -161,6 +161,10 @@ def _adaptive(run: Run) -> str | None:
     return None if run.adaptive_kl else "only with --adaptive_kl"
 
 
+def _vllm_engine(run: Run) -> str | None:
+    return None if run.values.get("rollout_engine") == "vllm" else "needs --rollout_engine vllm"
+
+
 def _lr_decay_steps(run: Run) -> str | None:
     return None if run.native else "--trainer trl: TRL's schedule decays over --total_steps"
 
@@ -227,6 +231,9 @@ RL_RULES: dict[str, Rule] = {
     "max_new_tokens": always,
     "temperature": always,
     "top_p": always,
+    "rollout_engine": _native_only("TRL's GRPOTrainer generates itself (--use_vllm for its vLLM)"),
+    "vllm_url": _vllm_engine,
+    "vllm_importance_sampling_cap": _vllm_engine,
     "learning_rate": always,
     "lr_scheduler_type": always,
     "warmup_steps": always,

@@ -1,7 +1,8 @@
 """Batched multi-turn rollouts: N episodes of a visual environment played together by a VLM.
 
 Each turn, the live episodes' prompts (their current frame(s) and text) go through ONE batched
-`generate` call; each reply is parsed into an action and stepped; finished episodes leave the
+call of the rollout engine (`vlm_rl.rl.engines`: transformers' `generate`, or one request per live
+episode to a vLLM server, all in flight together); each reply is parsed into an action and stepped; finished episodes leave the
 batch. The result is a `Rollout` whose rows are turns (one row per turn of every episode, with
 `episode_index`, `turn_index` and `group_index`), so scoring, advantages and the update are the
 single-turn engine's: a single-turn task is an episode of one turn.
@@ -36,7 +37,8 @@ from vlm_rl.report.records import FILM_STRIPS, save_eval_episodes
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl.components import EVAL_BATCH_SIZE, RewardStage, TrainedPolicy
 from vlm_rl.rl.config import RLConfig
-from vlm_rl.rl.rollout import Rollout, generate
+from vlm_rl.rl.engines import HFEngine, RolloutEngine, SamplingParams
+from vlm_rl.rl.rollout import Rollout
 from vlm_rl.rl.trainer import RLTrainer
 from vlm_rl.run_folder import RunFolder
 
@@ -142,8 +144,10 @@ def play_episodes(
     top_p: float = 1.0,
     greedy: bool = False,
     context: AgentContext = AgentContext(),
+    engine: RolloutEngine | None = None,
 ) -> tuple[Rollout, PromptBatch, list[Episode]]:
-    """Play one episode per env (env i reset with seeds[i]) to its end or `max_turns`.
+    """Play one episode per env (env i reset with seeds[i]) to its end or `max_turns`, each turn's
+    replies sampled by `engine` (default: transformers' generate on `model`).
 
     Returns the turns as one `Rollout` (row order: turn 0 of every episode, then turn 1 of the
     live ones, ...), the turns' prompts as a `PromptBatch` (row i of the rollout answers prompt i;
@@ -151,11 +155,14 @@ def play_episodes(
     `env_reward` reward function reads it) and the episodes.
     """
     groups = list(groups) if groups is not None else list(range(len(envs)))
+    engine = engine if engine is not None else HFEngine()
+    sampling = SamplingParams(max_new_tokens, temperature, top_p, greedy)
     collator = PromptCollator(processor)
     episodes = [Episode(seed=int(s), group=int(g)) for s, g in zip(seeds, groups, strict=True)]
     turns = [env.reset(seed=int(seed)) for env, seed in zip(envs, seeds, strict=True)]
     examples, rows = [], []  # every turn's prompt example, and its (episode, turn index)
     completion_ids, completion_masks, ended, texts, rewards = [], [], [], [], []
+    engine_logprobs = []
     live = list(range(len(envs)))
     for turn_number in range(max_turns):
         if not live:
@@ -165,17 +172,7 @@ def play_episodes(
         ]
         batch = collator(batch_examples)
         check_context_length(model, batch.inputs["input_ids"].shape[1] + max_new_tokens)
-        sampled = generate(
-            model,
-            processor,
-            batch.inputs,
-            torch.tensor([len(e["images"]) for e in batch_examples]),
-            samples_per_prompt=1,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            greedy=greedy,
-        )
+        sampled = engine.generate(model, processor, batch, 1, sampling)
         still_live = []
         for position, i in enumerate(live):
             episode = episodes[i]
@@ -190,6 +187,8 @@ def play_episodes(
             rows.append((i, turn_number))
             completion_ids.append(sampled.completion_ids[position])
             completion_masks.append(sampled.completion_mask[position])
+            if sampled.engine_logprobs is not None:
+                engine_logprobs.append(sampled.engine_logprobs[position])
             ended.append(sampled.ended[position])
             texts.append(sampled.completions[position])
             rewards.append(result.reward)
@@ -206,7 +205,7 @@ def play_episodes(
     pad_id = processor.tokenizer.pad_token_id
     width = max(len(ids) for ids in completion_ids)
 
-    def padded(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+    def padded(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
         return torch.stack([torch.nn.functional.pad(t, (0, width - len(t)), value=value) for t in tensors])
 
     all_turns = collator(examples)
@@ -223,6 +222,7 @@ def play_episodes(
         group_index=torch.tensor([episodes[episode].group for episode, _ in rows]),
         observation_keys=[observation_key(e) for e in examples],
         completion_token_type=completion_token_type(model),
+        engine_logprobs=padded(engine_logprobs, 0.0) if engine_logprobs else None,
     )
     all_turns.columns["env_reward"] = rewards
     return rollout, all_turns, episodes
@@ -270,7 +270,9 @@ class EpisodeRollouts:
     def play(
         self, policy: TrainedPolicy, seeds: Sequence[int], groups: Sequence[int], greedy: bool
     ) -> tuple[Rollout, PromptBatch, list[Episode]]:
-        """One episode per seed (`groups`: each episode's group), sampled or greedy."""
+        """One episode per seed (`groups`: each episode's group), sampled or greedy, by the policy's
+        rollout engine."""
+        policy.sync_engine()
         with policy.for_generation() as model:
             return play_episodes(
                 model,
@@ -284,6 +286,7 @@ class EpisodeRollouts:
                 top_p=policy.config.top_p,
                 greedy=greedy,
                 context=self.context,
+                engine=policy.engine,
             )
 
     def sample(

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +32,8 @@ from vlm_rl.report.records import GALLERY_SIZE, save_eval_samples
 from vlm_rl.rewards.compose import CombinedReward
 from vlm_rl.rl import core
 from vlm_rl.rl.config import RLConfig
-from vlm_rl.rl.rollout import Rollout, generate
+from vlm_rl.rl.engines import SamplingParams, make_engine
+from vlm_rl.rl.rollout import Rollout
 from vlm_rl.run_folder import RL_RUN_INFO_NAME, RunFolder, atomic_dir
 
 EVAL_BATCH_SIZE = 64
@@ -43,7 +45,8 @@ EvalMetric = Callable[[list[str], dict[str, list[Any]]], dict[str, float]]
 
 class TrainedPolicy:
     """The policy being trained: `module` (a `PolicyWithValue`, prepared by accelerate or not), its
-    accelerator and processor, and the config's sampling flags."""
+    accelerator and processor, the config's sampling flags, and the rollout engine that samples from
+    it (`--rollout_engine`, `vlm_rl.rl.engines`), kept in sync with its weights."""
 
     def __init__(
         self, module: torch.nn.Module, accelerator: Accelerator, processor: ProcessorMixin, config: RLConfig
@@ -52,6 +55,11 @@ class TrainedPolicy:
         self.accelerator = accelerator
         self.processor = processor
         self.config = config
+        self.engine = make_engine(config.rollout_engine, config.vllm_url)
+        self.version = 0
+        """Bumped by the trainer after each update (`weights_changed`): an engine holding its own copy
+        of the weights is synced before it samples again."""
+        self._engine_version: int | None = None
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -77,20 +85,47 @@ class TrainedPolicy:
             finally:
                 self.module.reshard()
 
+    def sampling(self, greedy: bool = False) -> SamplingParams:
+        """The config's sampling settings (greedy for held-out evaluation)."""
+        config = self.config
+        return SamplingParams(config.max_new_tokens, config.temperature, config.top_p, greedy)
+
     def generate(self, batch: PromptBatch, greedy: bool = False, samples: int | None = None) -> Rollout:
-        """`samples` (default: samples_per_prompt) completions of each prompt of `batch`."""
+        """`samples` (default: samples_per_prompt) completions of each prompt of `batch`, by the engine."""
+        self.sync_engine()
         with self.for_generation() as policy:
-            return generate(
+            return self.engine.generate(
                 policy,
                 self.processor,
-                batch.inputs,
-                torch.tensor([len(images) for images in batch.images]),
-                samples_per_prompt=samples or self.config.samples_per_prompt,
-                max_new_tokens=self.config.max_new_tokens,
-                temperature=self.config.temperature,
-                top_p=self.config.top_p,
-                greedy=greedy,
+                batch,
+                samples or self.config.samples_per_prompt,
+                self.sampling(greedy),
             )
+
+    def weights_changed(self) -> None:
+        """The trainer updated (or restored) the weights: the engine's copy is stale."""
+        self.version += 1
+
+    def sync_engine(self) -> None:
+        """An engine with its own copy of the weights (a vLLM server) gets the current adapter: saved
+        under <output_dir>/rollout_adapters/ and hot-loaded by the main process, then named by every
+        process's requests. Nothing when the copy is current, or the engine samples from this module."""
+        if not self.engine.adapter_sync or self._engine_version == self.version:
+            return
+        name = f"vlm_rl-v{self.version}"
+        path = (Path(self.config.output_dir) / "rollout_adapters" / name).resolve()
+        state_dict = self.state_dict()  # a collective under FSDP / ZeRO-3
+        if self.accelerator.is_main_process:
+            previous = self.engine.adapter_path
+            with atomic_dir(path) as tmp:
+                self.save_adapter(tmp, state_dict)
+            self.engine.load_adapter(str(path), name)
+            if previous is not None and Path(previous).parent == path.parent:
+                shutil.rmtree(previous, ignore_errors=True)  # the server has read it (it served requests)
+        else:
+            self.engine.use_adapter(name, str(path))
+        self.accelerator.wait_for_everyone()
+        self._engine_version = self.version
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The module's weights (`policy.…`, `value_head.…`), gathered from the shards under FSDP or

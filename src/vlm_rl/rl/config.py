@@ -104,6 +104,20 @@ class RLConfig:
     max_new_tokens: int = _f(4, "Completion length limit.")
     temperature: float = _f(1.0, "Sampling temperature (log-probs are computed at the same temperature).")
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    rollout_engine: Literal["hf", "vllm"] = _f(
+        "hf",
+        "What samples the rollouts: hf (transformers' generate in the training process, each prompt "
+        "prefilled once) or vllm (a vLLM server you run, at --vllm_url; the LoRA adapter is hot-loaded "
+        "after each update; docs/rollout_engine.md).",
+    )
+    vllm_url: str | None = _f(
+        None, "--rollout_engine vllm: the server's OpenAI-compatible address, e.g. http://127.0.0.1:8000."
+    )
+    vllm_importance_sampling_cap: float = _f(
+        2.0,
+        "--rollout_engine vllm: truncated importance sampling for the engine/trainer mismatch, each token "
+        "weighted by min(pi_trainer / pi_vllm, cap) (TRL's name; verl's tis_imp_ratio_cap).",
+    )
     # Optimisation
     learning_rate: float = _f(1e-4, "Peak learning rate (AdamW).")
     lr_scheduler_type: str = _f(
@@ -257,6 +271,8 @@ class RLConfig:
                     f"--trainer trl runs TRL's GRPOTrainer: it needs --algorithm grpo, not {self.algorithm} "
                     f"(or another of its loss types: {', '.join(sorted(set(TRL_LOSSES) - {'grpo'}))})"
                 )
+        if self.rollout_engine == "vllm":
+            _check_vllm_engine(self)
         if self.use_vllm and self.trainer != "trl":
             raise ConfigError(
                 "--use_vllm needs --trainer trl (the native engine generates with transformers)"
@@ -286,6 +302,7 @@ class RLConfig:
                 "max_new_tokens": ">= 1",
                 "temperature": "> 0",
                 "top_p": "(0, 1]",
+                "vllm_importance_sampling_cap": ">= 1",
                 "learning_rate": "> 0",
                 "warmup_steps": ">= 0",
                 "weight_decay": ">= 0",
@@ -341,6 +358,24 @@ class RLConfig:
             )
         if self.resume_from_checkpoint == "":
             raise ConfigError("--resume_from_checkpoint: empty; give 'latest' or a checkpoint folder")
+
+
+def _check_vllm_engine(config: RLConfig) -> None:
+    """--rollout_engine vllm: a server to reach, the native trainer, and only weights it can load."""
+    if not config.vllm_url:
+        raise ConfigError(
+            "--rollout_engine vllm needs --vllm_url, the address of the vLLM server you run "
+            "(e.g. http://127.0.0.1:8000; docs/rollout_engine.md)"
+        )
+    if config.trainer != "native":
+        raise ConfigError(
+            "--rollout_engine vllm is the native trainer's engine; --trainer trl has its own (--use_vllm)"
+        )
+    if config.train_projector:
+        raise ConfigError(
+            "--rollout_engine vllm: vLLM applies a LoRA adapter to the language model only and would ignore the "
+            "trained projector (its rollouts would come from another policy); add --train_projector false"
+        )
 
 
 def _check_scheduler(name: str) -> None:

@@ -61,6 +61,9 @@ class Rollout:
     """A hash of what the policy saw on each turn (GiGPO's step groups)."""
     completion_token_type: int = 0
     """`token_type_ids` of completion tokens (the family's; PaliGemma: 1, its causal suffix)."""
+    engine_logprobs: torch.Tensor | None = None
+    """(N, T) log-probs of the sampled tokens under the engine that sampled them, 0 off the mask
+    (a vLLM server's, `vlm_rl.rl.engines`); None when the trainer's own generate sampled."""
 
     def __post_init__(self):
         n = len(self.prompt_index)

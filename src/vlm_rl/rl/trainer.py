@@ -62,6 +62,7 @@ from vlm_rl.rl import core
 from vlm_rl.rl.algorithms import StepPlan, get_algorithm, objective_settings
 from vlm_rl.rl.components import EvalMetric, PromptRollouts, RewardStage, TrainedPolicy
 from vlm_rl.rl.config import RLConfig
+from vlm_rl.rl.engines import truncated_importance_weights
 from vlm_rl.rl.rollout import Rollout
 from vlm_rl.run_folder import (
     ADAPTER_NAME,
@@ -402,7 +403,7 @@ class RLTrainer:
                 if not padding:
                     for key, value in stats.items():
                         sums[key].append(value.item())
-        return {k: float(np.mean(v)) for k, v in sums.items()}
+        return {k: float(np.max(v) if k.endswith("_max") else np.mean(v)) for k, v in sums.items()}
 
     def _minibatch_loss(
         self, rollout: Rollout, rows: torch.Tensor, plan: StepPlan, settings: core.ObjectiveSettings
@@ -418,10 +419,22 @@ class RLTrainer:
 
         # on-policy single step: old = the update's own log-probs, detached (ratio 1; see plan())
         old = out["logprobs"].detach() if rollout.old_logprobs is None else rollout_rows(rollout.old_logprobs)
-        return core.rl_objective(
+        advantages = rollout_rows(rollout.advantages)
+        is_stats = {}
+        if rollout.engine_logprobs is not None:
+            # the engine (vLLM) sampled with its own numerics: truncated IS weights each token's
+            # policy-gradient term (w > 0 scales a token's advantage: the same as weighting its loss)
+            weights, is_stats = truncated_importance_weights(
+                old,
+                rollout_rows(rollout.engine_logprobs),
+                rollout_rows(rollout.completion_mask),
+                self.config.vllm_importance_sampling_cap,
+            )
+            advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * weights
+        loss, stats = core.rl_objective(
             out["logprobs"],
             old,
-            rollout_rows(rollout.advantages),
+            advantages,
             rollout_rows(rollout.completion_mask).float(),
             settings,
             entropy=out["entropy"],
@@ -430,6 +443,7 @@ class RLTrainer:
             returns=rollout_rows(rollout.returns),
             ref_logprobs=rollout_rows(rollout.ref_logprobs) if plan.kl_in_loss else None,
         )
+        return loss, {**stats, **{key: torch.tensor(value) for key, value in is_stats.items()}}
 
     def _snapshot(self) -> dict[str, Any]:
         """What `_abort` restores: the trainable weights and the optimizer's state (AdamW's moments
@@ -493,6 +507,7 @@ class RLTrainer:
                     objective = self.compute_advantages(rollout)
                 with timed("update"):
                     update = self.update(rollout, plan)
+                self.policy.weights_changed()
         except SkippedStep as skip:
             logger.warning("step %d skipped: %s", self.step, skip.reason)
             self.skipped_steps += 1
@@ -576,6 +591,7 @@ class RLTrainer:
         self.accelerator.load_state(str(path))
         state = json.loads((path / TRAINER_STATE_NAME).read_text())
         self.step, self.kl.coef, self.skipped_steps = state["step"], state["kl_coef"], state["skipped_steps"]
+        self.policy.weights_changed()
         logger.info("resumed from %s at step %d", path, self.step)
 
     def save_final(self, metrics: dict[str, float] | None = None) -> Path:
