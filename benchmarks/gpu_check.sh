@@ -9,15 +9,13 @@
 #      recipe for 3 steps on a mid-size model on every GPU (ZeRO: skipped when deepspeed is missing);
 #   4. what the CPU test (tests/test_distributed_engines.py) cannot run, on the tiny model:
 #      fsdp_ppo: PPO under fsdp.yaml as accelerate itself selects FSDP (only from GPUs; the CPU test
-#      wraps the launch) in the config's bf16, 2 steps, then resumed from the step-1 checkpoint;
-#      zero3_ppo_rm: PPO with the learned reward model under zero3.yaml (on CPU: AttributeError:
-#      'LlamaAttention' object has no attribute '_kernel_funcs', see docs/distributed.md).
+#      wraps the launch) in the config's bf16, 2 steps, then resumed from the step-1 checkpoint.
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine; logs in runs/gpu_check/
 #   bash benchmarks/gpu_check.sh --dry-run    # on CPU: the same steps on the tiny preset, 1 step each
 #
 # Environment: PYTHON (default .venv/bin/python), GPU_CHECK_OUT (log folder), GPU_CHECK_ONLY (a
-# space-separated subset of "grpo ppo ddp fsdp zero2 zero3 fsdp_ppo zero3_ppo_rm"). Exit status: the number
+# space-separated subset of "grpo ppo ddp fsdp zero2 zero3 fsdp_ppo"). Exit status: the number
 # of failed checks.
 set -u
 cd "$(dirname "$0")/.."
@@ -26,7 +24,7 @@ DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; fi
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${GPU_CHECK_OUT:-runs/gpu_check}
-ONLY=${GPU_CHECK_ONLY:-grpo ppo ddp fsdp zero2 zero3 fsdp_ppo zero3_ppo_rm}
+ONLY=${GPU_CHECK_ONLY:-grpo ppo ddp fsdp zero2 zero3 fsdp_ppo}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
@@ -104,36 +102,22 @@ if [ -n "$ACCELERATE_CONFIGS" ]; then
   done
 fi
 
-# The engines beyond the CPU test, on the tiny model, one process per GPU.
-TINY=(recipes/grpo_vqa.py --total_steps 2 --prompts_per_step "$((2 * GPUS))" --samples_per_prompt 2
-  --minibatch_size 4 --max_new_tokens 4 --max_train_prompts 16 --max_eval_prompts "$((2 * GPUS))"
-  --eval_steps 0 --warm_start_steps 0 --num_threads 2 --report_to none)
-LAUNCH=("$PYTHON" -m accelerate.commands.launch --num_processes "$GPUS")
-for check in fsdp_ppo zero3_ppo_rm; do
-  wanted "$check" || continue
+# The engine run beyond the CPU test: PPO under fsdp.yaml as accelerate selects FSDP, on the tiny model,
+# one process per GPU, then resumed from its step-1 checkpoint.
+if wanted fsdp_ppo; then
   if [ "$DRY_RUN" = 1 ]; then
-    why="accelerate selects FSDP only on GPUs"
-    [ "$check" = zero3_ppo_rm ] && why="fails on CPU too: docs/distributed.md"
-    echo "== $check: dry run, not launched ($why)"; SKIPPED=$((SKIPPED + 1)); continue
-  fi
-  if [ "$check" = fsdp_ppo ]; then
-    rm -rf "$OUT/fsdp_ppo"
-    run fsdp_ppo "$ACC_LIMIT" 'held-out|Error|error' "${LAUNCH[@]}" --config_file recipes/accelerate/fsdp.yaml \
-      "${TINY[@]}" --algorithm ppo --save_steps 1 --output_dir "$OUT/fsdp_ppo"
-    run fsdp_ppo_resumed "$ACC_LIMIT" 'resumed from|held-out|Error|error' "${LAUNCH[@]}" \
-      --config_file recipes/accelerate/fsdp.yaml "${TINY[@]}" --algorithm ppo --save_steps 1 \
-      --output_dir "$OUT/fsdp_ppo" --resume_from_checkpoint step-000001
-  elif [ "$HAS_DEEPSPEED" = 0 ]; then
-    echo "== $check: SKIP (deepspeed is not installed: pip install deepspeed)"; SKIPPED=$((SKIPPED + 1))
+    echo "== fsdp_ppo: dry run, not launched (accelerate selects FSDP only on GPUs)"; SKIPPED=$((SKIPPED + 1))
   else
-    REWARD_MODEL="$OUT/reward_model"
-    [ -f "$REWARD_MODEL/final/adapter_config.json" ] || "$PYTHON" -m accelerate.commands.launch --num_processes 1 \
-      recipes/train_reward_model.py --output_dir "$REWARD_MODEL" --max_train_samples 600 --num_epochs 1 \
-      --max_eval_samples 100 --eval_steps 1000 --report_to none >"$OUT/reward_model.log" 2>&1
-    run zero3_ppo_rm "$ACC_LIMIT" 'held-out|Error|error' "${LAUNCH[@]}" --config_file recipes/accelerate/zero3.yaml \
-      recipes/ppo_caption.py "${TINY[@]:1}" --reward_model_path "$REWARD_MODEL/final" --output_dir "$OUT/zero3_ppo_rm"
+    TINY=(--config_file recipes/accelerate/fsdp.yaml --num_processes "$GPUS" recipes/grpo_vqa.py --algorithm ppo
+      --total_steps 2 --save_steps 1 --prompts_per_step "$((2 * GPUS))" --samples_per_prompt 2 --minibatch_size 4
+      --max_new_tokens 4 --max_train_prompts 16 --max_eval_prompts "$((2 * GPUS))" --eval_steps 0
+      --warm_start_steps 0 --num_threads 2 --report_to none --output_dir "$OUT/fsdp_ppo")
+    rm -rf "$OUT/fsdp_ppo"
+    run fsdp_ppo "$ACC_LIMIT" 'held-out|Error|error' "$PYTHON" -m accelerate.commands.launch "${TINY[@]}"
+    run fsdp_ppo_resumed "$ACC_LIMIT" 'resumed from|held-out|Error|error' "$PYTHON" -m accelerate.commands.launch \
+      "${TINY[@]}" --resume_from_checkpoint step-000001
   fi
-done
+fi
 
 echo "gpu_check: $PASSED passed, $FAILED failed, $SKIPPED skipped (logs in $OUT/)"
 exit "$FAILED"

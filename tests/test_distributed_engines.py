@@ -6,7 +6,8 @@ GRPO and PPO (recipes/grpo_vqa.py, rule rewards: no reward model to train) run 2
 checkpoint after each. The adapter is saved from both ranks' shards, trained, equal (to 1e-6)
 to what plain data parallel (multi_cpu.yaml, whose ranks agree: test_rank_agreement.py) trains
 from the same seed, and a run resumed from the step-1 checkpoint ends with the same adapter and
-value head bit for bit.
+value head bit for bit. recipes/ppo_caption.py runs under ZeRO-3 with a learned reward model; FSDP
+and DeepSpeed refuse the warm start, and an FSDP config without the wrapper is refused on CPUs.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ ENGINES = {  # engine: (accelerate config, the distributed type the run reports)
 SAVED = ("adapter_model.safetensors", "value_head.safetensors")
 
 
-def launch(engine: str, output_dir: Path, *flags: str, wrap: bool = True) -> subprocess.CompletedProcess:
-    """recipes/grpo_vqa.py on 2 CPU processes under `engine`'s accelerate config (FSDP: wrapped by
+def launch(
+    engine: str, output_dir: Path, *flags: str, wrap: bool = True, recipe: str = "recipes/grpo_vqa.py"
+) -> subprocess.CompletedProcess:
+    """`recipe` on 2 CPU processes under `engine`'s accelerate config (FSDP: wrapped by
     tests/scripts/fsdp_on_cpu.py unless `wrap` is False)."""
     from vlm_rl.models import ensure_tiny
 
@@ -61,14 +64,14 @@ def launch(engine: str, output_dir: Path, *flags: str, wrap: bool = True) -> sub
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "recipes" / "accelerate" / f"{config}.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-        *script, "recipes/grpo_vqa.py", *SMALLEST, "--output_dir", str(output_dir), *flags,
+        *script, recipe, *SMALLEST, "--output_dir", str(output_dir), *flags,
     ]  # fmt: skip
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def train(engine: str, output_dir: Path, *flags: str) -> str:
+def train(engine: str, output_dir: Path, *flags: str, recipe: str = "recipes/grpo_vqa.py") -> str:
     """`launch`, which must succeed; returns its log."""
-    result = launch(engine, output_dir, *flags)
+    result = launch(engine, output_dir, *flags, recipe=recipe)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     return log
@@ -134,7 +137,7 @@ def test_engine_trains_saves_and_resumes(engine: str, algorithm: str, tmp_path: 
     if engine != "zero3":  # the gradient norm sums its shards in another order: a few ulps apart
         assert_equal(straight, ddp_weights(algorithm), atol=1e-6)
     # ZeRO-3's LoRA initialisation is not the other engines' (lora_A up to 0.18 apart after 2
-    # steps, with or without zero3_init_flag): it is checked against its own resumed run only
+    # steps: the model is built under zero.Init): it is checked against its own resumed run only
 
     shutil.rmtree(out / "final")
     log = train(engine, out, "--algorithm", algorithm, "--resume_from_checkpoint", "step-000001")
@@ -157,3 +160,27 @@ def test_warm_start_under_fsdp_is_refused(tmp_path: Path) -> None:
     assert "--warm_start_steps 2: the supervised warm start does not run under FSDP" in result.stderr, (
         result.stderr[-4000:]
     )
+
+
+def test_zero3_ppo_with_a_learned_reward_model(tmp_path: Path) -> None:
+    """recipes/ppo_caption.py's reward model is loaded whole beside the ZeRO-3 policy: built under
+    zero.Init too, it left the policy (the second model built so) without its attention layers'
+    `_kernel_funcs` ("AttributeError: 'LlamaAttention' object has no attribute '_kernel_funcs'")."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed engines need `pip install deepspeed`")
+    reward_model = tmp_path / "reward_model"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+        "recipes/train_reward_model.py", "--output_dir", str(reward_model), "--max_train_samples", "64",
+        "--num_epochs", "1", "--max_eval_samples", "16", "--eval_steps", "1000", "--report_to", "none",
+        "--num_threads", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    out = tmp_path / "run"
+    flags = ["--reward_model_path", str(reward_model / "final"), "--save_steps", "0"]
+    log = train("zero3", out, *flags, recipe="recipes/ppo_caption.py")
+    assert "PPO on 2 process(es), DistributedType.DEEPSPEED" in log
+    assert "caption accuracy" in log
+    weights = saved(out / "final")
+    assert weights["value_head.weight"].abs().sum() > 0

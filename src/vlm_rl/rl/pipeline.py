@@ -7,7 +7,8 @@ names its held-out task metric; `run_rl` does the rest the same way for every al
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,15 +58,35 @@ def start(config: RLConfig) -> Accelerator:
 
 def reward_from_config(config: RLConfig, device: torch.device) -> CombinedReward:
     """The reward the config names: rule rewards and/or a learned reward model, weighted."""
-    return build_reward(
-        reward_model_path=config.reward_model_path,
-        reward_model_weight=config.reward_model_weight,
-        reward_funcs=config.reward_funcs,
-        reward_weights=config.reward_weights,
-        normalize=config.normalize_rewards,
-        device=device,
-        loading=loading_kwargs(config),
-    )
+    with _outside_zero3():
+        return build_reward(
+            reward_model_path=config.reward_model_path,
+            reward_model_weight=config.reward_model_weight,
+            reward_funcs=config.reward_funcs,
+            reward_weights=config.reward_weights,
+            normalize=config.normalize_rewards,
+            device=device,
+            loading=loading_kwargs(config),
+        )
+
+
+@contextmanager
+def _outside_zero3() -> Iterator[None]:
+    """Models loaded here are whole on every process, even under ZeRO-3, where transformers would
+    build them under zero.Init: a frozen reward model is never gathered for its forward (only the
+    prepared policy is), and a model built under zero.Init after another one lacks its attention
+    layers' `_kernel_funcs` (docs/distributed.md)."""
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # accelerate's zero3_init_context_manager(enable=False) leaves it set
+    try:
+        yield
+    finally:
+        AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()
 
 
 def load_base(config: RLConfig, accelerator: Accelerator) -> tuple[PreTrainedModel, ProcessorMixin]:
