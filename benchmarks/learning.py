@@ -169,16 +169,17 @@ RECIPES = {
         uses="turn_reward_model",
     ),
     # BabyAI: the default learning rate 3e-4 erodes the warm start within a few PPO steps (0.92 ->
-    # 0.72 after 3 on GoToObj); 1e-4 keeps it (docs/agents.md)
+    # 0.72 after 3 on GoToObj); 1e-4 keeps it (docs/agents.md). 50 PPO steps: an RL step costs 2-3x
+    # FrozenLake's (49 visual tokens a turn, up to 14 turns)
     "babyai_redball": Recipe(
-        ("agent", "--env", "babyai-gotoredballnodists", "--learning_rate", "0.0001"),
+        ("agent", "--env", "babyai-gotoredballnodists", "--learning_rate", "0.0001", "--total_steps", "50"),
         "eval/success_rate",
         "BabyAI GoToRedBallNoDists held-out success",
         Bar(0.80),
         smoke=AGENT_SMOKE,
     ),
     "babyai_goto_obj": Recipe(
-        ("agent", "--env", "babyai-gotoobj", "--learning_rate", "0.0001"),
+        ("agent", "--env", "babyai-gotoobj", "--learning_rate", "0.0001", "--total_steps", "50"),
         "eval/success_rate",
         "BabyAI GoToObj held-out success",
         Bar(0.80),
