@@ -295,6 +295,31 @@ def test_a_vllm_run_hot_loads_the_adapter_after_each_update_and_weights_by_is(tm
         assert m["rollout/is_ratio_max"] > 1.5
 
 
+def test_the_warm_start_reloads_the_adapter_into_the_server(tmp_path, prompts, stand_in):
+    """The warm start trains the policy after the base policy's evaluation: the next generation
+    hot-loads the warm-started adapter (not the base one the evaluation loaded)."""
+    from vlm_rl.rl.config import WarmStartConfig
+    from vlm_rl.rl.pipeline import warm_start
+
+    _, processor = load_model("tiny-llava")
+    red, eos = word_ids(processor, "red")[0], processor.tokenizer.eos_token_id
+    server = stand_in(lambda payload: [([red, eos], [-1.0, -1.0])] * payload["n"])
+    trainer = make_trainer(
+        tmp_path,
+        prompts,
+        prompts.select(range(2)),
+        rollout_engine="vllm",
+        vllm_url=server.url,
+        train_projector=False,
+    )
+    warm = WarmStartConfig(warm_start_steps=1, warm_start_batch_size=4)
+    warm_start(trainer, trainer.config, warm, lambda: prompts)
+    trainer.evaluate()
+    loaded = [payload["lora_name"] for path, payload in server.requests if path == "/v1/load_lora_adapter"]
+    assert loaded == ["vlm_rl-v0", "vlm_rl-v1"]
+    assert [payload["model"] for payload in server.chat_requests()] == ["vlm_rl-v0"] * 2 + ["vlm_rl-v1"] * 2
+
+
 def test_the_is_weight_scales_the_policy_gradient(tmp_path, prompts, stand_in):
     """An engine far surer of its tokens than the trainer (ratio ~ e^-40) weights the policy
     gradient to ~0: with no entropy bonus and no KL, the gradient vanishes."""

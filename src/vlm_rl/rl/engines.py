@@ -171,9 +171,9 @@ class VLLMEngine:
 
     Requests name `adapter` (the LoRA adapter last hot-loaded by `load_adapter`), or the server's
     base model (`model`, default: the first the server lists) before any adapter is loaded. Log-probs
-    are the server's for the sampled tokens: raw (the model's softmax at temperature 1, the trainer's
-    at --temperature 1) unless the server runs with `--logprobs-mode processed_logprobs`, which
-    another temperature needs.
+    are the server's for the sampled tokens: those of its sampling distribution when it runs with
+    `--logprobs-mode processed_logprobs` (what the importance weights need), else raw (the model's
+    softmax at temperature 1: the trainer's numbers at --temperature 1, not the sampling distribution).
     """
 
     adapter_sync = True

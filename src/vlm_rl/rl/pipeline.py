@@ -163,6 +163,7 @@ def warm_start(
         batch_size=warm.warm_start_batch_size,
         seed=config.seed,
     )
+    trainer.policy.weights_changed()  # a rollout engine with its own copy of the weights reloads them
     return base
 
 
