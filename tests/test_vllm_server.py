@@ -123,3 +123,43 @@ def test_vllm_samples_with_images_and_a_hot_loaded_adapter_at_the_trainers_log_p
             rollout.model_inputs(rows), rollout.completion_ids, temperature=1.0
         )
     assert (base["logprobs"] - rollout.engine_logprobs).abs()[mask].max().item() > 1e-2
+
+
+def test_a_grpo_run_on_the_server_hot_loads_each_update_and_its_ratios_are_one(server, tmp_path):
+    """Two GRPO steps sampled by the server: after each update the adapter is hot-loaded, and the
+    server's log-probs (raw, temperature 1) are the trainer's, so the IS ratios are 1 (up to 1e-4)."""
+    import json
+
+    from vlm_rl.rewards.compose import CombinedReward
+    from vlm_rl.rl.config import RLConfig
+    from vlm_rl.rl.trainer import RLTrainer
+    from vlm_rl.tasks.easy_vqa import caption_match
+
+    torch.manual_seed(0)
+    model, processor = load_model("tiny-llava")
+    policy = wrap_with_lora(model, r=8, alpha=16)
+    config = RLConfig(
+        algorithm="grpo",
+        rollout_engine="vllm",
+        vllm_url=server,
+        train_projector=False,
+        lora_r=8,
+        prompts_per_step=2,
+        samples_per_prompt=4,
+        max_new_tokens=4,
+        total_steps=2,
+        eval_steps=0,
+        save_steps=0,
+        learning_rate=3e-3,
+        output_dir=str(tmp_path / "run"),
+        report_to="none",
+    )
+    prompts = caption_dataset("train", num_samples=8, seed=0)
+    trainer = RLTrainer(config, policy, processor, CombinedReward([caption_match]), prompts)
+    trainer.train()
+    assert trainer.policy.engine.adapter == "vlm_rl-v1"  # loaded for step 2, after the first update
+    steps = [m for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if "reward/mean" in m]
+    assert len(steps) == 2
+    for metrics in steps:
+        assert abs(metrics["rollout/is_ratio_mean"] - 1) < 1e-4
+        assert abs(metrics["rollout/is_ratio_max"] - 1) < 1e-4
