@@ -214,8 +214,10 @@ def test_the_agent_recipe_picks_the_envs_tiny_model():
     assert model_for_env("tiny-llava-agent", ENVS["sokoban"]) == "tiny-llava-agent"
     assert model_for_env("smol-llava", spec) == "smol-llava"
     with pytest.raises(
-        ConfigError, match=r"tiny-llava, whose word-level vocabulary lacks \[.*'forward'\]"
-    ):  # a tiny model named on purpose is kept
+        ConfigError,
+        match=r"tiny-llava, whose word-level vocabulary lacks \[.*'forward'\]; use its tiny model "
+        r"\(--model_name_or_path tiny-llava-babyai, or leave the flag out\)",
+    ):  # a tiny model named on purpose is kept, and the error names the one that fits
         main(["--env", "babyai-gotoobj", "--model_name_or_path", "tiny-llava", "--report_to", "none"])
 
 

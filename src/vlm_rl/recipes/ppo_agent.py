@@ -77,11 +77,17 @@ def check_action_words(model_name_or_path: str, env_name: str, env) -> None:
     vocabulary = tiny_vocabulary(*tiny)
     missing = [word for word in env.actions if word.lower() not in vocabulary]
     if missing:
+        spec = envs.ENVS.get(env_name)
+        fix = (
+            f"use its tiny model (--model_name_or_path {spec.tiny_model}, or leave the flag out) or a model "
+            "with a real tokenizer (--model_name_or_path smol-llava works offline)"
+            if spec
+            else "use a model with a real tokenizer (--model_name_or_path smol-llava works offline), name the "
+            f"actions with words it knows (--actions), or use a built-in environment ({', '.join(sorted(envs.ENVS))})"
+        )
         raise ConfigError(
             f"--env {env_name}: its action words {list(env.actions)} do not fit --model_name_or_path "
-            f"{model_name_or_path}, whose word-level vocabulary lacks {missing}; use a model with a real "
-            "tokenizer (--model_name_or_path smol-llava works offline), name the actions with words it knows "
-            f"(--actions), or use a built-in environment ({', '.join(sorted(envs.ENVS))})"
+            f"{model_name_or_path}, whose word-level vocabulary lacks {missing}; {fix}"
         )
     check_vocabulary(model_name_or_path, [env.instruction], env_name, flag="--env")
 
