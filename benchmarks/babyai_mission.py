@@ -20,35 +20,23 @@ return and length with and without the mission, the uniform-random baseline on t
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from vlm_rl.recipes.ppo_agent import main as agent
+from vlm_rl.recipes.ppo_agent import evaluate_run
 
 
 def evaluate(run: Path, env: str, episodes: int, num_threads: int, extra: list[str], blank: bool) -> dict:
     """Held-out metrics of `run`'s final adapter on `env`, the mission blanked or not."""
-    base_model = json.loads((run / "final" / "vlm_rl_run.json").read_text())["base_model"]
-    with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(io.StringIO()):
-        flags = {
-            "--env": env,
-            "--model_name_or_path": base_model,
-            "--init_adapter": str(run / "final"),
-            "--eval_episodes": str(episodes),
-            "--num_threads": str(num_threads),
-            "--output_dir": output_dir,
-            "--report_to": "none",
-        }
-        result = agent(
-            [*(item for pair in flags.items() for item in pair), *extra],
-            env_options={"blank_mission": True} if blank else None,
-            evaluate_only=True,
-        )
+    result = evaluate_run(
+        run,
+        ["--env", env, *extra],
+        episodes=episodes,
+        num_threads=num_threads,
+        env_options={"blank_mission": True} if blank else None,
+    )
     return {**{k.removeprefix("eval/"): v for k, v in result["eval"].items()}, **result["baselines"]}
 
 

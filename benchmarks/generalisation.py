@@ -20,33 +20,19 @@ here.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-from vlm_rl.recipes.ppo_agent import main as agent
+from vlm_rl.recipes.ppo_agent import evaluate_run
 
 
 def evaluate(run: Path, size: int, episodes: int, num_threads: int) -> dict[str, float]:
     """Held-out success of `run`'s final adapter on `size` x `size` FrozenLake maps, with the baselines."""
-    base_model = json.loads((run / "final" / "vlm_rl_run.json").read_text())["base_model"]
-    with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(io.StringIO()):
-        flags = {
-            "--env": "frozenlake",
-            "--env_size": str(size),
-            "--model_name_or_path": base_model,
-            "--init_adapter": str(run / "final"),
-            "--eval_episodes": str(episodes),
-            "--num_threads": str(num_threads),
-            "--output_dir": output_dir,
-            "--report_to": "none",
-        }
-        result = agent([item for pair in flags.items() for item in pair], evaluate_only=True)
+    flags = ["--env", "frozenlake", "--env_size", str(size)]
+    result = evaluate_run(run, flags, episodes=episodes, num_threads=num_threads)
     return {"success_rate": result["eval"]["eval/success_rate"], **result["baselines"]}
 
 

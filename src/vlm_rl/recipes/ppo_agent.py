@@ -20,7 +20,13 @@ held-out success before and after RL beside the random and image-blind baselines
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 
 from vlm_rl import envs
 from vlm_rl.envs.baselines import frozenlake_baselines, sokoban_baselines, success_rate
@@ -90,6 +96,27 @@ def check_action_words(model_name_or_path: str, env_name: str, env) -> None:
             f"{model_name_or_path}, whose word-level vocabulary lacks {missing}; {fix}"
         )
     check_vocabulary(model_name_or_path, [env.instruction], env_name, flag="--env")
+
+
+def evaluate_run(
+    run: Path, flags: Sequence[str], *, episodes: int, num_threads: int, env_options: dict | None = None
+) -> dict:
+    """Held-out evaluation of a finished agent run's final adapter (`<run>/final`, on the base model
+    its `vlm_rl_run.json` names) on the env and protocol `flags` give (`--env ...`), through this
+    recipe's own evaluation: `{"eval": {...}, "baselines": {...}}`. For benchmarks/babyai_mission.py
+    (`env_options`: BabyAI's `blank_mission`) and benchmarks/generalisation.py (larger maps)."""
+    base_model = json.loads((run / "final" / "vlm_rl_run.json").read_text())["base_model"]
+    with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(io.StringIO()):
+        fixed = {
+            "--model_name_or_path": base_model,
+            "--init_adapter": str(run / "final"),
+            "--eval_episodes": str(episodes),
+            "--num_threads": str(num_threads),
+            "--output_dir": output_dir,
+            "--report_to": "none",
+        }
+        argv = [*(item for pair in fixed.items() for item in pair), *flags]  # the caller's flags win
+        return main(argv, env_options=env_options, evaluate_only=True)
 
 
 def main(
