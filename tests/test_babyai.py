@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_envs import play
+from test_envs import play, short_agent_run
 
 from vlm_rl.envs import ENVS, make_env, words_of
 from vlm_rl.envs import babyai as ba
@@ -222,25 +222,8 @@ def test_the_agent_recipe_picks_the_envs_tiny_model():
 
 
 def test_the_agent_recipe_warm_starts_and_runs_two_rl_steps_on_babyai(tmp_path, capsys, caplog):
-    from vlm_rl.recipes.ppo_agent import main
-
     caplog.set_level("INFO")
-    result = main(
-        [
-            "--env", "babyai-gotoobj",
-            "--output_dir", str(tmp_path / "run"),
-            "--total_steps", "2",
-            "--prompts_per_step", "2",
-            "--eval_episodes", "4",
-            "--eval_steps", "0",
-            "--save_steps", "0",
-            "--sample_log_steps", "1",
-            "--warm_start_steps", "2",
-            "--expert_warm_start_seeds", "4",
-            "--num_threads", "1",
-            "--report_to", "none",
-        ]
-    )  # fmt: skip
+    result = short_agent_run("babyai-gotoobj", tmp_path / "run")
     out = capsys.readouterr().out
     assert "after the 2-step warm start" in out and "4 layouts never seen in training" in out
     assert "the model is tiny-llava-babyai" in caplog.text

@@ -22,6 +22,29 @@ def play(env: TurnEnv, seed: int, reply) -> list:
     return results
 
 
+def short_agent_run(env: str, output_dir) -> dict:
+    """`vlm-rl agent --env <env>` shortened to seconds (2 warm-start steps on 4 seeds' expert turns,
+    2 RL steps of 2 seeds, 4 held-out episodes): the recipe's result."""
+    from vlm_rl.recipes.ppo_agent import main
+
+    return main(
+        [
+            "--env", env,
+            "--output_dir", str(output_dir),
+            "--total_steps", "2",
+            "--prompts_per_step", "2",
+            "--eval_episodes", "4",
+            "--eval_steps", "0",
+            "--save_steps", "0",
+            "--sample_log_steps", "1",
+            "--warm_start_steps", "2",
+            "--expert_warm_start_seeds", "4",
+            "--num_threads", "1",
+            "--report_to", "none",
+        ]
+    )  # fmt: skip
+
+
 def test_expert_solves_a_fixed_map_through_text():
     env = make_env("frozenlake")
     expert = ENVS["frozenlake"].expert

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from test_envs import short_agent_run
 
 from vlm_rl.envs import ENVS, make_env
 from vlm_rl.envs import sokoban as sk
@@ -232,24 +233,7 @@ def test_sokoban_baselines_on_held_out_rooms():
 
 
 def test_the_agent_recipe_warm_starts_and_runs_two_rl_steps_on_sokoban(tmp_path, capsys):
-    from vlm_rl.recipes.ppo_agent import main
-
-    result = main(
-        [
-            "--env", "sokoban",
-            "--output_dir", str(tmp_path / "run"),
-            "--total_steps", "2",
-            "--prompts_per_step", "2",
-            "--eval_episodes", "4",
-            "--eval_steps", "0",
-            "--save_steps", "0",
-            "--sample_log_steps", "1",
-            "--warm_start_steps", "2",
-            "--expert_warm_start_seeds", "4",
-            "--num_threads", "1",
-            "--report_to", "none",
-        ]
-    )  # fmt: skip
+    result = short_agent_run("sokoban", tmp_path / "run")
     out = capsys.readouterr().out
     assert "after the 2-step warm start" in out and "4 rooms never seen in training" in out
     assert set(result["baselines"]) == {"random", "best_blind", "best_sequence"}
