@@ -16,7 +16,7 @@ PYTEST := $(BIN)/python -m pytest
 XDIST ?= -n auto --dist loadfile
 export VLM_RL_BROWSER := $(abspath $(BROWSER))
 
-.PHONY: install browser test test-fast demo docs lint format bench learning clean constraints vllm-env
+.PHONY: install browser test test-fast demo docs lint format bench learning clean constraints vllm-env test-vllm
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,13 +55,14 @@ browser: $(BROWSER)
 
 # The whole suite (9-11 min on 2 cores): everything test-fast runs, plus learning runs,
 # several-process runs, the report and docs rendered in a browser, and every documented command.
+# The real-vLLM tests are test-vllm's.
 test: $(STAMP) $(BROWSER)
-	$(PYTEST) -q $(XDIST) tests
+	$(PYTEST) -q $(XDIST) -m "not vllm" tests
 
 # Unit and integration tests without learning runs, several processes, the browser or the documented
 # commands (under 3 min on 2 cores).
 test-fast: $(STAMP)
-	$(PYTEST) -q $(XDIST) -m "not learning and not multiprocess and not browser and not documented" tests
+	$(PYTEST) -q $(XDIST) -m "not learning and not multiprocess and not browser and not documented and not vllm" tests
 
 demo: $(STAMP)
 	$(BIN)/accelerate launch -q --num_processes 1 --cpu recipes/ppo_caption.py
@@ -93,7 +94,16 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache site
 
-# vLLM in its own venv for --rollout_engine vllm (docs/rollout_engine.md; ~3.5 GB). GPU: VLLM_SPEC=vllm==0.32.0
+# vLLM in its own venv for --rollout_engine vllm (docs/rollout_engine.md; ~3.5 GB, the versions of
+# scripts/vllm-requirements.txt; ~1.5 min). GPU: VLLM_SPEC=vllm==0.32.0
 VLLM_VENV ?= .venv-vllm
-vllm-env:
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): scripts/vllm_env.sh scripts/vllm-requirements.txt
 	PYTHON=$(PYTHON) scripts/vllm_env.sh $(VLLM_VENV)
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+# The real-vLLM tests (tests/test_vllm_server.py): servers started from $(VLLM_VENV), one thread.
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	VLM_RL_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python OMP_NUM_THREADS=1 $(PYTEST) -q -m vllm tests
