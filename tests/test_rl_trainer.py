@@ -166,6 +166,8 @@ def test_run_folder_has_config_metrics_samples_checkpoint_and_adapter(tmp_path, 
         "loss/value",
         "completions/mean_length",
         "time/rollout_s",
+        "time/update_share",
+        "perf/throughput",
         "throughput/tokens_per_s",
     ):
         assert key in step_rows[-1], key
@@ -174,6 +176,25 @@ def test_run_folder_has_config_metrics_samples_checkpoint_and_adapter(tmp_path, 
     assert {"image_id", "prompt", "completion", "reward"} <= samples[0].keys()
     assert (run / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors").exists()
     assert (final / "adapter_model.safetensors").exists() and (final / "value_head.safetensors").exists()
+
+
+def test_throughput_counts_the_steps_tokens_and_the_stages_shares(tmp_path, prompts):
+    """verl's perf/*: the step's prompt + completion tokens, per second of the step; each stage's
+    time as a share of the step's."""
+    trainer = make_trainer(tmp_path, prompts, algorithm="grpo", kl_coef=0.0)
+    metrics = trainer.train_step()
+    rollout = trainer.last_rollout
+    prompt_tokens = rollout.prompt_inputs["attention_mask"].sum(1)[rollout.prompt_index].sum()
+    tokens = int(prompt_tokens + rollout.completion_mask.sum())
+    assert metrics["perf/total_num_tokens"] == tokens
+    assert metrics["perf/throughput"] == pytest.approx(tokens / metrics["time/step_s"])
+    assert metrics["perf/tokens_per_s"] == metrics["perf/throughput"]  # one process
+    stages = ("rollout", "reward", "score", "advantages", "update")
+    for stage in stages:
+        assert metrics[f"time/{stage}_share"] == pytest.approx(
+            metrics[f"time/{stage}_s"] / metrics["time/step_s"]
+        )
+    assert sum(metrics[f"time/{stage}_share"] for stage in stages) <= 1
 
 
 def test_grpo_without_kl_skips_the_reference_pass(tmp_path, prompts):

@@ -295,6 +295,83 @@ def test_a_vllm_run_hot_loads_the_adapter_after_each_update_and_weights_by_is(tm
         assert m["rollout/is_ratio_max"] > 1.5
 
 
+def test_one_step_off_samples_the_next_step_during_the_update_one_version_behind(tmp_path, prompts, stand_in):
+    """--async_rollouts: step t+1's requests reach the server while step t updates (the update below
+    waits for them: without the overlap it would time out), name the adapter of the weights before
+    that update, and the step logs a policy lag of 1; evaluation syncs the newest weights."""
+    import time
+
+    _, processor = load_model("tiny-llava")
+    red, circle = word_ids(processor, "red", "circle")
+    eos = processor.tokenizer.eos_token_id
+    server = stand_in(lambda payload: [([red, circle, eos], [-1.0, -1.0, -1.0])] * payload["n"])
+    trainer = make_trainer(
+        tmp_path,
+        prompts,
+        prompts.select(range(2)),
+        rollout_engine="vllm",
+        vllm_url=server.url,
+        train_projector=False,
+        async_rollouts=True,
+        total_steps=4,
+    )
+    update, overlapped = trainer.update, []
+
+    def update_waiting_for_the_next_rollout(rollout, plan=None):
+        if trainer.step + 1 < trainer.config.total_steps:
+            # 2 evaluation prompts, then 2 prompts a step: steps 0..t+1's are asked by now
+            asked = 2 + 2 * (trainer.step + 2)
+            deadline = time.monotonic() + 20
+            while len(server.chat_requests()) < asked and time.monotonic() < deadline:
+                time.sleep(0.01)
+            overlapped.append(len(server.chat_requests()) == asked)
+        return update(rollout, plan)
+
+    trainer.update = update_waiting_for_the_next_rollout
+    trainer.train()
+    assert overlapped == [True, True, True]
+    names = [payload["model"] for payload in server.chat_requests()]
+    # evaluation, step 0 (sampled now), steps 1-3 (sampled during the update before), evaluation
+    assert names == ["vlm_rl-v0"] * 6 + ["vlm_rl-v1"] * 2 + ["vlm_rl-v2"] * 2 + ["vlm_rl-v4"] * 2
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    steps = [m for m in metrics if "reward/mean" in m]
+    assert [m["rollout/policy_lag"] for m in steps] == [0, 1, 1, 1]
+    for m in steps:
+        assert m["time/generate_s"] > 0 and 0 <= m["time/rollout_share"] <= 1
+        assert m["perf/total_num_tokens"] > 0 and m["perf/throughput"] > 0
+    # the lag is corrected by the IS weights: the trainer's log-probs differ from the server's -1
+    assert all(m["rollout/is_ratio_mean"] != 1.0 for m in steps)
+
+
+def test_one_step_off_agent_episodes_stay_with_their_step(tmp_path, stand_in):
+    """An agent under --async_rollouts: each step's episodes.jsonl rows are the episodes of that
+    step's own rollout (the next step's, played meanwhile, do not replace them)."""
+    from vlm_rl.recipes.ppo_agent import main
+
+    _, processor = load_model("tiny-llava-agent")
+    left, down = word_ids(processor, "left", "down")
+    eos = processor.tokenizer.eos_token_id
+    server = stand_in(
+        lambda payload: [([left, eos], [-1.0, -1.0]), ([down, eos], [-1.0, -1.0])][: payload["n"]]
+    )
+    main(
+        [
+            "--output_dir", str(tmp_path / "run"),
+            "--rollout_engine", "vllm", "--vllm_url", server.url, "--async_rollouts", "true",
+            "--train_projector", "false",
+            "--total_steps", "3", "--prompts_per_step", "2", "--samples_per_prompt", "1",
+            "--eval_episodes", "2", "--eval_steps", "0", "--save_steps", "0", "--sample_log_steps", "1",
+            "--warm_start_steps", "0", "--num_threads", "1", "--report_to", "none",
+        ]
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "run" / "episodes.jsonl").open()]
+    seeds = {step: sorted(r["seed"] for r in rows if r["step"] == step) for step in range(3)}
+    assert all(len(s) == 2 for s in seeds.values())
+    assert seeds[0] != seeds[1] != seeds[2]  # each step wrote its own episodes, not the next step's
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [m["rollout/policy_lag"] for m in metrics if "reward/mean" in m] == [0, 1, 1]
+
+
 def test_the_warm_start_reloads_the_adapter_into_the_server(tmp_path, prompts, stand_in):
     """The warm start trains the policy after the base policy's evaluation: the next generation
     hot-loads the warm-started adapter (not the base one the evaluation loaded)."""
@@ -402,8 +479,19 @@ def test_vllm_flags_follow_the_rules():
     config = RLConfig(rollout_engine="vllm", vllm_url="http://x", train_projector=False)
     assert unused_flags("grpo_vqa", [config], given | {"rollout_engine"}) == []
     assert unused_flags("ppo_agent", [config], given | {"rollout_engine"}) == []
-    with pytest.raises(ConfigError, match="--rollout_engine vllm needs --vllm_url"):
-        RLConfig(rollout_engine="vllm", train_projector=False)
+    # without --vllm_url the run starts its own server: --vllm_python and --vllm_cpus are its flags
+    managed = {"vllm_python", "vllm_cpus"}
+    assert unused_flags("grpo_vqa", [config], managed | {"rollout_engine"}) == [
+        ("vllm_python", "the server at --vllm_url is yours: the run starts none"),
+        ("vllm_cpus", "the server at --vllm_url is yours: the run starts none"),
+    ]
+    own = RLConfig(rollout_engine="vllm", train_projector=False, async_rollouts=True)
+    assert unused_flags("grpo_vqa", [own], managed | {"rollout_engine", "async_rollouts"}) == []
+    assert dict(unused_flags("grpo_vqa", [RLConfig()], {"async_rollouts"})) == {
+        "async_rollouts": "needs --rollout_engine vllm"
+    }
+    with pytest.raises(ConfigError, match="--async_rollouts needs --rollout_engine vllm"):
+        RLConfig(async_rollouts=True)
     with pytest.raises(ConfigError, match="ignore the trained projector.*--train_projector false"):
         RLConfig(rollout_engine="vllm", vllm_url="http://x")
     with pytest.raises(ConfigError, match="--trainer trl has its own"):

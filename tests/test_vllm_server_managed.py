@@ -127,6 +127,7 @@ def test_the_server_starts_with_vllms_settings_answers_and_stops_with_its_worker
         "--max-lora-rank": "16",  # the smallest rank vLLM accepts above 9
         "--max-num-seqs": "16",
         "--logprobs-mode": "processed_logprobs",
+        "--gpu-memory-utilization": "0.3",  # on a GPU, the trainer keeps the rest
     }
     assert launched["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert launched["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "0" and launched["env"]["OMP_NUM_THREADS"] == "1"

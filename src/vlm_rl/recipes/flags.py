@@ -165,6 +165,14 @@ def _vllm_engine(run: Run) -> str | None:
     return None if run.values.get("rollout_engine") == "vllm" else "needs --rollout_engine vllm"
 
 
+def _managed_vllm(run: Run) -> str | None:
+    if run.values.get("rollout_engine") != "vllm":
+        return "needs --rollout_engine vllm"
+    if run.values.get("vllm_url"):
+        return "the server at --vllm_url is yours: the run starts none"
+    return None
+
+
 def _lr_decay_steps(run: Run) -> str | None:
     return None if run.native else "--trainer trl: TRL's schedule decays over --total_steps"
 
@@ -233,6 +241,9 @@ RL_RULES: dict[str, Rule] = {
     "top_p": always,
     "rollout_engine": _native_only("TRL's GRPOTrainer generates itself (--use_vllm for its vLLM)"),
     "vllm_url": _vllm_engine,
+    "vllm_python": _managed_vllm,
+    "vllm_cpus": _managed_vllm,
+    "async_rollouts": _vllm_engine,
     "vllm_importance_sampling_cap": _vllm_engine,
     "learning_rate": always,
     "lr_scheduler_type": always,

@@ -256,7 +256,6 @@ class EpisodeRollouts:
         self.train_seeds, self.eval_seeds = list(train_seeds), list(eval_seeds)
         self.max_turns, self.context = max_turns, context
         self._envs: list[TurnEnv] = []
-        self.last_episodes: list[Episode] = []
 
     def __len__(self) -> int:
         """How many training seeds there are."""
@@ -272,8 +271,7 @@ class EpisodeRollouts:
     ) -> tuple[Rollout, PromptBatch, list[Episode]]:
         """One episode per seed (`groups`: each episode's group), sampled or greedy, by the policy's
         rollout engine."""
-        policy.sync_engine()
-        with policy.for_generation() as model:
+        with policy.sampler() as model:
             return play_episodes(
                 model,
                 policy.processor,
@@ -299,7 +297,7 @@ class EpisodeRollouts:
         rollout, batch, episodes = self.play(
             policy, [s for s in seeds for _ in range(G)], groups, greedy=False
         )
-        self.last_episodes = episodes
+        rollout.episodes = episodes
         return rollout, batch, {f"episodes/{k}": v for k, v in episode_metrics(episodes).items()}
 
     @torch.no_grad()
@@ -338,9 +336,9 @@ class EpisodeRollouts:
         folder = run.episodes_dir
         folder.mkdir(exist_ok=True)
         with run.episodes_file.open("a") as f:
-            for number, episode in enumerate(self.last_episodes):
+            for number, episode in enumerate(rollout.episodes):
                 f.write(json.dumps({"step": step, "episode": number, **episode.record()}) + "\n")
-        for number, episode in enumerate(self.last_episodes[:4]):
+        for number, episode in enumerate(rollout.episodes[:4]):
             film_strip(episode.frames).save(folder / f"step-{step:06d}-episode-{number}.png")
 
 
@@ -378,7 +376,7 @@ class AgentTrainer(RLTrainer):
     @property
     def last_episodes(self) -> list[Episode]:
         """The episodes of the last training step."""
-        return self.rollouts.last_episodes
+        return self.last_rollout.episodes if self.last_rollout is not None else []
 
 
 def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,11 +56,20 @@ class TrainedPolicy:
         self.accelerator = accelerator
         self.processor = processor
         self.config = config
-        self.engine = make_engine(config.rollout_engine, config.vllm_url)
+        self.engine = make_engine(
+            config.rollout_engine, config.vllm_url, seed=f"{config.seed}-{accelerator.process_index}"
+        )
+        self.server = None
+        """The vLLM server this run started (`--rollout_engine vllm` without --vllm_url; main process),
+        stopped by `close`."""
         self.version = 0
         """Bumped by the trainer after each update (`weights_changed`): an engine holding its own copy
         of the weights is synced before it samples again."""
         self._engine_version: int | None = None
+        self._sync_seconds = 0.0
+        self.auto_sync = True
+        """Sync the engine before each generation. Off under one-step-off rollouts, where the trainer
+        syncs between steps (a sample runs beside the update and must not sync mid-way)."""
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -90,10 +100,22 @@ class TrainedPolicy:
         config = self.config
         return SamplingParams(config.max_new_tokens, config.temperature, config.top_p, greedy)
 
+    @contextmanager
+    def sampler(self) -> Iterator[torch.nn.Module]:
+        """The model the engine samples with, the engine synced first (`auto_sync`). An engine with its
+        own copy of the weights (a vLLM server) reads only the model's config: the module is left as it
+        is (under one-step-off rollouts it is training meanwhile)."""
+        if self.auto_sync:
+            self.sync_engine()
+        if self.engine.adapter_sync:
+            yield self.unwrapped.policy
+            return
+        with self.for_generation() as policy:
+            yield policy
+
     def generate(self, batch: PromptBatch, greedy: bool = False, samples: int | None = None) -> Rollout:
         """`samples` (default: samples_per_prompt) completions of each prompt of `batch`, by the engine."""
-        self.sync_engine()
-        with self.for_generation() as policy:
+        with self.sampler() as policy:
             return self.engine.generate(
                 policy,
                 self.processor,
@@ -112,6 +134,10 @@ class TrainedPolicy:
         process's requests. Nothing when the copy is current, or the engine samples from this module."""
         if not self.engine.adapter_sync or self._engine_version == self.version:
             return
+        start = time.perf_counter()
+        if self.engine.url is None:
+            self._start_server()
+            start = time.perf_counter()  # the server's start-up is no weight sync
         name = f"vlm_rl-v{self.version}"
         path = (Path(self.config.output_dir) / "rollout_adapters" / name).resolve()
         state_dict = self.state_dict()  # a collective under FSDP / ZeRO-3
@@ -126,6 +152,42 @@ class TrainedPolicy:
             self.engine.use_adapter(name, str(path))
         self.accelerator.wait_for_everyone()
         self._engine_version = self.version
+        self._sync_seconds += time.perf_counter() - start
+
+    def take_sync_time(self) -> float:
+        """Seconds spent syncing the engine's weights since the last call (`time/weight_sync_s`)."""
+        seconds, self._sync_seconds = self._sync_seconds, 0.0
+        return seconds
+
+    def _start_server(self) -> None:
+        """The run's own vLLM server (no --vllm_url): the main process starts it from --vllm_python's
+        venv (`vlm_rl.rl.vllm_server`), serving the base model exported under <output_dir>/vllm/, and
+        every process learns its address."""
+        from accelerate.utils import broadcast_object_list
+
+        from vlm_rl.rl.vllm_server import VLLMServer, find_vllm_python
+
+        url = [None]
+        if self.accelerator.is_main_process:
+            config = self.config
+            self.server = VLLMServer(
+                config.model_name_or_path,
+                Path(config.output_dir) / "vllm",
+                python=find_vllm_python(config.vllm_python),
+                max_lora_rank=config.lora_r,
+                cpus=config.vllm_cpus,
+            )
+            url = [self.server.start()]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(url)
+        self.engine.url = url[0]
+
+    def close(self) -> None:
+        """Stop the vLLM server the run started, if any."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+            self.engine.url, self._engine_version = None, None  # a later generation starts another
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The module's weights (`policy.…`, `value_head.…`), gathered from the shards under FSDP or

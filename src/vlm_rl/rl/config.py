@@ -107,11 +107,28 @@ class RLConfig:
     rollout_engine: Literal["hf", "vllm"] = _f(
         "hf",
         "What samples the rollouts: hf (transformers' generate in the training process, each prompt "
-        "prefilled once) or vllm (a vLLM server you run, at --vllm_url; the LoRA adapter is hot-loaded "
-        "after each update; docs/rollout_engine.md).",
+        "prefilled once) or vllm (a vLLM server: yours at --vllm_url, or one the run starts and stops; "
+        "the LoRA adapter is hot-loaded after each update; docs/rollout_engine.md).",
     )
     vllm_url: str | None = _f(
-        None, "--rollout_engine vllm: the server's OpenAI-compatible address, e.g. http://127.0.0.1:8000."
+        None,
+        "--rollout_engine vllm: the address of a server you run, e.g. http://127.0.0.1:8000 (default: the "
+        "run starts its own from --vllm_python's venv and stops it at the end).",
+    )
+    vllm_python: str | None = _f(
+        None,
+        "--rollout_engine vllm without --vllm_url: the python of the venv holding vLLM, for the server the "
+        "run starts (default: $VLM_RL_VLLM_PYTHON, else .venv-vllm/bin/python; `make vllm-env`).",
+    )
+    vllm_cpus: str | None = _f(
+        None,
+        "--rollout_engine vllm without --vllm_url: the CPU cores the started server is pinned to, e.g. 0 "
+        "or 0-3 (vLLM's VLLM_CPU_OMP_THREADS_BIND; default: not pinned).",
+    )
+    async_rollouts: bool = _f(
+        False,
+        "One-step-off rollouts (--rollout_engine vllm): the server samples step t+1 while the trainer "
+        "updates on step t, one update behind, corrected by the importance weights (verl's one-step-off).",
     )
     vllm_importance_sampling_cap: float = _f(
         2.0,
@@ -273,6 +290,11 @@ class RLConfig:
                 )
         if self.rollout_engine == "vllm":
             _check_vllm_engine(self)
+        elif self.async_rollouts:
+            raise ConfigError(
+                "--async_rollouts needs --rollout_engine vllm: HF generate samples in the training process, "
+                "from the weights being updated"
+            )
         if self.use_vllm and self.trainer != "trl":
             raise ConfigError(
                 "--use_vllm needs --trainer trl (the native engine generates with transformers)"
@@ -362,11 +384,6 @@ class RLConfig:
 
 def _check_vllm_engine(config: RLConfig) -> None:
     """--rollout_engine vllm: a server to reach, the native trainer, and only weights it can load."""
-    if not config.vllm_url:
-        raise ConfigError(
-            "--rollout_engine vllm needs --vllm_url, the address of the vLLM server you run "
-            "(e.g. http://127.0.0.1:8000; docs/rollout_engine.md)"
-        )
     if config.trainer != "native":
         raise ConfigError(
             "--rollout_engine vllm is the native trainer's engine; --trainer trl has its own (--use_vllm)"

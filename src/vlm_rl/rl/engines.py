@@ -25,6 +25,7 @@ import base64
 import io
 import json
 import logging
+import random
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -178,9 +179,21 @@ class VLLMEngine:
 
     adapter_sync = True
 
-    def __init__(self, url: str, *, model: str | None = None, timeout: float = 600.0, max_workers: int = 64):
-        self.url = url.rstrip("/")
+    def __init__(
+        self,
+        url: str | None,
+        *,
+        model: str | None = None,
+        timeout: float = 600.0,
+        max_workers: int = 64,
+        seed: int | str = 0,
+    ):
+        self.url = url.rstrip("/") if url else None
+        """None until the server the run starts is up (`vlm_rl.rl.vllm_server`)."""
         self.model = model
+        self._seeds = random.Random(seed)
+        """Each request's sampling seed, drawn in request order: the same run asks the same seeds, and
+        no other RNG is touched (one-step-off rollouts sample in a thread beside the update)."""
         self.timeout = timeout
         self.max_workers = max_workers
         self.adapter: str | None = None
@@ -265,7 +278,7 @@ class VLLMEngine:
             "return_token_ids": True,
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": False,
-            "seed": int(torch.randint(2**31 - 1, ()).item()),
+            "seed": self._seeds.randrange(2**31 - 1),
         }
 
     def generate(
@@ -340,16 +353,15 @@ class VLLMEngine:
             )
 
 
-def make_engine(rollout_engine: str, vllm_url: str | None = None) -> HFEngine | VLLMEngine:
-    """The engine `--rollout_engine` names."""
+def make_engine(
+    rollout_engine: str, vllm_url: str | None = None, seed: int | str = 0
+) -> HFEngine | VLLMEngine:
+    """The engine `--rollout_engine` names (vllm without a url: the server the run starts, its url
+    given when it is up)."""
     if rollout_engine == "hf":
         return HFEngine()
     if rollout_engine == "vllm":
-        if not vllm_url:
-            raise ConfigError(
-                "--rollout_engine vllm needs --vllm_url (the server's address, e.g. http://127.0.0.1:8000)"
-            )
-        return VLLMEngine(vllm_url)
+        return VLLMEngine(vllm_url, seed=seed)
     raise ConfigError(f"--rollout_engine {rollout_engine!r}: choose hf or vllm")
 
 

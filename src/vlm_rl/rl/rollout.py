@@ -64,6 +64,8 @@ class Rollout:
     engine_logprobs: torch.Tensor | None = None
     """(N, T) log-probs of the sampled tokens under the engine that sampled them, 0 off the mask
     (a vLLM server's, `vlm_rl.rl.engines`); None when the trainer's own generate sampled."""
+    episodes: list | None = None
+    """The episodes an agent's rows are the turns of (`vlm_rl.rl.agent.Episode`); None for prompts."""
 
     def __post_init__(self):
         n = len(self.prompt_index)

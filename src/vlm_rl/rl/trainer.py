@@ -39,6 +39,8 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +203,13 @@ class RLTrainer:
         )
         self.step = 0
         self.skipped_steps = 0
+        self.last_rollout: Rollout | None = None
+        """The last training step's rollout (its episodes, for an agent)."""
+        # One-step-off rollouts: step t+1's rollout is sampled by the engine in this thread while
+        # step t updates (`sample`); the trainer syncs the engine between steps itself.
+        self._prefetch = ThreadPoolExecutor(1, "vlm_rl-rollouts") if config.async_rollouts else None
+        self._next: tuple[int, Future] | None = None
+        self.policy.auto_sync = not config.async_rollouts
         self.metrics_log: MetricsLogger | None = None
         self.run = RunFolder(config.output_dir)
         self.checkpoints = CheckpointManager(
@@ -471,8 +480,45 @@ class RLTrainer:
     # -- one step -----------------------------------------------------------------------------
     def sample(self, step: int) -> tuple[Rollout, PromptBatch, dict[str, float]]:
         """The rollout stage: this process's items of `step` (prompts, or environment seeds) from the
-        rollout source. Returns (rollout, its prompts, metrics)."""
-        return self.rollouts.sample(self.policy, self._prompt_indices(step))
+        rollout source. Returns (rollout, its prompts, metrics).
+
+        One-step-off (--async_rollouts): step t's rollout was sampled while step t-1 updated, from the
+        weights before that update (`rollout/policy_lag` 1); this waits for it and sets the engine
+        sampling step t+1 from the current weights while step t updates. A step with nothing in
+        flight (the first, the first after a resume) samples here, from the current weights."""
+        if self._prefetch is None:
+            return self._sample_now(step)
+        if self._next is not None and self._next[0] == step:
+            result = self._next[1].result()
+        else:
+            self._wait_for_prefetch()
+            self.policy.sync_engine()
+            result = self._sample_now(step)
+        self._next = None
+        if step + 1 < self.config.total_steps:
+            self.policy.sync_engine()
+            self._next = (step + 1, self._prefetch.submit(self._sample_now, step + 1))
+        rollout, batch, metrics = result
+        return (
+            rollout,
+            batch,
+            {**metrics, "rollout/policy_lag": self.policy.version - metrics.pop("_version")},
+        )
+
+    def _sample_now(self, step: int) -> tuple[Rollout, PromptBatch, dict[str, float]]:
+        """`step`'s rollout from the engine as it is now, with the engine's time (`time/generate_s`)."""
+        version, start = self.policy.version, time.perf_counter()
+        rollout, batch, metrics = self.rollouts.sample(self.policy, self._prompt_indices(step))
+        metrics = {**metrics, "time/generate_s": time.perf_counter() - start}
+        if self._prefetch is not None:
+            metrics["_version"] = version  # the weights that sampled: `rollout/policy_lag`
+        return rollout, batch, metrics
+
+    def _wait_for_prefetch(self) -> None:
+        """Let the rollout in flight finish (kept for its step) before the engine is used or synced
+        otherwise (held-out evaluation); its error, if any, is raised when its step takes it."""
+        if self._next is not None:
+            wait_for_future([self._next[1]])
 
     def train_step(self) -> dict[str, float]:
         """One RL step: its stages in order, each timed. Returns its metrics (mean over processes)."""
@@ -508,6 +554,7 @@ class RLTrainer:
                 with timed("update"):
                     update = self.update(rollout, plan)
                 self.policy.weights_changed()
+                self.last_rollout = rollout
         except SkippedStep as skip:
             logger.warning("step %d skipped: %s", self.step, skip.reason)
             self.skipped_steps += 1
@@ -518,6 +565,8 @@ class RLTrainer:
             self.kl.update(objective["objective/kl"], len(rollout) * self.accelerator.num_processes)
         lengths = rollout.completion_mask.sum(1).float()
         elapsed = time.perf_counter() - step_start
+        prompt_lengths = rollout.prompt_inputs["attention_mask"].sum(1)[rollout.prompt_index].float()
+        tokens = (prompt_lengths + lengths).sum().item()
         metrics = {
             "reward/mean": rollout.rewards.mean().item(),
             "reward/std": rollout.rewards.std().item() if len(rollout) > 1 else 0.0,
@@ -531,7 +580,14 @@ class RLTrainer:
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/skipped_steps": self.skipped_steps,
             **timings,
+            **{key.removesuffix("_s") + "_share": value / elapsed for key, value in timings.items()},
+            "time/weight_sync_s": self.policy.take_sync_time(),
             "time/step_s": elapsed,
+            # verl's perf/*: tokens (prompt + completion) of the step; perf/throughput per process
+            # (per GPU), perf/tokens_per_s over all processes (summed in `_gather_mean`)
+            "perf/total_num_tokens": tokens,
+            "perf/throughput": tokens / elapsed,
+            "perf/tokens_per_s": tokens / elapsed,
             "throughput/tokens_per_s": lengths.sum().item() / elapsed,
             "throughput/image_encodings_saved": image_encoding.saved,
         }
@@ -541,7 +597,10 @@ class RLTrainer:
             and self.step % self.config.sample_log_steps == 0
         ):
             self.rollouts.write_samples(self.run, self.step, rollout, batch)
-        return self._gather_mean(metrics)
+        metrics = self._gather_mean(metrics)
+        for key in ("perf/total_num_tokens", "perf/tokens_per_s"):  # totals over the processes
+            metrics[key] *= self.accelerator.num_processes
+        return metrics
 
     def _gather_mean(self, metrics: dict[str, float]) -> dict[str, float]:
         """Each metric's mean over the processes that have it (a rank with no sample left after
@@ -560,6 +619,8 @@ class RLTrainer:
     def evaluate(self) -> dict[str, float]:
         """The rollout source's held-out evaluation (greedy), over all processes."""
         gallery = self.run if self.metrics_log is not None else None  # main process, in a run: the report's
+        self._wait_for_prefetch()
+        self.policy.sync_engine()
         return self.rollouts.evaluate(self.policy, self.rewards, gallery, self.step)
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -619,6 +680,16 @@ class RLTrainer:
                 self.accelerator.num_processes,
                 self.accelerator.distributed_type,
             )
+        try:
+            return self._train()
+        finally:
+            if self._prefetch is not None:
+                self._prefetch.shutdown(wait=False, cancel_futures=True)
+                self._next = None
+            self.policy.close()
+
+    def _train(self) -> dict[str, dict[str, float]]:
+        config = self.config
         before = self.evaluate()
         self._log(before)
         progress = tqdm(
