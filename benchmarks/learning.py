@@ -108,6 +108,27 @@ RECIPES = {
     ),
     "grpo": Recipe(("grpo",), "eval/accuracy", "held-out answer accuracy", Bar(0.80)),
     "rloo": Recipe(("grpo", "--algorithm", "rloo"), "eval/accuracy", "held-out answer accuracy", Bar(0.75)),
+    # GRPO with the projector frozen (what a vLLM server can serve): HF generate, synchronous ...
+    "grpo_lm_adapter": Recipe(
+        ("grpo", "--train_projector", "false"), "eval/accuracy", "held-out answer accuracy", Bar(0.80)
+    ),
+    # ... and the same sampled by a vLLM server the run starts (pinned to core 0), one step off
+    "grpo_vllm_async": Recipe(
+        (
+            "grpo",
+            "--train_projector",
+            "false",
+            "--rollout_engine",
+            "vllm",
+            "--async_rollouts",
+            "true",
+            "--vllm_cpus",
+            "0",
+        ),
+        "eval/accuracy",
+        "held-out answer accuracy",
+        Bar(0.80),
+    ),  # fmt: skip
     "ppo_agent": Recipe(
         ("agent",), "eval/success_rate", "FrozenLake held-out success", Bar(0.75, 0.85), smoke=AGENT_SMOKE
     ),

@@ -28,7 +28,7 @@ import http.server, json, os, signal, subprocess, sys, time
 args = sys.argv[1:]
 port = int(args[args.index("--port") + 1])
 with open(os.environ["STAND_IN_RECORD"], "w") as record:
-    json.dump({{"argv": args, "env": {{k: v for k, v in os.environ.items() if "VLLM" in k or k.startswith("OMP")}}}}, record)
+    json.dump({{"argv": args, "env": {{k: v for k, v in os.environ.items() if "VLLM" in k or k.startswith("OMP")}}, "cpus": sorted(os.sched_getaffinity(0))}}, record)
 worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 with open(os.environ["STAND_IN_RECORD"] + ".worker", "w") as pid:
     pid.write(str(worker.pid))
@@ -131,6 +131,7 @@ def test_the_server_starts_with_vllms_settings_answers_and_stops_with_its_worker
     }
     assert launched["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert launched["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "0" and launched["env"]["OMP_NUM_THREADS"] == "1"
+    assert launched["cpus"] == [0]  # the whole server on its core, not only vLLM's bound workers
     assert "INFO starting the stand-in server" in (folder / "server.log").read_text()
     # stopped: the server and the worker it started (same process group) are gone, the port closed
     assert server.process is None and ended(worker)

@@ -79,6 +79,9 @@ RL_CHARTS: list[tuple[str, Matcher]] = [
     ("Losses", _prefix("loss/", exclude=("loss/kl", "loss/value_clip_fraction", "loss/grad_norm"))),
     ("Learning rate", _keys("train/lr")),
     ("Time per stage (s)", _prefix("time/", "_s")),
+    ("Share of the step", _prefix("time/", "_share")),
+    ("Throughput (tokens/s)", _keys("perf/tokens_per_s", "perf/throughput", "throughput/tokens_per_s")),
+    ("Rollout engine", _keys("rollout/is_ratio_mean", "rollout/is_ratio_max", "rollout/policy_lag")),
     ("Training episodes", _prefix("episodes/")),
     ("Completions", _prefix("completions/")),
 ]

@@ -189,6 +189,7 @@ class VLLMServer:
         self.export()
         port = self.port or free_port()
         self.url = f"http://127.0.0.1:{port}"
+        cores = cpu_list(self.cpus) if self.cpus is not None else None
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
                 self.command(port),
@@ -197,6 +198,9 @@ class VLLMServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() ends vLLM's workers too
+                # all of the server on its cores (its API process and engine core too, not only the
+                # workers VLLM_CPU_OMP_THREADS_BIND binds), whatever the trainer's affinity
+                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
             )
         atexit.register(self.stop)
         logger.info(
