@@ -45,18 +45,23 @@ def tiny_agent_model() -> None:
     ensure_tiny("tiny-llava-agent")  # built once here: processes building it at once would race
 
 
-@pytest.mark.slow
-def test_two_rank_agent_run_ends_with_identical_weights(tmp_path: Path) -> None:
+def two_rank_agent_run(output_dir: Path, *args: str) -> None:
+    """tests/scripts/agent_run.py on two CPU ranks (gloo)."""
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch",
         "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
-        str(AGENT_RUN), str(tmp_path),
+        str(AGENT_RUN), str(output_dir), *args,
     ]  # fmt: skip
     env = {**os.environ, **ENV, "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+
+@pytest.mark.slow
+def test_two_rank_agent_run_ends_with_identical_weights(tmp_path: Path) -> None:
+    two_rank_agent_run(tmp_path)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["step"] == rank1["step"] == 3
     assert rank0["policy_moved"], "the adapter did not train"
@@ -76,6 +81,36 @@ def test_two_rank_agent_run_ends_with_identical_weights(tmp_path: Path) -> None:
     assert sorted({e["seed"] for e in episodes if e["step"] == 2}) == rank0["last_step_seeds"]
     assert {"seed", "actions", "rewards", "success"} <= episodes[0].keys()
     assert (run / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_sample_one_step_off_from_one_server(tmp_path: Path) -> None:
+    """--rollout_engine vllm --async_rollouts on two ranks, against a stand-in server: only the main
+    process hot-loads each version of the adapter, both ranks' requests name it, every step after
+    the first trains on a rollout one update old, and the ranks end with the same weights."""
+    from test_rollout_engine import StandIn
+
+    from vlm_rl.models import load_model
+
+    _, processor = load_model("tiny-llava-agent")
+    left, down = (processor.tokenizer.convert_tokens_to_ids(w) for w in ("left", "down"))
+    eos = processor.tokenizer.eos_token_id
+    server = StandIn(
+        lambda payload: [([left, eos], [-1.0, -1.0]), ([down, eos], [-1.0, -1.0])][: payload["n"]]
+    )
+    try:
+        two_rank_agent_run(tmp_path, server.url)
+    finally:
+        server.close()
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["step"] == rank1["step"] == 3 and rank0["policy_moved"]
+    assert rank0["weights_sha256"] == rank1["weights_sha256"]
+    loads = [payload["lora_name"] for path, payload in server.requests if path == "/v1/load_lora_adapter"]
+    # evaluation and steps 0-1 on v0, step 2 on v1 (synced after step 1's rollout), evaluation on v3
+    assert loads == ["vlm_rl-v0", "vlm_rl-v1", "vlm_rl-v3"]
+    assert {payload["model"] for payload in server.chat_requests()} == set(loads)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [row["rollout/policy_lag"] for row in rows if "reward/mean" in row] == [0, 1, 1]
 
 
 def _recipe(output_dir: Path, *extra: str, log: Path) -> subprocess.Popen:

@@ -447,6 +447,35 @@ CASES: list[Case] = [
         ["--warm_start_steps 30", "needs an expert"],
     ),
     ("agent-context-frames", _agent("--context_frames", "0"), ["--context_frames 0", ">= 1"]),
+    # -- rollout engine ----------------------------------------------------------------------------------
+    (
+        "engine-async-without-vllm",
+        _agent("--async_rollouts", "true"),
+        ["--async_rollouts", "--rollout_engine vllm"],
+    ),
+    (
+        "engine-vllm-python-missing",
+        lambda d: [
+            "grpo",
+            "--rollout_engine",
+            "vllm",
+            "--train_projector",
+            "false",
+            "--vllm_python",
+            str(d / "nope"),
+        ],
+        ["--vllm_python", "nope", "no such file"],
+    ),
+    (
+        "engine-vllm-cpus-absent",
+        _agent("--rollout_engine", "vllm", "--train_projector", "false", "--vllm_cpus", "0-999"),
+        ["--vllm_cpus 0-999", "this machine's cores"],
+    ),
+    (
+        "engine-vllm-trained-projector",
+        _agent("--rollout_engine", "vllm", "--vllm_url", "http://127.0.0.1:9"),
+        ["--train_projector false"],
+    ),
     # -- vocabulary guard ------------------------------------------------------------------------------
     (
         "vocab-prompts-unknown-to-tiny",

@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import math
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -468,7 +469,8 @@ def test_hf_generate_is_the_default_engine_and_unchanged(tmp_path, tiny, prompts
     assert through_seam.engine_logprobs is None  # the trainer's own log-probs are the behaviour policy's
 
 
-def test_vllm_flags_follow_the_rules():
+def test_vllm_flags_follow_the_rules(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLM_RL_VLLM_PYTHON", sys.executable)  # a server the run would start: its python
     # --vllm_url (and the IS cap) without --rollout_engine vllm would be ignored: an error
     given = {"vllm_url", "vllm_importance_sampling_cap"}
     problems = dict(unused_flags("grpo_vqa", [RLConfig(vllm_url="http://x")], given))
@@ -492,6 +494,17 @@ def test_vllm_flags_follow_the_rules():
     }
     with pytest.raises(ConfigError, match="--async_rollouts needs --rollout_engine vllm"):
         RLConfig(async_rollouts=True)
+    # the server's python and cores are checked before any model loads
+    with pytest.raises(ConfigError, match="--vllm_python .*nowhere/python: no such file"):
+        RLConfig(rollout_engine="vllm", train_projector=False, vllm_python=str(tmp_path / "nowhere/python"))
+    for cpus in ("first", "0-999"):
+        with pytest.raises(ConfigError, match=f"--vllm_cpus {cpus}: give this machine's cores"):
+            RLConfig(rollout_engine="vllm", train_projector=False, vllm_cpus=cpus)
+    monkeypatch.delenv("VLM_RL_VLLM_PYTHON")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("vlm_rl.rl.vllm_server.VENV_PYTHON", tmp_path / "no-venv" / "python")
+    with pytest.raises(ConfigError, match="no vLLM venv found.*make vllm-env"):
+        RLConfig(rollout_engine="vllm", train_projector=False)
     with pytest.raises(ConfigError, match="ignore the trained projector.*--train_projector false"):
         RLConfig(rollout_engine="vllm", vllm_url="http://x")
     with pytest.raises(ConfigError, match="--trainer trl has its own"):

@@ -2,7 +2,9 @@
 run on FrozenLake (3 steps, 4 maps x 2 episodes per step: 2 maps per rank), then each rank writes
 a hash of its final trainable weights and what it played.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/scripts/agent_run.py OUT_DIR
+    accelerate launch --multi_gpu --num_processes 2 tests/scripts/agent_run.py OUT_DIR [VLLM_URL]
+
+With VLLM_URL the episodes are sampled by that server (a stand-in in the tests), one step off.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from vlm_rl.rl.config import RLConfig
 SPEC = ENVS["frozenlake"]
 
 
-def main(output_dir: Path) -> None:
+def main(output_dir: Path, vllm_url: str | None = None) -> None:
     torch.set_num_threads(1)
     accelerator = make_accelerator()
     config = RLConfig(
@@ -42,11 +44,16 @@ def main(output_dir: Path) -> None:
         output_dir=str(output_dir / "run"),
         report_to="none",
         sample_log_steps=1,
+        **(
+            dict(rollout_engine="vllm", vllm_url=vllm_url, async_rollouts=True, train_projector=False)
+            if vllm_url
+            else {}
+        ),
     )
     torch.manual_seed(0)
     with accelerator.main_process_first():
         model, processor = load_model(config.model_name_or_path)
-    policy = wrap_with_lora(model, r=8, alpha=16)
+    policy = wrap_with_lora(model, r=8, alpha=16, train_projector=config.train_projector)
     initial = {k: v.detach().clone() for k, v in policy.named_parameters() if v.requires_grad}
     trainer = AgentTrainer(
         config,
@@ -85,4 +92,4 @@ def main(output_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)

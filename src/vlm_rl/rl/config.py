@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -388,6 +389,20 @@ def _check_vllm_engine(config: RLConfig) -> None:
         raise ConfigError(
             "--rollout_engine vllm is the native trainer's engine; --trainer trl has its own (--use_vllm)"
         )
+    if not config.vllm_url:  # the run starts its server: its python and cores, checked before any model loads
+        from vlm_rl.rl.vllm_server import cpu_list, find_vllm_python
+
+        if config.vllm_cpus is not None:
+            try:
+                cores = cpu_list(config.vllm_cpus)
+            except ConfigError:
+                cores = []
+            if not cores or max(cores) >= (os.cpu_count() or 1):
+                raise ConfigError(
+                    f"--vllm_cpus {config.vllm_cpus}: give this machine's cores (0-{(os.cpu_count() or 1) - 1}) "
+                    "as a list such as 0, 0-3 or 0,2"
+                )
+        find_vllm_python(config.vllm_python)
     if config.train_projector:
         raise ConfigError(
             "--rollout_engine vllm: vLLM applies a LoRA adapter to the language model only and would ignore the "
