@@ -210,6 +210,33 @@ def test_an_unreachable_server_is_one_clear_error(tiny, prompts):
         engine.generate(model, processor, batch, 1, SamplingParams(4))
 
 
+def test_an_engine_rollout_is_scored_over_the_tokens_the_engine_may_sample(tiny, prompts, stand_in):
+    """The server never samples the banned special tokens and normalises its log-probs without them:
+    the rollout says which (`excluded_tokens`), and the trainer's probabilities of every other first
+    token then sum to 1 (over the whole vocabulary they sum to less)."""
+    from vlm_rl.models.value import PolicyWithValue
+
+    model, processor = tiny
+    eos = processor.tokenizer.eos_token_id
+    server = stand_in(lambda payload: [([eos], [-0.5])] * payload["n"])
+    batch = PromptCollator(processor)([prompts[0]])
+    rollout = VLLMEngine(server.url).generate(model, processor, batch, 1, SamplingParams(2, temperature=1.3))
+    banned = server.chat_requests()[0]["logit_bias"]
+    assert sorted(rollout.excluded_tokens.tolist()) == sorted(int(token) for token in banned)
+
+    allowed = [i for i in range(len(processor.tokenizer)) if i not in set(rollout.excluded_tokens.tolist())]
+    inputs = rollout.model_inputs(torch.zeros(len(allowed), dtype=torch.long))
+    candidates = torch.tensor(allowed).unsqueeze(1)  # every allowed first token, one row each
+
+    def first_token_mass(excluded):
+        with torch.no_grad():
+            out = PolicyWithValue(model, None)(inputs, candidates, temperature=1.3, excluded_tokens=excluded)
+        return out["logprobs"][:, 0].exp().sum().item()
+
+    assert first_token_mass(rollout.excluded_tokens) == pytest.approx(1.0, abs=1e-5)
+    assert first_token_mass(None) < 1.0 - 1e-4
+
+
 def test_truncated_importance_weights_by_hand():
     """ratio = pi_trainer / pi_engine = [2, 0.5, (masked) 8]; capped at 1.5: weights [1.5, 0.5, 0]."""
     logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.8]]))

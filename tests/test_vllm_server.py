@@ -42,17 +42,14 @@ pytestmark = [
 ]
 
 
+TEMPERATURE = 1.2
+"""Not 1: the server's log-probs must be those of the distribution it samples from (processed, the
+setting a run's server has), which the trainer scores over the same support (`excluded_tokens`)."""
+
+
 def start_server(model_name: str, folder: Path) -> VLLMServer:
-    # raw log-probs: the model's softmax at temperature 1, which the trainer's equal at --temperature 1
-    # (processed ones are renormalised without the banned special tokens)
     return VLLMServer(
-        model_name,
-        folder,
-        python=VLLM_PYTHON,
-        max_lora_rank=8,
-        max_num_seqs=16,
-        startup_timeout=300,
-        logprobs_mode="raw_logprobs",
+        model_name, folder, python=VLLM_PYTHON, max_lora_rank=8, max_num_seqs=16, startup_timeout=300
     )
 
 
@@ -72,12 +69,16 @@ def trained_adapter(model):
     return policy.eval()
 
 
-def trainer_logprobs(policy, rollout) -> torch.Tensor:
-    """(N, T) the trainer's log-probs of the rollout's completion tokens at temperature 1."""
+def trainer_logprobs(policy, rollout, over_the_support: bool = True) -> torch.Tensor:
+    """(N, T) the trainer's log-probs of the rollout's completion tokens, over the tokens the server
+    may sample (or the whole vocabulary)."""
     with torch.no_grad():
         rows = torch.arange(len(rollout))
         return PolicyWithValue(policy, None)(
-            rollout.model_inputs(rows), rollout.completion_ids, temperature=1.0
+            rollout.model_inputs(rows),
+            rollout.completion_ids,
+            temperature=TEMPERATURE,
+            excluded_tokens=rollout.excluded_tokens if over_the_support else None,
         )["logprobs"]
 
 
@@ -90,12 +91,15 @@ def test_vllm_samples_with_images_and_a_hot_loaded_adapter_at_the_trainers_log_p
     engine.load_adapter(str(tmp_path / "adapter"), "trained")
 
     batch = PromptCollator(processor)(list(caption_dataset("train", num_samples=4, seed=0)))
-    rollout = engine.generate(policy, processor, batch, 2, SamplingParams(4, temperature=1.0))
+    rollout = engine.generate(policy, processor, batch, 2, SamplingParams(4, temperature=TEMPERATURE))
     assert rollout.engine_logprobs is not None and rollout.completion_mask.sum() > 0
 
     mask = rollout.completion_mask.bool()
     difference = (trainer_logprobs(policy, rollout) - rollout.engine_logprobs).abs()[mask]
     assert difference.max().item() < 1e-4, difference.max().item()
+    # over the whole vocabulary they would differ by the banned special tokens' mass
+    whole = (trainer_logprobs(policy, rollout, over_the_support=False) - rollout.engine_logprobs).abs()[mask]
+    assert whole.max().item() > 1e-3, whole.max().item()
 
     # the adapter matters: the base model's log-probs of the same tokens differ
     with policy.disable_adapter():
@@ -105,7 +109,7 @@ def test_vllm_samples_with_images_and_a_hot_loaded_adapter_at_the_trainers_log_p
 
 def test_a_grpo_run_on_the_server_hot_loads_each_update_and_its_ratios_are_one(server, tmp_path):
     """Four GRPO steps sampled by the server: after each update the adapter is hot-loaded, and the
-    server's log-probs (raw, temperature 1) are the trainer's, so the IS ratios are 1 (up to 1e-4)."""
+    server's log-probs are the trainer's, so the IS ratios are 1 (up to 1e-4)."""
     from vlm_rl.rewards.compose import CombinedReward
     from vlm_rl.rl.config import RLConfig
     from vlm_rl.rl.trainer import RLTrainer
@@ -123,6 +127,7 @@ def test_a_grpo_run_on_the_server_hot_loads_each_update_and_its_ratios_are_one(s
         prompts_per_step=2,
         samples_per_prompt=4,
         max_new_tokens=4,
+        temperature=TEMPERATURE,
         total_steps=4,
         eval_steps=0,
         save_steps=0,
@@ -158,7 +163,14 @@ def test_agent_episodes_played_through_the_server_are_scored_at_the_trainers_log
         engine.load_adapter(str(tmp_path / "adapter"), "trained")
         envs = [make_env("frozenlake") for _ in seeds]
         rollout, batch, episodes = play_episodes(
-            policy, processor, envs, seeds, max_turns=4, max_new_tokens=3, temperature=1.0, engine=engine
+            policy,
+            processor,
+            envs,
+            seeds,
+            max_turns=4,
+            max_new_tokens=3,
+            temperature=TEMPERATURE,
+            engine=engine,
         )
 
     assert [episode.seed for episode in episodes] == seeds

@@ -47,12 +47,18 @@ class PolicyWithValue(nn.Module):
         with_entropy: bool = False,
         with_values: bool = False,
         entropy_grad: bool = True,
+        excluded_tokens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """inputs: the N full sequences' model inputs (prompt + completion) or `PromptGroups`;
         completion_ids: (N, T). Returns (N, T) `logprobs`, and `entropy` / `values` when asked;
-        `entropy_grad=False`: the entropy is computed without a graph (logged, not trained on)."""
+        `entropy_grad=False`: the entropy is computed without a graph (logged, not trained on);
+        `excluded_tokens`: ids outside the distribution (probability 0, the others renormalised), as
+        the engine that sampled them never draws them (`Rollout.excluded_tokens`)."""
         hidden = completion_states(self.policy, inputs, completion_ids)  # (N, T, H), predict each token
         logits = output_logits(self.policy, hidden) / temperature  # (N, T, V)
+        if excluded_tokens is not None and len(excluded_tokens):
+            # a large finite value, not -inf: 0 * log 0 stays 0 in the entropy
+            logits = logits.index_fill(-1, excluded_tokens.to(logits.device), -1e30)
         out = {"logprobs": selective_log_softmax(logits, completion_ids)}
         if with_entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):

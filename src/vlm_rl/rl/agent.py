@@ -162,7 +162,7 @@ def play_episodes(
     turns = [env.reset(seed=int(seed)) for env, seed in zip(envs, seeds, strict=True)]
     examples, rows = [], []  # every turn's prompt example, and its (episode, turn index)
     completion_ids, completion_masks, ended, texts, rewards = [], [], [], [], []
-    engine_logprobs = []
+    engine_logprobs, excluded_tokens = [], None
     live = list(range(len(envs)))
     for turn_number in range(max_turns):
         if not live:
@@ -189,6 +189,7 @@ def play_episodes(
             completion_masks.append(sampled.completion_mask[position])
             if sampled.engine_logprobs is not None:
                 engine_logprobs.append(sampled.engine_logprobs[position])
+                excluded_tokens = sampled.excluded_tokens
             ended.append(sampled.ended[position])
             texts.append(sampled.completions[position])
             rewards.append(result.reward)
@@ -223,6 +224,7 @@ def play_episodes(
         observation_keys=[observation_key(e) for e in examples],
         completion_token_type=completion_token_type(model),
         engine_logprobs=padded(engine_logprobs, 0.0) if engine_logprobs else None,
+        excluded_tokens=excluded_tokens,
     )
     all_turns.columns["env_reward"] = rewards
     return rollout, all_turns, episodes

@@ -332,6 +332,7 @@ class VLLMEngine:
             completions=[t.strip() for t in texts],
             completion_token_type=completion_token_type(model),
             engine_logprobs=engine_logprobs,
+            excluded_tokens=torch.tensor(banned, dtype=torch.long),
         )
 
     def _check_prompt(self, response: dict, batch: PromptBatch, prompt_number: int) -> None:

@@ -64,6 +64,10 @@ class Rollout:
     engine_logprobs: torch.Tensor | None = None
     """(N, T) log-probs of the sampled tokens under the engine that sampled them, 0 off the mask
     (a vLLM server's, `vlm_rl.rl.engines`); None when the trainer's own generate sampled."""
+    excluded_tokens: torch.Tensor | None = None
+    """Token ids the engine never samples and normalises its log-probs without (a vLLM server's
+    banned special tokens); the trainer scores the rollout over the same support. None: the whole
+    vocabulary (the trainer's own generate: old and new log-probs both over it)."""
     episodes: list | None = None
     """The episodes an agent's rows are the turns of (`vlm_rl.rl.agent.Episode`); None for prompts."""
 

@@ -273,7 +273,13 @@ class RLTrainer:
             ).to(self.device)
         else:
             inputs = rollout.model_inputs(rows).to(self.device)
-        return self.module(inputs, completion_ids, temperature=self.config.temperature, **kwargs)
+        return self.module(
+            inputs,
+            completion_ids,
+            temperature=self.config.temperature,
+            excluded_tokens=rollout.excluded_tokens,
+            **kwargs,
+        )
 
     @staticmethod
     def _prompt_of_rows(rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
