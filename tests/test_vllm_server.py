@@ -48,8 +48,9 @@ setting a run's server has), which the trainer scores over the same support (`ex
 
 
 def start_server(model_name: str, folder: Path) -> VLLMServer:
+    # 128 sequences at once, as a run's server takes a GRPO step's (prompts x samples) in one batch
     return VLLMServer(
-        model_name, folder, python=VLLM_PYTHON, max_lora_rank=8, max_num_seqs=16, startup_timeout=300
+        model_name, folder, python=VLLM_PYTHON, max_lora_rank=8, max_num_seqs=128, startup_timeout=300
     )
 
 
@@ -105,6 +106,19 @@ def test_vllm_samples_with_images_and_a_hot_loaded_adapter_at_the_trainers_log_p
     with policy.disable_adapter():
         base = trainer_logprobs(policy, rollout)
     assert (base - rollout.engine_logprobs).abs()[mask].max().item() > 1e-2
+
+
+def test_a_step_with_more_prompt_tokens_than_a_server_step_takes_is_sampled_whole(server):
+    """128 sequences of ~24 prompt tokens (the GRPO recipe's 8 prompts x 16 samples) exceed the CPU
+    server's 2,048-token step budget: their prefill is chunked. A seeded request would crash the
+    worker there ("CPU Generator does not use offset"); requests carry no seed, and all come back."""
+    model, processor = load_model("tiny-llava")
+    batch = PromptCollator(processor)(list(caption_dataset("train", num_samples=8, seed=1)))
+    assert batch.inputs["attention_mask"].sum() * 16 > 2048
+    rollout = VLLMEngine(server).generate(
+        model, processor, batch, 16, SamplingParams(3, temperature=TEMPERATURE)
+    )
+    assert len(rollout) == 128 and rollout.completion_mask.sum(1).min() >= 1
 
 
 def test_a_grpo_run_on_the_server_hot_loads_each_update_and_its_ratios_are_one(server, tmp_path):

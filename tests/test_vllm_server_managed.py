@@ -109,7 +109,9 @@ def stand_in(tmp_path, monkeypatch):
 
 def test_the_server_starts_with_vllms_settings_answers_and_stops_with_its_workers(stand_in, monkeypatch):
     python, folder, record = stand_in
-    server = VLLMServer("tiny-llava", folder, python=python, max_lora_rank=9, cpus="0", max_num_seqs=16)
+    server = VLLMServer(
+        "tiny-llava", folder, python=python, max_lora_rank=9, cpus="0", max_num_seqs=16, seed=3
+    )
     with server:
         assert server.url.startswith("http://127.0.0.1:")
         assert VLLMEngine(server.url).served_model() == str(folder / "model")
@@ -128,6 +130,7 @@ def test_the_server_starts_with_vllms_settings_answers_and_stops_with_its_worker
         "--max-num-seqs": "16",
         "--logprobs-mode": "processed_logprobs",
         "--gpu-memory-utilization": "0.3",  # on a GPU, the trainer keeps the rest
+        "--seed": "3",  # the run's: requests carry no seed
     }
     assert launched["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert launched["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "0" and launched["env"]["OMP_NUM_THREADS"] == "1"

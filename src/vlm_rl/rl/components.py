@@ -56,9 +56,7 @@ class TrainedPolicy:
         self.accelerator = accelerator
         self.processor = processor
         self.config = config
-        self.engine = make_engine(
-            config.rollout_engine, config.vllm_url, seed=f"{config.seed}-{accelerator.process_index}"
-        )
+        self.engine = make_engine(config.rollout_engine, config.vllm_url)
         self.server = None
         """The vLLM server this run started (`--rollout_engine vllm` without --vllm_url; main process),
         stopped by `close`."""
@@ -176,6 +174,10 @@ class TrainedPolicy:
                 python=find_vllm_python(config.vllm_python),
                 max_lora_rank=config.lora_r,
                 cpus=config.vllm_cpus,
+                # a step's sequences (GRPO's prompts x samples; an agent's live episodes) and an
+                # evaluation batch in one batch of the server, not in waves
+                max_num_seqs=max(config.prompts_per_step * config.samples_per_prompt, EVAL_BATCH_SIZE),
+                seed=config.seed,
             )
             url = [self.server.start()]
         if self.accelerator.num_processes > 1:

@@ -25,7 +25,6 @@ import base64
 import io
 import json
 import logging
-import random
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -186,14 +185,10 @@ class VLLMEngine:
         model: str | None = None,
         timeout: float = 600.0,
         max_workers: int = 64,
-        seed: int | str = 0,
     ):
         self.url = url.rstrip("/") if url else None
         """None until the server the run starts is up (`vlm_rl.rl.vllm_server`)."""
         self.model = model
-        self._seeds = random.Random(seed)
-        """Each request's sampling seed, drawn in request order: the same run asks the same seeds, and
-        no other RNG is touched (one-step-off rollouts sample in a thread beside the update)."""
         self.timeout = timeout
         self.max_workers = max_workers
         self.adapter: str | None = None
@@ -278,7 +273,10 @@ class VLLMEngine:
             "return_token_ids": True,
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": False,
-            "seed": self._seeds.randrange(2**31 - 1),
+            # no per-request "seed": a seeded request crashes vLLM's CPU worker when its prompt is
+            # prefilled in chunks (more prompt tokens in flight than a step's budget: its generator
+            # cannot rewind), and it does not make a batch reproducible anyway; the server's own
+            # --seed does what it can (VLLMServer passes the run's)
         }
 
     def generate(
@@ -354,15 +352,13 @@ class VLLMEngine:
             )
 
 
-def make_engine(
-    rollout_engine: str, vllm_url: str | None = None, seed: int | str = 0
-) -> HFEngine | VLLMEngine:
+def make_engine(rollout_engine: str, vllm_url: str | None = None) -> HFEngine | VLLMEngine:
     """The engine `--rollout_engine` names (vllm without a url: the server the run starts, its url
     given when it is up)."""
     if rollout_engine == "hf":
         return HFEngine()
     if rollout_engine == "vllm":
-        return VLLMEngine(vllm_url, seed=seed)
+        return VLLMEngine(vllm_url)
     raise ConfigError(f"--rollout_engine {rollout_engine!r}: choose hf or vllm")
 
 

@@ -106,13 +106,15 @@ class VLLMServer:
         startup_timeout: float = 600.0,
         logprobs_mode: str = "processed_logprobs",
         gpu_memory_utilization: float = 0.3,
+        seed: int | None = None,
     ):
         """`cpus`: the cores vLLM's CPU workers are pinned to (VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or
         "0-3", one thread each; None: not pinned, $OMP_NUM_THREADS threads or one). `logprobs_mode`: processed_logprobs, the sampling
         distribution's (what the importance weights need), or raw_logprobs (the model's softmax at
         temperature 1, which the trainer's numbers equal at --temperature 1). `gpu_memory_utilization`:
         the share of a GPU's memory vLLM takes (its default, 0.92, leaves none to the trainer; TRL's
-        vllm_gpu_memory_utilization is 0.3 too; a CPU server ignores it)."""
+        vllm_gpu_memory_utilization is 0.3 too; a CPU server ignores it). `seed`: the server's
+        sampling seed (`--seed`; requests carry none, see `VLLMEngine.request`)."""
         self.model_name_or_path = model_name_or_path
         self.folder = Path(folder)
         self.python = Path(python)
@@ -125,6 +127,7 @@ class VLLMServer:
         self.startup_timeout = startup_timeout
         self.logprobs_mode = logprobs_mode
         self.gpu_memory_utilization = gpu_memory_utilization
+        self.seed = seed
         self.url = ""
         self.process: subprocess.Popen | None = None
 
@@ -169,6 +172,7 @@ class VLLMServer:
             self.logprobs_mode,
             "--gpu-memory-utilization",
             str(self.gpu_memory_utilization),
+            *(("--seed", str(self.seed)) if self.seed is not None else ()),
         ]
 
     def environment(self) -> dict[str, str]:
