@@ -208,7 +208,8 @@ class RLTrainer:
         # One-step-off rollouts: step t+1's rollout is sampled by the engine in this thread while
         # step t updates (`sample`); the trainer syncs the engine between steps itself.
         self._prefetch = ThreadPoolExecutor(1, "vlm_rl-rollouts") if config.async_rollouts else None
-        self._next: tuple[int, Future] | None = None
+        self._next: tuple[int, int, Future] | None = None
+        """The rollout in flight: (its step, the weights' version that samples it, its future)."""
         self.policy.auto_sync = not config.async_rollouts
         self.metrics_log: MetricsLogger | None = None
         self.run = RunFolder(config.output_dir)
@@ -495,36 +496,32 @@ class RLTrainer:
         if self._prefetch is None:
             return self._sample_now(step)
         if self._next is not None and self._next[0] == step:
-            result = self._next[1].result()
+            _, sampled_at, future = self._next
+            result = future.result()
         else:
             self._wait_for_prefetch()
             self.policy.sync_engine()
-            result = self._sample_now(step)
+            sampled_at, result = self.policy.version, self._sample_now(step)
         self._next = None
+        lag = self.policy.version - sampled_at  # updates since the weights that sampled
         if step + 1 < self.config.total_steps:
             self.policy.sync_engine()
-            self._next = (step + 1, self._prefetch.submit(self._sample_now, step + 1))
+            future = self._prefetch.submit(self._sample_now, step + 1)
+            self._next = (step + 1, self.policy.version, future)
         rollout, batch, metrics = result
-        return (
-            rollout,
-            batch,
-            {**metrics, "rollout/policy_lag": self.policy.version - metrics.pop("_version")},
-        )
+        return rollout, batch, {**metrics, "rollout/policy_lag": lag}
 
     def _sample_now(self, step: int) -> tuple[Rollout, PromptBatch, dict[str, float]]:
         """`step`'s rollout from the engine as it is now, with the engine's time (`time/generate_s`)."""
-        version, start = self.policy.version, time.perf_counter()
+        start = time.perf_counter()
         rollout, batch, metrics = self.rollouts.sample(self.policy, self._prompt_indices(step))
-        metrics = {**metrics, "time/generate_s": time.perf_counter() - start}
-        if self._prefetch is not None:
-            metrics["_version"] = version  # the weights that sampled: `rollout/policy_lag`
-        return rollout, batch, metrics
+        return rollout, batch, {**metrics, "time/generate_s": time.perf_counter() - start}
 
     def _wait_for_prefetch(self) -> None:
         """Let the rollout in flight finish (kept for its step) before the engine is used or synced
         otherwise (held-out evaluation); its error, if any, is raised when its step takes it."""
         if self._next is not None:
-            wait_for_future([self._next[1]])
+            wait_for_future([self._next[2]])
 
     def train_step(self) -> dict[str, float]:
         """One RL step: its stages in order, each timed. Returns its metrics (mean over processes)."""
